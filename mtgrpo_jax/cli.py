@@ -1,0 +1,46 @@
+"""The `mtgrpo` command. It only parses the subcommand and hands the rest of argv to the room
+that owns it, so each room keeps its own flags next to its code."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand path -> "module:function"; the function takes the remaining argv and returns an exit code.
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("train",): ("mtgrpo_jax.train.cli:train_main", "run (or resume) a training run from a YAML config"),
+    ("sft",): ("mtgrpo_jax.train.cli:sft_main", "supervised warm start on task demonstrations"),
+    ("eval",): ("mtgrpo_jax.train.evaluate:main", "evaluate a run directory or a model on task test sets"),
+    ("generate",): ("mtgrpo_jax.rollout.cli:generate_main", "sample completions from a model"),
+    ("data", "generate"): ("mtgrpo_jax.tasks.generate:main", "generate and cache task data as parquet"),
+    ("bench", "rollout"): ("mtgrpo_jax.rollout.bench:main", "rollout tokens/s against transformers"),
+    ("bench", "step"): ("mtgrpo_jax.train.bench:main", "training step time by phase, MFU"),
+    ("report",): ("mtgrpo_jax.report:main", "plots and comparison tables from run directories"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: mtgrpo <command> [args...]", "", "commands:"]
+    for path, (_, help_text) in COMMANDS.items():
+        lines.append(f"  {' '.join(path):<16} {help_text}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for path, (target, _) in sorted(COMMANDS.items(), key=lambda kv: -len(kv[0])):
+        if tuple(argv[: len(path)]) == path:
+            module_name, func_name = target.split(":")
+            func = getattr(importlib.import_module(module_name), func_name)
+            prog = "mtgrpo " + " ".join(path)
+            return int(func(argv[len(path):], prog=prog) or 0)
+    if argv and argv[0] not in ("-h", "--help"):
+        print(f"mtgrpo: unknown command {' '.join(argv[:2])!r}\n", file=sys.stderr)
+        print(_usage(), file=sys.stderr)
+        return 2
+    print(_usage())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
