@@ -1,0 +1,316 @@
+"""The typed config tree: YAML presets + dotted `key=value` overrides, validated by pydantic.
+
+One source of truth for a run. Every field is reachable from the command line as a dotted override
+(`optim.learning_rate=1e-6`, `tasks.0.train.n=100`), unknown keys are rejected, and every error is one line
+naming the key at fault. A preset may name base presets with `base: other.yaml` or a list of them (paths relative to
+itself), merged in order; the preset's own keys are merged over theirs.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad config: the message is one line and names the key or file at fault."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelCfg(_Strict):
+    # A local directory or Hub repo id with config.json + safetensors; None = the bundled tiny config.
+    path: str | None = None
+    # "pretrained": load weights from `path`; "random": random-init from the path's (or bundled) config.json.
+    init: Literal["pretrained", "random"] = "pretrained"
+    # Overrides of config.json fields for random init (e.g. {"num_hidden_layers": 2}).
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    tokenizer: str | None = None  # None: the model directory's tokenizer, else the bundled tiny one
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+
+
+class MeshCfg(_Strict):
+    data: int = Field(1, ge=1)
+    fsdp: int = Field(-1, ge=-1)  # -1: all devices left over
+    tensor: int = Field(1, ge=1)
+
+
+class DistributedCfg(_Strict):
+    # None everywhere: auto (TPU pod metadata, SLURM variables, MTGRPO_* variables, or single process).
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+class TaskSourceCfg(_Strict):
+    """Where a task's examples come from: a parquet file, or reasoning-gym generation (cached)."""
+
+    path: str | None = None  # verl-layout or our parquet; filtered to `level` when set
+    level: int | None = Field(None, ge=1, le=4)
+    n: int | None = Field(None, ge=1)  # generate this many (or keep the first n of the file)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TaskSourceCfg":
+        if self.path is None and (self.level is None or self.n is None):
+            raise ValueError("a task source needs `path`, or `level` and `n` to generate")
+        return self
+
+
+class TaskCfg(_Strict):
+    name: str  # the run's name for this task, e.g. "countdown-l1"
+    family: str  # a registered task family ("countdown", "zebra", "arc_1d", "math") or "pkg.module:factory"
+    train: TaskSourceCfg
+    eval: TaskSourceCfg | None = None
+
+
+class SamplerCfg(_Strict):
+    kind: Literal["ratio_preserving", "uniform", "dynamic", "weighted"] = "ratio_preserving"
+    batch_size: int = Field(8, ge=1)  # B: groups (prompts) per step after filtering
+    group_size: int = Field(8, ge=2)  # G: rollouts per prompt
+    oversample: float = Field(3.0, ge=1.0)  # M_os
+    resample_budget: int = Field(10, ge=0)  # N_rs
+    acceptance_cap: float = Field(5.0, ge=1.0)  # M_acc
+    rho_decay: float = Field(0.9, ge=0.0, lt=1.0)
+    min_acceptance: float = Field(0.01, gt=0.0, le=1.0)
+    variant: Literal["paper", "released"] = "paper"
+    # Zero-gradient filter: strict (Experiment 1), lenient (Experiment 2), none (plain GRPO keeps all groups).
+    filter: Literal["strict", "lenient", "none"] = "strict"
+
+
+class RolloutCfg(_Strict):
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # 0: off
+    prompt_buckets: list[int] = Field(default_factory=lambda: [128, 256, 512])
+    batch_buckets: list[int] = Field(default_factory=lambda: [4, 8, 16, 32, 64])  # prompts per rollout call
+    truncate_prompts: bool = False  # True: keep the prompt's tail and count it, instead of an error
+    prompt_style: Literal["released", "compact"] = "released"
+    # "chat": the tokenizer's chat template wraps the task's messages; "raw": their text joined as is.
+    template: Literal["chat", "raw"] = "chat"
+
+
+class LossCfg(_Strict):
+    advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"
+    std: Literal["unbiased", "biased"] = "unbiased"
+    eps_low: float = Field(0.2, ge=0.0)
+    eps_high: float = Field(0.2, ge=0.0)
+    dual_clip: float | None = Field(None, gt=1.0)
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    beta: float = Field(0.0, ge=0.0)  # KL coefficient; 0 means no reference model at all
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = Field(0.0, ge=0.0)
+
+
+class OptimCfg(_Strict):
+    learning_rate: float = Field(1e-6, gt=0.0)
+    b1: float = Field(0.9, ge=0.0, lt=1.0)
+    b2: float = Field(0.99, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    mini_batches: int = Field(4, ge=1)  # optimizer steps per training step (the paper: 4)
+    micro_batches: int = Field(1, ge=1)  # gradient accumulation inside each mini-batch
+    recompute_old_logprobs: bool = False  # False: the sampler's logprobs serve as old-policy logprobs
+
+
+class WeightingCfg(_Strict):
+    kind: Literal["mt_grpo", "regularized", "sec", "static", "uniform"] = "uniform"
+    lam: float = Field(0.2, ge=0.0)
+    learning_rate: float = Field(0.025, gt=0.0)
+    weight_decay: float = Field(1e-5, ge=0.0)
+    eta: float = Field(1.0, gt=0.0)  # regularized (Subroutine 2)
+    alpha: float = Field(0.5, gt=0.0, le=1.0)  # sec
+    temperature: float = Field(0.2, gt=0.0)  # sec
+    weights: list[float] | None = None  # static
+    # The released code's variant of Subroutine 1 (see mtgrpo_jax.weighting): improvement summed over the
+    # mini-batch updates and clipped to [-0.1, 0.1], reward an EMA of batch accuracy, coupled L2 decay.
+    released_parity: bool = False
+
+
+class TrainCfg(_Strict):
+    steps: int = Field(100, ge=0)
+    eval_every: int = Field(10, ge=0)  # 0: only before and after training
+    checkpoint_every: int = Field(10, ge=0)  # 0: only at the end (and on SIGTERM)
+    keep_checkpoints: int = Field(2, ge=1)
+    score_workers: int = Field(4, ge=1)
+    score_timeout_s: float = Field(2.0, gt=0.0)
+
+
+class EvalCfg(_Strict):
+    n: int = Field(8, ge=1)  # samples per prompt
+    temperature: float = Field(1.0, ge=0.0)
+    max_examples: int | None = Field(None, ge=1)  # per task; None: the whole held-out set
+    max_new_tokens: int | None = Field(None, ge=1)  # None: rollout.max_new_tokens
+    pass_k: list[int] = Field(default_factory=lambda: [1])
+
+
+class SftCfg(_Strict):
+    steps: int = Field(0, ge=0)  # 0: no warm start
+    learning_rate: float = Field(1e-3, gt=0.0)
+    batch_size: int = Field(32, ge=1)
+    examples_per_task: int = Field(256, ge=1)
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
+class LoggingCfg(_Strict):
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "mtgrpo_jax"
+    console: bool = True
+    report: bool = False  # write the report (plots + tables) at the end
+
+
+class Config(_Strict):
+    method: str = "custom"  # informational: the preset's name
+    seed: int = 0
+    output_dir: str = "runs/default"
+    data_dir: str = "data_cache"  # reasoning-gym generation cache
+    model: ModelCfg = Field(default_factory=ModelCfg)
+    mesh: MeshCfg = Field(default_factory=MeshCfg)
+    distributed: DistributedCfg = Field(default_factory=DistributedCfg)
+    tasks: list[TaskCfg] = Field(default_factory=list)
+    sampler: SamplerCfg = Field(default_factory=SamplerCfg)
+    rollout: RolloutCfg = Field(default_factory=RolloutCfg)
+    loss: LossCfg = Field(default_factory=LossCfg)
+    optim: OptimCfg = Field(default_factory=OptimCfg)
+    weighting: WeightingCfg = Field(default_factory=WeightingCfg)
+    train: TrainCfg = Field(default_factory=TrainCfg)
+    eval: EvalCfg = Field(default_factory=EvalCfg)
+    sft: SftCfg = Field(default_factory=SftCfg)
+    logging: LoggingCfg = Field(default_factory=LoggingCfg)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        names = [t.name for t in self.tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"tasks: duplicate task name {dupes[0]!r}")
+        k = len(self.tasks)
+        if self.weighting.kind == "static":
+            w = self.weighting.weights
+            if w is None or len(w) != k or min(w) < 0 or sum(w) <= 0:
+                raise ValueError(f"weighting.weights: static weights need {k} non-negative numbers with a positive sum")
+        rows = self.sampler.batch_size * self.sampler.group_size
+        per_update = self.optim.mini_batches * self.optim.micro_batches
+        if rows % per_update:
+            raise ValueError(
+                f"sampler.batch_size: {self.sampler.batch_size} groups x {self.sampler.group_size} rollouts = {rows} rows "
+                f"do not split into optim.mini_batches x optim.micro_batches = {per_update} equal parts"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config {path}: `base` chain loops back to itself")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"config {path}: not valid YAML ({first})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path}: the top level must be a mapping")
+    bases = data.pop("base", None) or []
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _merge(merged, _read_yaml(path.parent / base, seen + (path,)))
+    return _merge(merged, data)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node: Any = tree
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"override {dotted!r}: {'.'.join(keys[:i]) or 'root'} has no item {key!r}")
+            if last:
+                node[int(key)] = value
+            else:
+                node = node[int(key)]
+            continue
+        if last:
+            node[key] = value
+        else:
+            if node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    tree = copy.deepcopy(tree)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"config error: unknown key {loc!r}"
+    msg = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    more = len(err.errors()) - 1
+    tail = f" [and {more} more]" if more else ""
+    where = f"{loc}: " if loc else ""
+    return f"config error: {where}{msg}{shown}{tail}"
+
+
+def from_dict(tree: dict) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None,
+                presets: list[str | os.PathLike] = ()) -> Config:
+    """Reads a YAML preset (or the defaults when `path` is None), merges further presets over it (e.g. a
+    method preset), applies dotted overrides, validates."""
+    tree = _read_yaml(Path(path)) if path is not None else {}
+    for preset in presets:
+        tree = _merge(tree, _read_yaml(Path(preset)))
+    return from_dict(apply_overrides(tree, list(overrides or [])))
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

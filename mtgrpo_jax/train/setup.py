@@ -1,0 +1,149 @@
+"""Builds what a run needs from its config: the mesh, the model and tokenizer, the tasks and their data,
+the task-weight optimizer. Every failure here is a one-line error naming the key or file at fault."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mtgrpo_jax import weighting
+from mtgrpo_jax.config import Config, ConfigError, TaskCfg, TaskSourceCfg
+from mtgrpo_jax.models import ModelConfig, Transformer, load_pretrained, load_tokenizer, tiny_config
+from mtgrpo_jax.parallel import initialize_distributed, make_mesh, shard_model
+from mtgrpo_jax.tasks import load_examples, resolve_task
+from mtgrpo_jax.tasks.generate import generate_examples
+
+
+def build_mesh(cfg: Config):
+    initialize_distributed(
+        coordinator_address=cfg.distributed.coordinator,
+        num_processes=cfg.distributed.num_processes,
+        process_id=cfg.distributed.process_id,
+    )
+    m = cfg.mesh
+    n = jax.device_count()
+    fsdp = m.fsdp if m.fsdp != -1 else n // (m.data * m.tensor)
+    if fsdp < 1 or m.data * fsdp * m.tensor != n:
+        raise ConfigError(f"config error: mesh: data {m.data} x fsdp {m.fsdp} x tensor {m.tensor} does not match the {n} devices")
+    mesh = make_mesh(data=m.data, fsdp=fsdp, tensor=m.tensor)
+    rows = cfg.sampler.batch_size * cfg.sampler.group_size
+    micro_rows = rows // (cfg.optim.mini_batches * cfg.optim.micro_batches)
+    if micro_rows % (m.data * fsdp):
+        raise ConfigError(
+            f"config error: sampler.batch_size: micro-batches of {micro_rows} rows do not divide over the mesh's "
+            f"data x fsdp = {m.data * fsdp} devices"
+        )
+    return mesh
+
+
+def build_model(cfg: Config, mesh) -> tuple[Transformer, Any]:
+    mc = cfg.model
+    dtype = jnp.bfloat16 if mc.dtype == "bfloat16" else jnp.float32
+    if mc.init == "pretrained" and mc.path is not None:
+        model = load_pretrained(mc.path, dtype=mc.dtype, mesh=mesh)
+    else:
+        base = ModelConfig.from_hf(mc.path) if mc.path is not None else tiny_config()
+        if mc.overrides:
+            try:
+                base = ModelConfig.from_hf({**base.to_hf_dict(), **mc.overrides})
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"config error: model.overrides: {err}") from None
+        model = Transformer(base, rngs=nnx.Rngs(cfg.seed), dtype=dtype, param_dtype=dtype)
+        model = shard_model(model, mesh)
+    tok_path = mc.tokenizer
+    if tok_path is None and mc.path is not None and Path(mc.path).is_dir() and (Path(mc.path) / "tokenizer_config.json").exists():
+        tok_path = mc.path
+    tokenizer = load_tokenizer(tok_path)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ConfigError(
+            f"config error: model.tokenizer: {len(tokenizer)} tokens do not fit the model's vocab_size {model.config.vocab_size}"
+        )
+    return model, tokenizer
+
+
+@dataclass
+class RunTask:
+    """One task of the run: its name, its verifier family, and its train / held-out examples."""
+
+    name: str
+    family: Any  # a Task (verifier + prompt builder)
+    train: list[dict]
+    eval: list[dict] = field(default_factory=list)
+
+
+def _load_source(src: TaskSourceCfg, family_name: str, cache_dir: str, where: str) -> list[dict]:
+    if src.path is not None:
+        path = Path(src.path)
+        if not path.exists():
+            raise ConfigError(f"config error: {where}.path: data file not found: {path}")
+        examples = load_examples(path)
+        if src.level is not None:
+            examples = [e for e in examples if int(e.get("difficulty", -1)) == src.level]
+        if src.n is not None:
+            examples = examples[: src.n]
+    else:
+        cache = Path(cache_dir) / f"{family_name}_l{src.level}_s{src.seed}_n{src.n}.parquet"
+        examples = load_examples(cache) if cache.exists() else None
+        if examples is None:
+            examples = generate_examples(family_name, src.level, src.n, src.seed)
+            _write_cache(examples, cache)
+    if not examples:
+        raise ConfigError(f"config error: {where}: no examples")
+    return examples
+
+
+def _write_cache(examples: list[dict], path: Path) -> None:
+    from mtgrpo_jax.tasks.generate import write_parquet
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    write_parquet(examples, tmp)
+    os.replace(tmp, path)  # a reader never sees a half-written cache file
+
+
+def build_tasks(cfg: Config) -> list[RunTask]:
+    if not cfg.tasks:
+        raise ConfigError("config error: tasks: at least one task is needed")
+    out = []
+    for i, t in enumerate(cfg.tasks):
+        try:
+            family = resolve_task(t.family)
+            if hasattr(family, "with_options"):
+                family = family.with_options(prompt_style=cfg.rollout.prompt_style)
+        except (KeyError, ValueError, ImportError) as err:
+            raise ConfigError(f"config error: tasks.{i}.family: {err}") from None
+        train = _load_source(t.train, t.family, cfg.data_dir, f"tasks.{i}.train")
+        held_out = _load_source(t.eval, t.family, cfg.data_dir, f"tasks.{i}.eval") if t.eval is not None else []
+        out.append(RunTask(t.name, family, train, held_out))
+    return out
+
+
+def build_weight_optimizer(cfg: Config, num_tasks: int):
+    w = cfg.weighting
+    if w.kind == "mt_grpo":
+        if w.released_parity:
+            return weighting.mt_grpo_released(w.lam, learning_rate=w.learning_rate, weight_decay=w.weight_decay)
+        return weighting.mt_grpo(w.lam, learning_rate=w.learning_rate, weight_decay=w.weight_decay)
+    if w.kind == "regularized":
+        return weighting.regularized(w.eta, lam=w.lam)
+    if w.kind == "sec":
+        return weighting.sec(alpha=w.alpha, temperature=w.temperature)
+    if w.kind == "static":
+        return weighting.static(jnp.asarray(w.weights, jnp.float32))
+    return weighting.uniform()
+
+
+def improvement_mode(cfg: Config) -> str:
+    """Which improvement signal the task-weight optimizer needs (the extra forward only when used)."""
+    if cfg.weighting.kind not in ("mt_grpo", "regularized"):
+        return "none"
+    return "minibatch_sum" if cfg.weighting.released_parity else "batch"
+
+
+__all__ = ["build_mesh", "build_model", "build_tasks", "build_weight_optimizer", "improvement_mode", "RunTask", "TaskCfg"]

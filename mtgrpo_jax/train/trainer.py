@@ -1,0 +1,382 @@
+"""The MT-GRPO trainer: one loop for every method (GRPO, DAPO, SEC, MT-GRPO and the ablations are presets).
+
+One step, as ../ARCHITECTURE.md draws it:
+  sampler (ratio-preserving or plain) -> rollout -> scoring -> advantages + zero-gradient filter
+  -> fixed-shape batch -> jitted, sharded policy update -> improvement I_k -> task-weight update -> metrics.
+
+Every random choice flows from `cfg.seed` and the step number, and every piece of host state a resumed
+run needs (sampler, data streams, task weights, metric history) is in the checkpoint, so a run killed
+and resumed continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mtgrpo_jax.config import Config, save_config
+from mtgrpo_jax.data import TaskSet, make_sampler
+from mtgrpo_jax.models import save_pretrained
+from mtgrpo_jax.rl import group_advantages, zero_gradient_mask
+from mtgrpo_jax.rollout import Sampler, SamplingParams
+from mtgrpo_jax.tasks import score_batch
+from mtgrpo_jax.train import setup
+from mtgrpo_jax.train.batch import Batch, Group, build_batch, pick_bucket
+from mtgrpo_jax.train.checkpoint import Checkpointer
+from mtgrpo_jax.train.evaluate import evaluate_tasks
+from mtgrpo_jax.train.metrics import MetricsWriter, ProgressBar, peak_memory_bytes, truncate_after
+from mtgrpo_jax.train.sft import run_sft
+from mtgrpo_jax.train.update import (
+    UpdateSettings,
+    make_logprob_fn,
+    make_objective_fn,
+    make_optimizer,
+    make_update_fn,
+    objective_at_behaviour,
+)
+from mtgrpo_jax.weighting import TaskSignals
+
+BATCH_AXES = ("data", "fsdp")
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.mesh = setup.build_mesh(cfg)
+        self.run_dir = Path(cfg.output_dir)
+        self.is_primary = jax.process_index() == 0
+        self.tasks = setup.build_tasks(cfg)
+        self.names = [t.name for t in self.tasks]
+        self.model, self.tokenizer = setup.build_model(cfg, self.mesh)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.rollout = Sampler(
+            self.model,
+            self.tokenizer,
+            buckets=dict(prompt_lengths=cfg.rollout.prompt_buckets, batch_sizes=cfg.rollout.batch_buckets),
+            mesh=self.mesh,
+            truncate_prompts=cfg.rollout.truncate_prompts,
+        )
+        self.taskset = TaskSet({t.name: t.train for t in self.tasks}, seed=cfg.seed)
+        s = cfg.sampler
+        self.sampler = make_sampler(
+            s.kind,
+            num_tasks=len(self.tasks),
+            batch_size=s.batch_size,
+            group_size=s.group_size,
+            oversample=s.oversample,
+            resample_budget=s.resample_budget,
+            acceptance_cap=s.acceptance_cap,
+            rho_decay=s.rho_decay,
+            min_acceptance=s.min_acceptance,
+            variant=s.variant,
+            seed=cfg.seed,
+        )
+        self.weight_opt = setup.build_weight_optimizer(cfg, len(self.tasks))
+        self.weight_state = self.weight_opt.init(len(self.tasks))
+        self.weights = np.full(len(self.tasks), 1.0 / len(self.tasks), np.float32)
+        if cfg.weighting.kind == "static":
+            w = np.asarray(cfg.weighting.weights, np.float32)
+            self.weights = w / w.sum()
+
+        self.graphdef, self.params, self.rest = nnx.split(self.model, nnx.Param, ...)
+        o = cfg.optim
+        self.tx = make_optimizer(o.learning_rate, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
+                                 grad_clip=o.grad_clip, warmup_steps=o.warmup_steps)
+        self.opt_state = jax.jit(self.tx.init)(self.params)
+        self.settings = UpdateSettings(
+            mini_batches=o.mini_batches,
+            micro_batches=o.micro_batches,
+            completion_len=cfg.rollout.max_new_tokens,
+            temperature=cfg.rollout.temperature,
+            eps_low=cfg.loss.eps_low,
+            eps_high=cfg.loss.eps_high,
+            dual_clip=cfg.loss.dual_clip,
+            aggregation=cfg.loss.aggregation,
+            beta=cfg.loss.beta,
+            kl_estimator=cfg.loss.kl_estimator,
+            entropy_coef=cfg.loss.entropy_coef,
+            num_tasks=len(self.tasks),
+            improvement=setup.improvement_mode(cfg),
+        )
+        self.rows = s.batch_size * s.group_size
+        self.micro_rows = self.rows // (o.mini_batches * o.micro_batches)
+        batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
+        constrain = lambda b: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), b)
+        self.update_fn = make_update_fn(self.graphdef, self.tx, self.settings, constrain)
+        chunks = self.rows // self.micro_rows
+        self.objective_fn = make_objective_fn(self.graphdef, self.settings, chunks)
+        self.logprob_fn = make_logprob_fn(self.graphdef, self.settings.completion_len, self.settings.temperature, chunks)
+        self.ref_params = jax.tree.map(jnp.copy, self.params) if cfg.loss.beta > 0 else None
+        self.batch_sharding = batch_sharding
+        self._prompt_cache: dict[tuple[int, str], list[int]] = {}
+        self.history: list[dict] = []
+        self.step = 0
+        self._stop_requested = False
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+
+    # ------------------------------------------------------------------------------------------------ prompts
+    def prompt_ids(self, task_index: int, example: dict) -> list[int]:
+        key = (task_index, example.get("question", "") + json.dumps(example.get("answer"), sort_keys=True, default=str))
+        ids = self._prompt_cache.get(key)
+        if ids is None:
+            messages = self.tasks[task_index].family.prompt(example)
+            ids = encode_prompt(self.tokenizer, messages, self.cfg.rollout.template)
+            self._prompt_cache[key] = ids
+        return ids
+
+    # ------------------------------------------------------------------------------------------------ state
+    def _arrays(self) -> dict:
+        return {"params": self.params, "opt_state": self.opt_state, "weight_state": self.weight_state}
+
+    def _host_state(self) -> dict:
+        return {
+            "step": self.step,
+            "weights": [float(x) for x in self.weights],
+            "sampler": self.sampler.get_state(),
+            "taskset": self.taskset.get_state(),
+            "history": self.history,
+        }
+
+    def save_checkpoint(self) -> None:
+        self.checkpointer.save(self.step, self._arrays(), self._host_state())
+
+    def maybe_restore(self) -> bool:
+        step = self.checkpointer.latest_step()
+        if step is None:
+            return False
+        arrays, host = self.checkpointer.restore(step, self._arrays())
+        self.params, self.opt_state, self.weight_state = arrays["params"], arrays["opt_state"], arrays["weight_state"]
+        nnx.update(self.model, self.params)
+        self.step = int(host["step"])
+        self.weights = np.asarray(host["weights"], np.float32)
+        self.sampler.set_state(host["sampler"])
+        self.taskset.set_state(host["taskset"])
+        self.history = list(host["history"])
+        if self.is_primary:
+            truncate_after(self.run_dir, self.step)
+        return True
+
+    # ------------------------------------------------------------------------------------------------ step
+    def _rollout_key(self, step: int, call: int) -> jax.Array:
+        return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.cfg.seed), step), call)
+
+    def _generate_groups(self, task_ids: list[int], step: int, call: int, stats: dict) -> list[tuple[bool, Group]]:
+        """The sampler's callable: pull prompts, roll out G each, score, compute advantages and acceptance."""
+        cfg = self.cfg
+        examples: list[dict] = [None] * len(task_ids)  # type: ignore[list-item]
+        for t in sorted(set(task_ids)):
+            slots = [i for i, x in enumerate(task_ids) if x == t]
+            for i, ex in zip(slots, self.taskset.take(t, len(slots))):
+                examples[i] = ex
+        prompts = [self.prompt_ids(t, ex) for t, ex in zip(task_ids, examples)]
+        G = cfg.sampler.group_size
+        t0 = time.perf_counter()
+        out = self.rollout.generate(
+            prompts,
+            SamplingParams(n=G, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                           max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=self._stop_ids()),
+            self._rollout_key(step, call),
+        )
+        t1 = time.perf_counter()
+        items = [(self.tasks[t].family, ex) for t, ex in zip(task_ids, examples) for _ in range(G)]
+        scores, score_stats = score_batch(items, list(out.texts), workers=cfg.train.score_workers,
+                                          timeout_s=cfg.train.score_timeout_s)
+        t2 = time.perf_counter()
+        rewards = np.asarray([s.reward for s in scores], np.float32).reshape(-1, G)
+        correct = np.asarray([s.correct for s in scores], bool).reshape(-1, G)
+        formatted = np.asarray([s.formatted for s in scores], bool).reshape(-1, G)
+        adv = np.asarray(group_advantages(jnp.asarray(rewards), estimator=cfg.loss.advantage, std=cfg.loss.std))
+        if cfg.sampler.filter == "none":
+            keep = np.ones(len(task_ids), bool)
+        else:
+            signal_ = correct if cfg.sampler.filter == "strict" else rewards
+            keep = np.asarray(zero_gradient_mask(jnp.asarray(signal_), mode=cfg.sampler.filter))
+        tokens, mask, logp = np.asarray(out.tokens), np.asarray(out.mask), np.asarray(out.logprobs)
+        stats["rollout"] += t1 - t0
+        stats["scoring"] += t2 - t1
+        stats["tokens"] += int(mask.sum())
+        for k in ("errors", "timeouts"):
+            stats[f"score_{k}"] += int(score_stats.get(k, 0))
+        groups = []
+        for i, (t, ex) in enumerate(zip(task_ids, examples)):
+            rows = slice(i * G, (i + 1) * G)
+            g = Group(t, ex, prompts[i], tokens[rows], mask[rows], logp[rows], rewards[i], correct[i], formatted[i], adv[i])
+            stats["generated"].append(g)
+            groups.append((bool(keep[i]), g))
+        return groups
+
+    def _stop_ids(self) -> list[int]:
+        ids = set(self.model.config.eos_token_ids)
+        for tok in (self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")):
+            if isinstance(tok, int) and tok >= 0 and tok != self.tokenizer.unk_token_id:
+                ids.add(tok)
+        return sorted(ids)
+
+    def train_step(self) -> dict:
+        cfg, K = self.cfg, len(self.tasks)
+        step = self.step + 1
+        t_start = time.perf_counter()
+        stats: dict[str, Any] = {"rollout": 0.0, "scoring": 0.0, "tokens": 0, "generated": [], "score_errors": 0,
+                                 "score_timeouts": 0}
+        calls = iter(range(1_000_000))
+        result = self.sampler.sample(self.weights, lambda ids: self._generate_groups(list(ids), step, next(calls), stats))
+        t_sampled = time.perf_counter()
+        groups: list[Group] = list(result.groups)
+        prompt_len = pick_bucket(max([len(g.prompt_ids) for g in groups] or [1]), cfg.rollout.prompt_buckets)
+        batch_np, valid = build_batch(groups, num_rows=self.rows, prompt_len=prompt_len,
+                                      completion_len=cfg.rollout.max_new_tokens, pad_id=self.pad_id,
+                                      rng=np.random.default_rng([cfg.seed, step]))
+        batch = jax.device_put(batch_np, self.batch_sharding)
+        if cfg.optim.recompute_old_logprobs:
+            batch = batch._replace(old_logp=self.logprob_fn(self.params, batch.input_ids, batch.attention_mask))
+        if self.ref_params is not None:
+            batch = batch._replace(ref_logp=self.logprob_fn(self.ref_params, batch.input_ids, batch.attention_mask))
+        t_update = time.perf_counter()
+        before = objective_at_behaviour(self.settings, batch) if self.settings.improvement == "batch" else None
+        self.params, self.opt_state, upd, improvement = self.update_fn(self.params, self.opt_state, batch)
+        upd = jax.device_get(upd)
+        t_improve = time.perf_counter()
+        if self.settings.improvement == "batch":
+            improvement = self.objective_fn(self.params, batch) - before
+        improvement = np.zeros(K, np.float32) if improvement is None else np.asarray(jax.device_get(improvement))
+        nnx.update(self.model, self.params)
+        t_weights = time.perf_counter()
+
+        # Per-task signals: J_k is the task's mean reward over every group generated this step (before
+        # filtering: the filter keeps only mixed groups, which says little about how good the policy is).
+        gen = stats["generated"]
+        gen_task = np.asarray([g.task_id for g in gen], np.int64)
+        reward_k = np.zeros(K, np.float32)
+        acc_k = np.zeros(K, np.float32)
+        zero_grad_k = np.zeros(K, np.float32)
+        abs_adv_k = np.zeros(K, np.float32)
+        gen_k = np.bincount(gen_task, minlength=K).astype(np.float32)
+        for k in range(K):
+            gs = [g for g in gen if g.task_id == k]
+            if gs:
+                reward_k[k] = np.mean([g.rewards.mean() for g in gs])
+                acc_k[k] = np.mean([g.correct.mean() for g in gs])
+                zero_grad_k[k] = np.mean([np.ptp(g.rewards) == 0 for g in gs])
+                abs_adv_k[k] = np.mean([np.abs(g.advantages).mean() for g in gs])
+        present = gen_k > 0
+        signal_reward = acc_k if cfg.weighting.released_parity else reward_k
+        signals = TaskSignals(jnp.asarray(signal_reward), jnp.asarray(improvement), jnp.asarray(abs_adv_k), jnp.asarray(present))
+        new_weights, self.weight_state = self.weight_opt.update(signals, self.weight_state)
+        weights_used = self.weights
+        self.weights = np.asarray(jax.device_get(new_weights), np.float32)
+        t_end = time.perf_counter()
+
+        self.step = step
+        kept_k = np.bincount([g.task_id for g in groups], minlength=K).astype(np.float32)
+        record: dict[str, Any] = {"step": step}
+        for k, name in enumerate(self.names):
+            record[f"task/{name}/reward"] = float(reward_k[k])
+            record[f"task/{name}/accuracy"] = float(acc_k[k])
+            record[f"task/{name}/zero_grad_rate"] = float(zero_grad_k[k])
+            record[f"task/{name}/weight"] = float(weights_used[k])
+            record[f"task/{name}/next_weight"] = float(self.weights[k])
+            record[f"task/{name}/share"] = float(kept_k[k] / max(kept_k.sum(), 1))
+            record[f"task/{name}/groups_generated"] = float(gen_k[k])
+            record[f"task/{name}/improvement"] = float(improvement[k])
+        n_gen = len(gen)
+        record.update({
+            "sampler/rounds": int(getattr(result, "rounds", 1)),
+            "sampler/groups_generated": n_gen,
+            "sampler/groups_kept": len(groups),
+            "sampler/budget_exhausted": bool(getattr(result, "budget_exhausted", False)),
+            "rollout/tokens": stats["tokens"],
+            "rollout/tokens_per_s": stats["tokens"] / max(stats["rollout"], 1e-9),
+            "scoring/errors": stats["score_errors"],
+            "scoring/timeouts": stats["score_timeouts"],
+            "time/sampling": (t_sampled - t_start) - stats["rollout"] - stats["scoring"],
+            "time/rollout": stats["rollout"],
+            "time/scoring": stats["scoring"],
+            "time/update": t_improve - t_update,
+            "time/improvement": t_weights - t_improve,
+            "time/weights": t_end - t_weights,
+            "time/step": t_end - t_start,
+            "memory/peak_bytes": peak_memory_bytes(),
+            "train/valid_rows": int(valid.sum()),
+        })
+        record.update({f"train/{k}": float(v) for k, v in upd.items()})
+        if upd.get("skipped", 0) > 0:
+            print(f"[mtgrpo] step {step}: {int(upd['skipped'])} non-finite update(s) skipped; parameters left unchanged",
+                  flush=True)
+        return record
+
+    # ------------------------------------------------------------------------------------------------ run
+    def evaluate(self) -> dict:
+        return evaluate_tasks(self, key=jax.random.fold_in(jax.random.key(self.cfg.seed + 1), self.step))
+
+    def _request_stop(self, signum, frame) -> None:  # noqa: ARG002
+        self._stop_requested = True
+
+    def log(self, writer: MetricsWriter, record: dict) -> None:
+        self.history.append(record)
+        writer.write(record["step"], record)
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_primary:
+            save_config(cfg, self.run_dir / "config.yaml")
+        resumed = self.maybe_restore()
+        writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard,
+                               wandb={"project": cfg.logging.wandb_project} if cfg.logging.wandb else None,
+                               console=False, is_primary=self.is_primary)
+        previous = signal.signal(signal.SIGTERM, self._request_stop)
+        t0 = time.time()
+        try:
+            if not resumed:
+                if cfg.sft.steps > 0:
+                    sft_record = run_sft(self)
+                    self.log(writer, sft_record)
+                if cfg.train.eval_every >= 0:
+                    self.log(writer, self.evaluate())
+                self.save_checkpoint()
+            else:
+                print(f"[mtgrpo] resumed from step {self.step} in {self.run_dir}", flush=True)
+            bar = ProgressBar(cfg.train.steps, initial=self.step, enabled=cfg.logging.console and self.is_primary)
+            while self.step < cfg.train.steps and not self._stop_requested:
+                record = self.train_step()
+                record["elapsed_s"] = time.time() - t0
+                self.log(writer, record)
+                bar.update(self.step, record)
+                last = self.step == cfg.train.steps
+                if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or last) or (last and not cfg.train.eval_every):
+                    t = time.perf_counter()
+                    ev = self.evaluate()
+                    ev["time/evaluation"] = time.perf_counter() - t
+                    self.log(writer, ev)
+                if last or (cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0):
+                    self.save_checkpoint()
+            bar.close()
+            if self._stop_requested:
+                self.save_checkpoint()
+                print(f"[mtgrpo] SIGTERM: checkpoint saved at step {self.step}; rerun the same command to resume", flush=True)
+                return {"status": "preempted", "step": self.step}
+            if self.is_primary:
+                save_pretrained(self.model, self.run_dir / "hf_final")
+                self.tokenizer.save_pretrained(self.run_dir / "hf_final")
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            writer.close()
+        return {"status": "done", "step": self.step}
+
+
+def encode_prompt(tokenizer, messages: list[dict], template: str) -> list[int]:
+    if template == "chat" and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer("\n".join(m["content"] for m in messages), add_special_tokens=False)["input_ids"]

@@ -1,0 +1,210 @@
+"""The jitted device-side programs of a training step: token logprobs, the policy update (mini-batches x
+micro-batches inside one `lax.scan`, parameters and optimizer state donated, non-finite updates skipped),
+the per-task objective used for the improvement signal, and the supervised warm-start update.
+
+Everything here takes the model as (graphdef, params) so one compiled program serves every step; the
+host never sees an intermediate value of the update.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mtgrpo_jax.rl import per_task_objective, policy_loss
+
+
+class Batch(NamedTuple):
+    """A fixed-shape training batch: N rows = B groups x G rollouts (padded rows have row_valid False).
+
+    Sequences are the left-padded prompt (P tokens, the prompt bucket) followed by the right-padded
+    completion (T = max_new_tokens). `completion_mask` marks the completion tokens that count.
+    """
+
+    input_ids: jax.Array  # [N, P+T] int32
+    attention_mask: jax.Array  # [N, P+T] bool
+    completion_mask: jax.Array  # [N, T] bool
+    old_logp: jax.Array  # [N, T] float32
+    advantages: jax.Array  # [N] float32
+    task_ids: jax.Array  # [N] int32
+    ref_logp: jax.Array  # [N, T] float32 (zeros when beta == 0)
+
+
+def completion_logprobs(model, input_ids, attention_mask, completion_len: int, temperature: float):
+    """float32 log pi(token) / temperature-scaled, and the entropy, at each completion position: [N, T]."""
+    positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+    hidden = model.trunk(input_ids, positions=positions, attention_mask=attention_mask)
+    total = input_ids.shape[1]
+    start = total - completion_len
+    # Position p predicts token p + 1: the completion tokens are predicted by positions start-1 .. total-2.
+    h = hidden[:, start - 1 : total - 1]
+    logits = model.logits(h).astype(jnp.float32) / temperature
+    logp_all = jax.nn.log_softmax(logits, axis=-1)
+    targets = input_ids[:, start:]
+    logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+    return logp, entropy
+
+
+class UpdateSettings(NamedTuple):
+    """The static knobs of the update program (hashable, so they key the jit cache)."""
+
+    mini_batches: int
+    micro_batches: int
+    completion_len: int
+    temperature: float
+    eps_low: float
+    eps_high: float
+    dual_clip: float | None
+    aggregation: str
+    beta: float
+    kl_estimator: str
+    entropy_coef: float
+    num_tasks: int
+    # "none" | "batch" (one forward after the update) | "minibatch_sum" (released code: per mini-batch deltas)
+    improvement: str
+
+
+def _split(batch: Batch, parts: int) -> Batch:
+    return jax.tree.map(lambda x: x.reshape((parts, x.shape[0] // parts) + x.shape[1:]), batch)
+
+
+def _loss_kwargs(s: UpdateSettings) -> dict:
+    return dict(eps_low=s.eps_low, eps_high=s.eps_high, aggregation=s.aggregation, dual_clip=s.dual_clip)
+
+
+def _objective(s: UpdateSettings, logp, b: Batch):
+    """Per-task GRPO objective [K] of `logp` on rows b (the surrogate, as the loss aggregates it)."""
+    out = per_task_objective(logp, b.old_logp, b.advantages, b.completion_mask, b.task_ids, s.num_tasks, **_loss_kwargs(s))
+    return out[0] if isinstance(out, tuple) else out
+
+
+def make_update_fn(graphdef, tx: optax.GradientTransformation, s: UpdateSettings, constrain: Callable = lambda b: b):
+    """Returns update(params, opt_state, batch) -> (params, opt_state, metrics, improvement [K] or None).
+
+    `constrain` puts sharding constraints on each micro-batch (batch rows over the data axes).
+    """
+
+    def loss_fn(params, mb: Batch):
+        model = nnx.merge(graphdef, params)
+        logp, entropy = completion_logprobs(model, mb.input_ids, mb.attention_mask, s.completion_len, s.temperature)
+        loss, metrics = policy_loss(
+            logp,
+            mb.old_logp,
+            mb.advantages,
+            mb.completion_mask,
+            ref_logp=mb.ref_logp if s.beta > 0 else None,
+            beta=s.beta,
+            kl_estimator=s.kl_estimator,
+            entropy=entropy,
+            entropy_coef=s.entropy_coef,
+            **_loss_kwargs(s),
+        )
+        return loss, (metrics, logp)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def minibatch_step(carry, mb: Batch):
+        params, opt_state = carry
+        micro = _split(mb, s.micro_batches)
+
+        def micro_step(acc, m):
+            m = constrain(m)
+            (loss, (metrics, logp)), grads = grad_fn(params, m)
+            acc = jax.tree.map(jnp.add, acc, grads)
+            return acc, (loss, metrics, logp)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, (losses, metrics, logp) = jax.lax.scan(micro_step, zeros, micro)
+        grads = jax.tree.map(lambda g: g / s.micro_batches, grads)
+        loss = jnp.mean(losses)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite loss or gradient leaves parameters and optimizer state exactly as they were.
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        params, opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
+        out = {k: jnp.mean(v) for k, v in metrics.items()}
+        out.update(loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32))
+        if s.improvement == "minibatch_sum":
+            flat = lambda x: x.reshape((-1,) + x.shape[2:])
+            before = _objective(s, flat(logp), mb)
+            model = nnx.merge(graphdef, params)
+            after_logp, _ = completion_logprobs(model, mb.input_ids, mb.attention_mask, s.completion_len, s.temperature)
+            out["improvement"] = _objective(s, after_logp, mb) - before
+        return (params, opt_state), out
+
+    def update(params, opt_state, batch: Batch):
+        (params, opt_state), metrics = jax.lax.scan(minibatch_step, (params, opt_state), _split(batch, s.mini_batches))
+        improvement = None
+        if s.improvement == "minibatch_sum":
+            improvement = jnp.sum(metrics.pop("improvement"), axis=0)
+        metrics = {k: jnp.mean(v) for k, v in metrics.items()} | {"skipped": jnp.sum(metrics["skipped"])}
+        return params, opt_state, metrics, improvement
+
+    return jax.jit(update, donate_argnums=(0, 1))
+
+
+def make_logprob_fn(graphdef, completion_len: int, temperature: float, chunks: int = 1):
+    """logprobs(params, input_ids, attention_mask) -> [N, T] float32, computed in `chunks` row-chunks."""
+
+    def fn(params, input_ids, attention_mask):
+        model = nnx.merge(graphdef, params)
+
+        def one(_, xs):
+            ids, mask = xs
+            logp, _ = completion_logprobs(model, ids, mask, completion_len, temperature)
+            return None, logp
+
+        n = input_ids.shape[0]
+        _, logp = jax.lax.scan(one, None, (input_ids.reshape(chunks, n // chunks, -1), attention_mask.reshape(chunks, n // chunks, -1)))
+        return logp.reshape(n, -1)
+
+    return jax.jit(fn)
+
+
+def make_objective_fn(graphdef, s: UpdateSettings, chunks: int = 1):
+    """objective(params, batch) -> per-task GRPO objective [K] of the policy `params` on the batch."""
+    logprobs = make_logprob_fn(graphdef, s.completion_len, s.temperature, chunks)
+
+    def fn(params, batch: Batch):
+        return _objective(s, logprobs(params, batch.input_ids, batch.attention_mask), batch)
+
+    return jax.jit(fn)
+
+
+def objective_at_behaviour(s: UpdateSettings, batch: Batch):
+    """The per-task objective of the policy that generated the batch (logp = old_logp: every ratio is 1)."""
+    return _objective(s, batch.old_logp, batch)
+
+
+def make_sft_update_fn(graphdef, tx: optax.GradientTransformation, completion_len: int):
+    """Supervised warm start: token-mean cross-entropy of the demonstration tokens."""
+
+    def loss_fn(params, input_ids, attention_mask, target_mask):
+        model = nnx.merge(graphdef, params)
+        logp, _ = completion_logprobs(model, input_ids, attention_mask, completion_len, 1.0)
+        m = target_mask.astype(jnp.float32)
+        return -jnp.sum(logp * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+    def update(params, opt_state, input_ids, attention_mask, target_mask):
+        loss, grads = jax.value_and_grad(loss_fn)(params, input_ids, attention_mask, target_mask)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(update, donate_argnums=(0, 1))
+
+
+def make_optimizer(learning_rate: float, *, b1: float, b2: float, weight_decay: float, grad_clip: float | None,
+                   warmup_steps: int = 0) -> optax.GradientTransformation:
+    schedule: Any = learning_rate
+    if warmup_steps:
+        schedule = optax.linear_schedule(0.0, learning_rate, warmup_steps)
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+    parts.append(optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+    return optax.chain(*parts)

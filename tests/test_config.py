@@ -1,0 +1,82 @@
+"""The typed config: presets, dotted overrides, and one-line errors that name the key at fault."""
+
+from pathlib import Path
+
+import pytest
+
+from mtgrpo_jax.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
+ALL_PRESETS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def test_defaults_validate():
+    cfg = load_config(None)
+    assert cfg.sampler.kind == "ratio_preserving" and cfg.optim.learning_rate == 1e-6
+    assert (cfg.optim.b1, cfg.optim.b2) == (0.9, 0.99)
+
+
+@pytest.mark.parametrize("path", ALL_PRESETS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_preset_is_a_valid_config(path):
+    cfg = load_config(path)
+    if "methods" in path.parts:
+        assert cfg.method == path.stem
+
+
+def test_method_preset_merges_over_a_config():
+    cfg = load_config(ROOT / "configs" / "demo.yaml", presets=[ROOT / "configs" / "methods" / "dapo.yaml"])
+    assert cfg.method == "dapo" and cfg.sampler.kind == "dynamic" and cfg.loss.eps_high == 0.28
+    assert cfg.tasks  # the demo's tasks survive the merge
+
+
+def test_dotted_overrides_reach_every_level(tmp_path):
+    cfg = load_config(None, ["optim.learning_rate=3e-4", "sampler.batch_size=16", "output_dir=" + str(tmp_path),
+                             "rollout.prompt_buckets=[64,128]", "weighting.kind=mt_grpo", "weighting.lam=0.5"])
+    assert cfg.optim.learning_rate == 3e-4 and cfg.sampler.batch_size == 16
+    assert cfg.rollout.prompt_buckets == [64, 128] and cfg.weighting.lam == 0.5
+    assert cfg.output_dir == str(tmp_path)
+
+
+def test_list_items_are_reachable_by_index():
+    cfg = load_config(ROOT / "configs" / "demo.yaml", ["tasks.0.train.n=7"])
+    assert cfg.tasks[0].train.n == 7
+    with pytest.raises(ConfigError, match="tasks has no item '9'"):
+        load_config(ROOT / "configs" / "demo.yaml", ["tasks.9.train.n=7"])
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("optim.lrr=1", "unknown key 'optim.lrr'"),
+        ("bogus=1", "unknown key 'bogus'"),
+        ("sampler.batch_size=abc", "sampler.batch_size"),
+        ("weighting.lam=-1", "weighting.lam"),
+        ("optim.mini_batches=5", "optim.mini_batches"),
+        ("loss.aggregation=sum", "loss.aggregation"),
+        ("noequals", "expected key=value"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_key(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert needle in message and "\n" not in message
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sampler: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(loop)
+
+
+def test_static_weights_must_match_the_tasks():
+    with pytest.raises(ConfigError, match="weighting.weights"):
+        load_config(ROOT / "configs" / "demo.yaml", ["weighting.kind=static", "weighting.weights=[1.0]"])
