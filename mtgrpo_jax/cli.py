@@ -10,7 +10,7 @@ import sys
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("train",): ("mtgrpo_jax.train.cli:train_main", "run (or resume) a training run from a YAML config"),
     ("sft",): ("mtgrpo_jax.train.cli:sft_main", "supervised warm start on task demonstrations"),
-    ("eval",): ("mtgrpo_jax.train.evaluate:main", "evaluate a run directory or a model on task test sets"),
+    ("eval",): ("mtgrpo_jax.train.eval_cli:main", "evaluate a run directory or a model on task test sets"),
     ("generate",): ("mtgrpo_jax.rollout.cli:generate_main", "sample completions from a model"),
     ("data", "generate"): ("mtgrpo_jax.tasks.generate:main", "generate and cache task data as parquet"),
     ("bench", "rollout"): ("mtgrpo_jax.rollout.bench:main", "rollout tokens/s against transformers"),

@@ -80,3 +80,23 @@ def test_missing_and_malformed_files(tmp_path):
 def test_static_weights_must_match_the_tasks():
     with pytest.raises(ConfigError, match="weighting.weights"):
         load_config(ROOT / "configs" / "demo.yaml", ["weighting.kind=static", "weighting.weights=[1.0]"])
+
+
+def test_paper_experiments_carry_the_published_hyperparameters():
+    exp1 = load_config(ROOT / "configs" / "paper" / "exp1.yaml")
+    assert (exp1.sampler.batch_size, exp1.sampler.group_size, exp1.optim.mini_batches) == (32, 72, 4)
+    assert exp1.optim.learning_rate == 1e-6 and (exp1.loss.eps_low, exp1.loss.eps_high) == (0.2, 0.28)
+    assert exp1.weighting.kind == "mt_grpo" and exp1.weighting.lam == 0.2
+    assert (exp1.weighting.learning_rate, exp1.weighting.weight_decay) == (0.025, 1e-5)
+    assert exp1.sampler.filter == "strict" and exp1.sampler.resample_budget == 10 and exp1.train.steps == 720
+    assert [t.train.level for t in exp1.tasks] == [2, 2, 2] and exp1.eval.n == 8 and exp1.eval.temperature == 1.0
+    exp2 = load_config(ROOT / "configs" / "paper" / "exp2.yaml")
+    assert len(exp2.tasks) == 9 and (exp2.sampler.batch_size, exp2.sampler.group_size) == (256, 8)
+    assert exp2.sampler.filter == "lenient" and exp2.sampler.resample_budget == 2
+    assert exp2.weighting.weight_decay == 1e-4
+    exp3 = load_config(ROOT / "configs" / "paper" / "exp3.yaml")
+    assert exp3.train.steps == 150 and exp3.weighting.lam == 0.2 and len(exp3.tasks) == 3
+    for cfg in (exp1, exp2, exp3):
+        for task in cfg.tasks:
+            if task.eval and task.eval.path and "mtgrpo_paper" in task.eval.path:
+                assert (ROOT / task.eval.path).is_file(), task.eval.path

@@ -6,49 +6,31 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from mtgrpo_jax.rollout import SamplingParams
+from mtgrpo_jax.config import EvalCfg, TrainCfg
 from mtgrpo_jax.tasks import score_batch
-from mtgrpo_jax.train.eval_metrics import pass_at_k
+from mtgrpo_jax.train.eval_metrics import eval_record
 
 
-def generate_and_score(trainer, task_index: int, examples: list[dict], *, n: int, temperature: float,
-                       max_new_tokens: int, key) -> np.ndarray:
+def sample_correctness(policy, family, examples: list[dict], *, n: int, temperature: float, max_new_tokens: int | None,
+                       key, score_workers: int = 4, score_timeout_s: float = 2.0) -> np.ndarray:
     """Correctness [P, n] of n samples for each example of one task."""
-    family = trainer.tasks[task_index].family
-    prompts = [trainer.prompt_ids(task_index, ex) for ex in examples]
-    params = SamplingParams(n=n, temperature=temperature, max_new_tokens=max_new_tokens,
-                            stop_token_ids=trainer._stop_ids())
-    out = trainer.rollout.generate(prompts, params, key)  # the sampler chunks by its largest batch bucket
+    prompts = [policy.prompt_ids(family, ex) for ex in examples]
+    out = policy.generate(prompts, key, n=n, temperature=temperature, max_new_tokens=max_new_tokens, top_p=1.0, top_k=0)
     items = [(family, ex) for ex in examples for _ in range(n)]
-    scores, _ = score_batch(items, list(out.texts), workers=trainer.cfg.train.score_workers,
-                            timeout_s=trainer.cfg.train.score_timeout_s)
+    scores, _ = score_batch(items, list(out.texts), workers=score_workers, timeout_s=score_timeout_s)
     return np.asarray([s.correct for s in scores], bool).reshape(len(examples), n)
 
 
-def evaluate_tasks(trainer, key) -> dict:
-    cfg = trainer.cfg.eval
-    record: dict = {"step": trainer.step, "split": "eval"}
-    accs = []
-    for k, task in enumerate(trainer.tasks):
+def evaluate_tasks(policy, tasks, cfg: EvalCfg, train_cfg: TrainCfg, *, step: int, key) -> dict:
+    """One evaluation record: eval/<task>/accuracy and pass@k, eval/worst_accuracy, eval/mean_accuracy."""
+    correct_by_task = {}
+    for k, task in enumerate(tasks):
         examples = task.eval[: cfg.max_examples] if cfg.max_examples else task.eval
-        if not examples:
-            continue
-        correct = generate_and_score(trainer, k, examples, n=cfg.n, temperature=cfg.temperature,
-                                     max_new_tokens=cfg.max_new_tokens or trainer.cfg.rollout.max_new_tokens,
-                                     key=jax.random.fold_in(key, k))
-        acc = float(correct.mean())
-        accs.append(acc)
-        record[f"eval/{task.name}/accuracy"] = acc
-        for kk in cfg.pass_k:
-            if kk <= cfg.n:
-                record[f"eval/{task.name}/pass@{kk}"] = float(np.mean([pass_at_k(cfg.n, int(c), kk) for c in correct.sum(1)]))
-    if accs:
-        record["eval/worst_accuracy"] = float(min(accs))
-        record["eval/mean_accuracy"] = float(np.mean(accs))
-    return record
-
-
-def main(argv: list[str], prog: str = "mtgrpo eval") -> int:
-    from mtgrpo_jax.train.eval_cli import eval_main
-
-    return eval_main(argv, prog)
+        if examples:
+            correct_by_task[task.name] = sample_correctness(
+                policy, task.family, examples, n=cfg.n, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                key=jax.random.fold_in(key, k), score_workers=train_cfg.score_workers,
+                score_timeout_s=train_cfg.score_timeout_s)
+    if not correct_by_task:
+        return {"step": step, "split": "eval"}
+    return {"step": step, **eval_record(correct_by_task, [k for k in cfg.pass_k if k <= cfg.n])}

@@ -27,18 +27,22 @@ def build_mesh(cfg: Config):
         process_id=cfg.distributed.process_id,
     )
     m = cfg.mesh
-    n = jax.device_count()
-    fsdp = m.fsdp if m.fsdp != -1 else n // (m.data * m.tensor)
-    if fsdp < 1 or m.data * fsdp * m.tensor != n:
-        raise ConfigError(f"config error: mesh: data {m.data} x fsdp {m.fsdp} x tensor {m.tensor} does not match the {n} devices")
-    mesh = make_mesh(data=m.data, fsdp=fsdp, tensor=m.tensor)
+    try:
+        mesh = make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
+    except ValueError as err:
+        raise ConfigError(f"config error: mesh: {err}") from None
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = cfg.sampler.batch_size * cfg.sampler.group_size
     micro_rows = rows // (cfg.optim.mini_batches * cfg.optim.micro_batches)
-    if micro_rows % (m.data * fsdp):
+    if micro_rows % batch_devices:
         raise ConfigError(
             f"config error: sampler.batch_size: micro-batches of {micro_rows} rows do not divide over the mesh's "
-            f"data x fsdp = {m.data * fsdp} devices"
+            f"data x fsdp = {batch_devices} devices"
         )
+    bad = [b for b in cfg.rollout.batch_buckets if b % batch_devices]
+    if bad:
+        raise ConfigError(f"config error: rollout.batch_buckets: {bad} are not multiples of the mesh's data x fsdp = "
+                          f"{batch_devices} devices")
     return mesh
 
 

@@ -7,6 +7,7 @@ import time
 import jax
 import numpy as np
 import optax
+from flax import nnx
 from tqdm.auto import tqdm
 
 from mtgrpo_jax.train.batch import pick_bucket
@@ -16,17 +17,15 @@ from mtgrpo_jax.train.update import make_sft_update_fn
 def demonstration_rows(trainer) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, completion ids ending in the end-of-turn token) for each demonstrable train example."""
     cfg = trainer.cfg.sft
-    end = trainer._stop_ids()
-    end_id = trainer.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    end_id = end_id if end_id in end else end[0]
+    policy = trainer.policy
     rows = []
-    for k, task in enumerate(trainer.tasks):
+    for task in trainer.tasks:
         for ex in task.train[: cfg.examples_per_task]:
             text = task.family.demonstration(ex)
             if text is None:
                 continue
-            completion = trainer.tokenizer(text, add_special_tokens=False)["input_ids"] + [end_id]
-            rows.append((trainer.prompt_ids(k, ex), completion))
+            completion = policy.tokenizer(text, add_special_tokens=False)["input_ids"] + [policy.end_of_turn_id]
+            rows.append((policy.prompt_ids(task.family, ex), completion))
     if not rows:
         raise ValueError("sft: no task could produce a demonstration (sft.steps > 0 needs at least one)")
     return rows
@@ -39,7 +38,7 @@ def run_sft(trainer) -> dict:
     prompt_len = pick_bucket(max(len(p) for p, _ in rows), trainer.cfg.rollout.prompt_buckets)
     completion_len = -(-max(len(c) for _, c in rows) // 16) * 16
     n = len(rows)
-    ids = np.full((n, prompt_len + completion_len), trainer.pad_id, np.int32)
+    ids = np.full((n, prompt_len + completion_len), trainer.policy.pad_id, np.int32)
     attn = np.zeros_like(ids, bool)
     target = np.zeros((n, completion_len), bool)
     for i, (p, c) in enumerate(rows):
@@ -62,8 +61,6 @@ def run_sft(trainer) -> dict:
         losses.append(float(loss))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     trainer.params = params
-    from flax import nnx
-
     nnx.update(trainer.model, params)
     tail = losses[-max(1, len(losses) // 10):]
     return {"step": 0, "split": "sft", "sft/steps": cfg.steps, "sft/examples": n, "sft/loss_first": losses[0],

@@ -11,7 +11,6 @@ and resumed continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from pathlib import Path
@@ -27,13 +26,13 @@ from mtgrpo_jax.config import Config, save_config
 from mtgrpo_jax.data import TaskSet, make_sampler
 from mtgrpo_jax.models import save_pretrained
 from mtgrpo_jax.rl import group_advantages, zero_gradient_mask
-from mtgrpo_jax.rollout import Sampler, SamplingParams
 from mtgrpo_jax.tasks import score_batch
 from mtgrpo_jax.train import setup
 from mtgrpo_jax.train.batch import Batch, Group, build_batch, pick_bucket
 from mtgrpo_jax.train.checkpoint import Checkpointer
 from mtgrpo_jax.train.evaluate import evaluate_tasks
-from mtgrpo_jax.train.metrics import MetricsWriter, ProgressBar, peak_memory_bytes, truncate_after
+from mtgrpo_jax.train.policy import Policy
+from mtgrpo_jax.train.metrics import MetricsWriter, peak_memory_bytes
 from mtgrpo_jax.train.sft import run_sft
 from mtgrpo_jax.train.update import (
     UpdateSettings,
@@ -57,14 +56,7 @@ class Trainer:
         self.tasks = setup.build_tasks(cfg)
         self.names = [t.name for t in self.tasks]
         self.model, self.tokenizer = setup.build_model(cfg, self.mesh)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.rollout = Sampler(
-            self.model,
-            self.tokenizer,
-            buckets=dict(prompt_lengths=cfg.rollout.prompt_buckets, batch_sizes=cfg.rollout.batch_buckets),
-            mesh=self.mesh,
-            truncate_prompts=cfg.rollout.truncate_prompts,
-        )
+        self.policy = Policy(self.model, self.tokenizer, cfg.rollout, self.mesh)
         self.taskset = TaskSet({t.name: t.train for t in self.tasks}, seed=cfg.seed)
         s = cfg.sampler
         self.sampler = make_sampler(
@@ -117,21 +109,10 @@ class Trainer:
         self.logprob_fn = make_logprob_fn(self.graphdef, self.settings.completion_len, self.settings.temperature, chunks)
         self.ref_params = jax.tree.map(jnp.copy, self.params) if cfg.loss.beta > 0 else None
         self.batch_sharding = batch_sharding
-        self._prompt_cache: dict[tuple[int, str], list[int]] = {}
         self.history: list[dict] = []
         self.step = 0
         self._stop_requested = False
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
-
-    # ------------------------------------------------------------------------------------------------ prompts
-    def prompt_ids(self, task_index: int, example: dict) -> list[int]:
-        key = (task_index, example.get("question", "") + json.dumps(example.get("answer"), sort_keys=True, default=str))
-        ids = self._prompt_cache.get(key)
-        if ids is None:
-            messages = self.tasks[task_index].family.prompt(example)
-            ids = encode_prompt(self.tokenizer, messages, self.cfg.rollout.template)
-            self._prompt_cache[key] = ids
-        return ids
 
     # ------------------------------------------------------------------------------------------------ state
     def _arrays(self) -> dict:
@@ -161,8 +142,6 @@ class Trainer:
         self.sampler.set_state(host["sampler"])
         self.taskset.set_state(host["taskset"])
         self.history = list(host["history"])
-        if self.is_primary:
-            truncate_after(self.run_dir, self.step)
         return True
 
     # ------------------------------------------------------------------------------------------------ step
@@ -177,15 +156,10 @@ class Trainer:
             slots = [i for i, x in enumerate(task_ids) if x == t]
             for i, ex in zip(slots, self.taskset.take(t, len(slots))):
                 examples[i] = ex
-        prompts = [self.prompt_ids(t, ex) for t, ex in zip(task_ids, examples)]
+        prompts = [self.policy.prompt_ids(self.tasks[t].family, ex) for t, ex in zip(task_ids, examples)]
         G = cfg.sampler.group_size
         t0 = time.perf_counter()
-        out = self.rollout.generate(
-            prompts,
-            SamplingParams(n=G, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-                           max_new_tokens=cfg.rollout.max_new_tokens, stop_token_ids=self._stop_ids()),
-            self._rollout_key(step, call),
-        )
+        out = self.policy.generate(prompts, self._rollout_key(step, call), n=G)
         t1 = time.perf_counter()
         items = [(self.tasks[t].family, ex) for t, ex in zip(task_ids, examples) for _ in range(G)]
         scores, score_stats = score_batch(items, list(out.texts), workers=cfg.train.score_workers,
@@ -214,13 +188,6 @@ class Trainer:
             groups.append((bool(keep[i]), g))
         return groups
 
-    def _stop_ids(self) -> list[int]:
-        ids = set(self.model.config.eos_token_ids)
-        for tok in (self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")):
-            if isinstance(tok, int) and tok >= 0 and tok != self.tokenizer.unk_token_id:
-                ids.add(tok)
-        return sorted(ids)
-
     def train_step(self) -> dict:
         cfg, K = self.cfg, len(self.tasks)
         step = self.step + 1
@@ -233,7 +200,7 @@ class Trainer:
         groups: list[Group] = list(result.groups)
         prompt_len = pick_bucket(max([len(g.prompt_ids) for g in groups] or [1]), cfg.rollout.prompt_buckets)
         batch_np, valid = build_batch(groups, num_rows=self.rows, prompt_len=prompt_len,
-                                      completion_len=cfg.rollout.max_new_tokens, pad_id=self.pad_id,
+                                      completion_len=cfg.rollout.max_new_tokens, pad_id=self.policy.pad_id,
                                       rng=np.random.default_rng([cfg.seed, step]))
         batch = jax.device_put(batch_np, self.batch_sharding)
         if cfg.optim.recompute_old_logprobs:
@@ -315,14 +282,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ run
     def evaluate(self) -> dict:
-        return evaluate_tasks(self, key=jax.random.fold_in(jax.random.key(self.cfg.seed + 1), self.step))
+        key = jax.random.fold_in(jax.random.key(self.cfg.seed + 1), self.step)
+        return evaluate_tasks(self.policy, self.tasks, self.cfg.eval, self.cfg.train, step=self.step, key=key)
 
     def _request_stop(self, signum, frame) -> None:  # noqa: ARG002
         self._stop_requested = True
 
     def log(self, writer: MetricsWriter, record: dict) -> None:
-        self.history.append(record)
-        writer.write(record["step"], record)
+        written = writer.write(record["step"], record)
+        self.history.append(written if written is not None else record)
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -332,9 +300,9 @@ class Trainer:
         resumed = self.maybe_restore()
         writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard,
                                wandb={"project": cfg.logging.wandb_project} if cfg.logging.wandb else None,
-                               console=False, is_primary=self.is_primary)
+                               console=cfg.logging.console, is_primary=self.is_primary,
+                               resume_step=self.step if resumed else -1, total_steps=cfg.train.steps)
         previous = signal.signal(signal.SIGTERM, self._request_stop)
-        t0 = time.time()
         try:
             if not resumed:
                 if cfg.sft.steps > 0:
@@ -345,12 +313,8 @@ class Trainer:
                 self.save_checkpoint()
             else:
                 print(f"[mtgrpo] resumed from step {self.step} in {self.run_dir}", flush=True)
-            bar = ProgressBar(cfg.train.steps, initial=self.step, enabled=cfg.logging.console and self.is_primary)
             while self.step < cfg.train.steps and not self._stop_requested:
-                record = self.train_step()
-                record["elapsed_s"] = time.time() - t0
-                self.log(writer, record)
-                bar.update(self.step, record)
+                self.log(writer, self.train_step())
                 last = self.step == cfg.train.steps
                 if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or last) or (last and not cfg.train.eval_every):
                     t = time.perf_counter()
@@ -359,7 +323,6 @@ class Trainer:
                     self.log(writer, ev)
                 if last or (cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0):
                     self.save_checkpoint()
-            bar.close()
             if self._stop_requested:
                 self.save_checkpoint()
                 print(f"[mtgrpo] SIGTERM: checkpoint saved at step {self.step}; rerun the same command to resume", flush=True)
@@ -372,11 +335,3 @@ class Trainer:
             writer.close()
         return {"status": "done", "step": self.step}
 
-
-def encode_prompt(tokenizer, messages: list[dict], template: str) -> list[int]:
-    if template == "chat" and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
-    return tokenizer("\n".join(m["content"] for m in messages), add_special_tokens=False)["input_ids"]
