@@ -127,7 +127,7 @@ class WeightingCfg(_Strict):
     lam: float = Field(0.2, ge=0.0)
     learning_rate: float = Field(0.025, gt=0.0)
     weight_decay: float = Field(1e-5, ge=0.0)
-    eta: float = Field(1.0, gt=0.0)  # regularized (Subroutine 2)
+    eta: float = Field(0.01, gt=0.0)  # regularized (Subroutine 2): the pull of the logits toward 0
     alpha: float = Field(0.5, gt=0.0, le=1.0)  # sec
     temperature: float = Field(0.2, gt=0.0)  # sec
     weights: list[float] | None = None  # static

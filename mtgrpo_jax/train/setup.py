@@ -135,7 +135,7 @@ def build_weight_optimizer(cfg: Config, num_tasks: int):
             return weighting.mt_grpo_released(w.lam, learning_rate=w.learning_rate, weight_decay=w.weight_decay)
         return weighting.mt_grpo(w.lam, learning_rate=w.learning_rate, weight_decay=w.weight_decay)
     if w.kind == "regularized":
-        return weighting.regularized(w.eta, lam=w.lam)
+        return weighting.regularized(w.eta, learning_rate=w.learning_rate, lam=w.lam)
     if w.kind == "sec":
         return weighting.sec(alpha=w.alpha, temperature=w.temperature)
     if w.kind == "static":

@@ -273,6 +273,7 @@ class Trainer:
             "time/step": t_end - t_start,
             "memory/peak_bytes": peak_memory_bytes(),
             "train/valid_rows": int(valid.sum()),
+            "train/seq_len": prompt_len + cfg.rollout.max_new_tokens,
         })
         record.update({f"train/{k}": float(v) for k, v in upd.items()})
         if upd.get("skipped", 0) > 0:

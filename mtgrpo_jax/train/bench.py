@@ -1,0 +1,128 @@
+"""`mtgrpo bench step`: where a training step's time goes, how well the update uses the machine, and what the
+MT-GRPO machinery costs against a DAPO step on the same config.
+
+- Phase times (sampling bookkeeping, rollout, scoring, update, improvement, weight update) are the trainer's
+  own per-step records, averaged over the measured steps (the first steps, which compile, are discarded).
+- The update's model-FLOPs utilisation: 6 x (non-embedding parameters) x (tokens through the update) per
+  optimizer step plus the attention matmuls, over the update's time, against this machine's dense matmul
+  peak measured in the same run (a large jitted matmul of the model's dtype), and against the GPU's datasheet
+  peak when on a known GPU.
+- MT-GRPO overhead: (sampling bookkeeping + improvement forward + weight update) as a fraction of the MT-GRPO
+  step, and the step time against a DAPO step (same config, `--method dapo`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtgrpo_jax.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+PHASES = ("sampling", "rollout", "scoring", "update", "improvement", "weights")
+# bf16 dense tensor-core peaks (FLOP/s), datasheet figures without sparsity.
+GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
+
+def measure_matmul_peak(dtype=jnp.float32, size: int = 2048, repeats: int = 5) -> float:
+    """Dense matmul FLOP/s of this machine's first device, best of `repeats` (after compilation)."""
+    a = jnp.ones((size, size), dtype)
+    b = jnp.ones((size, size), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best
+
+
+def _step_flops(trainer, seq_len: int) -> float:
+    c = trainer.model.config
+    per_layer = (c.hidden_size * c.head_dim * (c.num_attention_heads * 2 + c.num_key_value_heads * 2)
+                 + 3 * c.hidden_size * c.intermediate_size)
+    dense_params = c.num_hidden_layers * per_layer + c.hidden_size * c.vocab_size
+    tokens = trainer.rows * seq_len
+    attention = 2 * 2 * c.num_hidden_layers * trainer.rows * seq_len * seq_len * c.num_attention_heads * c.head_dim
+    return 3 * (2 * dense_params * tokens + attention)  # forward 1x, backward 2x
+
+
+def run_method(config: str | None, method: str, overrides: list[str], steps: int, warmup: int) -> dict:
+    from mtgrpo_jax.train.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        presets = [ROOT / "configs" / "methods" / f"{method}.yaml"]
+        cfg = load_config(config, [*overrides, f"output_dir={tmp}/run", "logging.console=false",
+                                   "logging.tensorboard=false", "sft.steps=0"], presets)
+        trainer = Trainer(cfg)
+        records = []
+        seq_lens = []
+        for i in range(warmup + steps):
+            rec = trainer.train_step()
+            if i >= warmup:
+                records.append(rec)
+                seq_lens.append(rec["train/seq_len"])
+        out = {f"time/{p}": float(np.mean([r.get(f"time/{p}", 0.0) for r in records])) for p in PHASES}
+        out["time/step"] = float(np.mean([r["time/step"] for r in records]))
+        out["rollout/tokens_per_s"] = float(np.mean([r["rollout/tokens_per_s"] for r in records]))
+        out["sampler/rounds"] = float(np.mean([r["sampler/rounds"] for r in records]))
+        out["update_flops"] = _step_flops(trainer, int(np.mean(seq_lens)))
+        out["update_flops_per_s"] = out["update_flops"] / max(out["time/update"], 1e-9)
+        out["model_params"] = trainer.model.config.num_params
+        out["dtype"] = cfg.model.dtype
+        return out
+
+
+def main(argv: list[str], prog: str = "mtgrpo bench step") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "bench_step.yaml"), help="the config to measure")
+    p.add_argument("--steps", type=int, default=3, help="measured steps per method")
+    p.add_argument("--warmup", type=int, default=2, help="steps discarded first (compilation)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    try:
+        load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
+    mt = run_method(args.config, "mt_grpo", args.overrides, args.steps, args.warmup)
+    dapo = run_method(args.config, "dapo", args.overrides, args.steps, args.warmup)
+    dtype = jnp.bfloat16 if mt["dtype"] == "bfloat16" else jnp.float32
+    peak = measure_matmul_peak(dtype)
+    device = jax.devices()[0]
+    kind = getattr(device, "device_kind", str(device))
+    result = {
+        "device": kind,
+        "platform": device.platform,
+        "num_devices": jax.device_count(),
+        "matmul_peak_flops": peak,
+        "mt_grpo": mt,
+        "dapo": dapo,
+        "update_mfu_vs_measured_peak": mt["update_flops_per_s"] / peak,
+        "mt_grpo_machinery_fraction": (mt["time/sampling"] + mt["time/improvement"] + mt["time/weights"]) / mt["time/step"],
+        "step_time_ratio_vs_dapo": mt["time/step"] / dapo["time/step"],
+    }
+    for name, flops in GPU_PEAKS.items():
+        if name in kind:
+            result["update_mfu_vs_datasheet_peak"] = mt["update_flops_per_s"] / flops
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"device: {kind} x{jax.device_count()}  matmul peak {peak / 1e9:.1f} GFLOP/s ({mt['dtype']})")
+    print(f"{'phase (s/step)':<18} {'mt_grpo':>9} {'dapo':>9}")
+    for ph in PHASES + ("step",):
+        print(f"{ph:<18} {mt[f'time/{ph}']:>9.3f} {dapo[f'time/{ph}']:>9.3f}")
+    print(f"update MFU vs measured peak: {result['update_mfu_vs_measured_peak']:.1%}")
+    print(f"MT-GRPO machinery (sampler bookkeeping + improvement + weights): {result['mt_grpo_machinery_fraction']:.1%} of the step")
+    print(f"MT-GRPO step / DAPO step: {result['step_time_ratio_vs_dapo']:.2f}x")
+    return 0
