@@ -32,7 +32,7 @@ from mtgrpo_jax.train.batch import Batch, Group, build_batch, pick_bucket
 from mtgrpo_jax.train.checkpoint import Checkpointer
 from mtgrpo_jax.train.evaluate import evaluate_tasks
 from mtgrpo_jax.train.policy import Policy
-from mtgrpo_jax.train.metrics import MetricsWriter, peak_memory_bytes
+from mtgrpo_jax.train.metrics import MetricsWriter, memory_metrics
 from mtgrpo_jax.train.sft import run_sft
 from mtgrpo_jax.train.update import (
     UpdateSettings,
@@ -233,7 +233,9 @@ class Trainer:
                 reward_k[k] = np.mean([g.rewards.mean() for g in gs])
                 acc_k[k] = np.mean([g.correct.mean() for g in gs])
                 zero_grad_k[k] = np.mean([np.ptp(g.rewards) == 0 for g in gs])
-                abs_adv_k[k] = np.mean([np.abs(g.advantages).mean() for g in gs])
+            # SEC's learning-progress signal: mean |advantage| over the task's groups in the training batch.
+            kept = [np.abs(g.advantages).mean() for g in groups if g.task_id == k]
+            abs_adv_k[k] = np.mean(kept) if kept else 0.0
         present = gen_k > 0
         signal_reward = acc_k if cfg.weighting.released_parity else reward_k
         signals = TaskSignals(jnp.asarray(signal_reward), jnp.asarray(improvement), jnp.asarray(abs_adv_k), jnp.asarray(present))
@@ -271,10 +273,10 @@ class Trainer:
             "time/improvement": t_weights - t_improve,
             "time/weights": t_end - t_weights,
             "time/step": t_end - t_start,
-            "memory/peak_bytes": peak_memory_bytes(),
             "train/valid_rows": int(valid.sum()),
             "train/seq_len": prompt_len + cfg.rollout.max_new_tokens,
         })
+        record.update(memory_metrics())
         record.update({f"train/{k}": float(v) for k, v in upd.items()})
         if upd.get("skipped", 0) > 0:
             print(f"[mtgrpo] step {step}: {int(upd['skipped'])} non-finite update(s) skipped; parameters left unchanged",
