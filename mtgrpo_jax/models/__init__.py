@@ -1,0 +1,25 @@
+"""NNX decoder models (Qwen2/2.5, Qwen3, Llama 3.x), Hugging Face weight I/O and tokenizers.
+
+The contract other rooms code against (see each object's docstring)::
+
+    cfg = ModelConfig(...) / ModelConfig.from_hf(path_or_dict) / tiny_config()
+    model = Transformer(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    logits = model(input_ids, positions=None, attention_mask=None)          # float32 [B, T, V]
+    hidden = model.trunk(input_ids, positions=..., attention_mask=...)      # [B, T, H]
+    logits = model.logits(hidden)                                          # float32 [B, T, V]
+    cache = model.init_cache(batch_size, max_len, dtype=jnp.bfloat16)     # KVCache(k, v) [L, B, S, Hkv, D]
+    logits, cache = model(ids, positions=pos, cache=cache, cache_index=idx, kv_mask=kv_mask)
+
+Cache semantics: the T new tokens are written at slots [idx, idx+T); query t (slot idx+t) attends to
+slot s iff s <= idx+t and kv_mask[b, s]. Without a cache, positions default to cumsum(mask)-1 (clipped
+at 0) so left-padded prompts get the positions they would have unpadded; with a cache they default to
+idx + arange(T), so pass them explicitly for left-padded batches.
+"""
+
+from mtgrpo_jax.models.config import ModelConfig, tiny_config
+from mtgrpo_jax.models.hf_io import load_pretrained, save_pretrained
+from mtgrpo_jax.models.tokenizer import apply_chat_template, load_tokenizer
+from mtgrpo_jax.models.transformer import KVCache, Transformer
+
+__all__ = ["ModelConfig", "Transformer", "KVCache", "load_pretrained", "save_pretrained", "load_tokenizer",
+           "apply_chat_template", "tiny_config"]

@@ -1,0 +1,307 @@
+"""One Flax NNX decoder for Qwen2/2.5, Qwen3 and Llama 3.x (RMSNorm, RoPE, grouped-query attention,
+SwiGLU), with an optional KV cache so training, scoring and the rollout engine share one module.
+
+Layout choices, and why:
+- Layer weights are stacked along a leading `layers` axis and the blocks run under `jax.lax.scan`:
+  compile time stays flat in depth (a 28-layer model compiles like a 1-layer one) and the KV cache is
+  naturally one `[L, B, S, Hkv, D]` array per k/v.
+- Projection kernels keep heads as their own axis (`[L, H, N, D]`), so tensor parallelism over heads
+  is a single partition rule instead of a reshaping convention.
+- Every parameter carries `logical_axes` metadata; `mtgrpo_jax.parallel` maps those names to mesh
+  axes, so the model itself never names a mesh.
+- Numerics: weights and activations in `dtype` (bf16 by default); RMSNorm statistics, attention
+  scores and softmax, and the logits are float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mtgrpo_jax.models.config import ModelConfig
+
+# Activation axis name -> mesh axes. Constraints are applied only when a mesh with these axis names
+# is active (`jax.set_mesh`), so the same module runs unsharded on one device.
+ACTIVATION_AXES = {"batch": ("data", "fsdp"), "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
+
+_MASK_VALUE = float(np.finfo(np.float32).min)  # finite, so fully masked (pad) rows give no NaN
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer, `[L, B, S, Hkv, D]` each (a pytree, donate it under jit)."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def shard_activation(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """`with_sharding_constraint` by activation axis names when a (data, fsdp, tensor) mesh is active.
+
+    Dimensions that the mesh axes do not divide stay unconstrained (e.g. a batch of 1 in a decode
+    step), which keeps odd shapes working instead of failing on a divisibility error."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    spec = []
+    for dim, name in zip(x.shape, axes):
+        mesh_axes = ACTIVATION_AXES.get(name) if name else None
+        if mesh_axes is None:
+            spec.append(None)
+            continue
+        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
+        mesh_axes = tuple(a for a in mesh_axes if a in sizes and sizes[a] > 1)
+        n = math.prod(sizes[a] for a in mesh_axes)
+        spec.append(mesh_axes if mesh_axes and dim % n == 0 else None)
+    if all(s is None for s in spec):
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+
+
+def _replicated(x: jax.Array) -> jax.Array:
+    """Gathers a (vocab x embed sharded) table before a row lookup when a mesh is active: the SPMD
+    partitioner cannot turn a gather from a 2-D sharded table into a batch-sharded result without a
+    full rematerialisation, while one all-gather of the table (what FSDP does for every weight) is cheap."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec())
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """HF RMSNorm: statistics in float32, scale applied after casting back (matches transformers)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Rotary inverse frequencies, with "linear" and Llama-3 ("llama3") scaling as in transformers."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Half-split rotation (HF `rotate_half` convention); x `[B, T, N, D]`, cos/sin `[B, T, D/2]`."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention. q `[B, T, Nq, D]`, k/v `[B, S, Nkv, D]`, mask bool `[B, T, S]`.
+
+    Query heads are grouped onto their kv head by a reshape, so k/v are never repeated in memory."""
+    b, t, nq, d = q.shape
+    nkv = k.shape[2]
+    q = q.reshape(b, t, nkv, nq // nkv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, nq, d)
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Param:
+    if init == "normal":  # HF initializer_range 0.02, so random-init models look like HF's
+        value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
+    elif init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    else:
+        value = jnp.zeros(shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), logical_axes=tuple(axes))
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder blocks' weights, stacked on a leading `layers` axis (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype):
+        L, H, D, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+        Nq, Nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        p = lambda shape, axes, init="normal": _param(rngs, shape, axes, param_dtype, init)  # noqa: E731
+        self.input_norm = p((L, H), ("layers", "norm"), "ones")
+        self.q_proj = p((L, H, Nq, D), ("layers", "embed", "heads", "head_dim"))
+        self.k_proj = p((L, H, Nkv, D), ("layers", "embed", "kv_heads", "head_dim"))
+        self.v_proj = p((L, H, Nkv, D), ("layers", "embed", "kv_heads", "head_dim"))
+        self.o_proj = p((L, Nq, D, H), ("layers", "heads", "head_dim", "embed"))
+        if cfg.attention_bias:
+            self.q_bias = p((L, Nq, D), ("layers", "heads", "head_dim"), "zeros")
+            self.k_bias = p((L, Nkv, D), ("layers", "kv_heads", "head_dim"), "zeros")
+            self.v_bias = p((L, Nkv, D), ("layers", "kv_heads", "head_dim"), "zeros")
+        if cfg.o_proj_bias:
+            self.o_bias = p((L, H), ("layers", "norm"), "zeros")
+        if cfg.qk_norm:
+            self.q_norm = p((L, D), ("layers", "norm"), "ones")
+            self.k_norm = p((L, D), ("layers", "norm"), "ones")
+        self.post_attn_norm = p((L, H), ("layers", "norm"), "ones")
+        self.gate_proj = p((L, H, I), ("layers", "embed", "mlp"))
+        self.up_proj = p((L, H, I), ("layers", "embed", "mlp"))
+        self.down_proj = p((L, I, H), ("layers", "mlp", "embed"))
+
+    def weights(self) -> dict[str, jax.Array]:
+        return {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. See `mtgrpo_jax/models/__init__.py` for the call contract.
+
+    `remat=True` recomputes each block in the backward pass (activation memory O(1) in depth)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                 remat: bool = False):
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.param_dtype = jnp.dtype(param_dtype)
+        self.remat = remat
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
+        self.layers = DecoderLayers(cfg, rngs=rngs, param_dtype=param_dtype)
+        self.final_norm = _param(rngs, (cfg.hidden_size,), ("norm",), param_dtype, "ones")
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype)
+
+    # ------------------------------------------------------------------ public API
+    def __call__(self, input_ids, positions=None, attention_mask=None, *, cache: KVCache | None = None,
+                 cache_index=None, kv_mask=None):
+        """float32 logits `[B, T, V]` for int32 ids `[B, T]`; with `cache`, `(logits, new_cache)`.
+
+        Without a cache: `attention_mask` bool `[B, T]` (left padding allowed), positions default to
+        cumsum(mask) - 1 clipped at 0. With a cache: the T tokens go to slots [cache_index,
+        cache_index + T) (which must fit in the cache); query t attends slot s iff
+        s <= cache_index + t and kv_mask[b, s]; positions default to cache_index + arange(T)."""
+        hidden, new_cache = self._forward(input_ids, positions, attention_mask, cache, cache_index, kv_mask)
+        logits = self.logits(hidden)
+        return logits if cache is None else (logits, new_cache)
+
+    def trunk(self, input_ids, positions=None, attention_mask=None):
+        """Final-norm hidden states `[B, T, H]` (activation dtype), e.g. for chunked log-probs."""
+        return self._forward(input_ids, positions, attention_mask, None, None, None)[0]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits `[B, T, V]` from `trunk` output (tied embedding or separate lm_head)."""
+        if self.config.tie_word_embeddings:
+            w = self.embed[...].astype(self.dtype)
+            out = jnp.einsum("bth,vh->btv", hidden, w, preferred_element_type=jnp.float32)
+        else:
+            w = self.lm_head[...].astype(self.dtype)
+            out = jnp.einsum("bth,hv->btv", hidden, w, preferred_element_type=jnp.float32)
+        return shard_activation(out, ("batch", None, "vocab"))
+
+    def init_cache(self, batch_size: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
+        cfg = self.config
+        shape = (cfg.num_hidden_layers, batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+    # ------------------------------------------------------------------ internals
+    def _forward(self, input_ids, positions, attention_mask, cache, cache_index, kv_mask):
+        cfg = self.config
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        b, t = input_ids.shape
+        if cache is None:
+            attention_mask = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
+            if positions is None:
+                positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
+            causal = jnp.tril(jnp.ones((t, t), bool))
+            mask = causal[None] & attention_mask[:, None, :]  # [B, T, T]
+        else:
+            if kv_mask is None and attention_mask is not None:
+                raise ValueError("with a cache, pass kv_mask (valid cache slots, [B, S]) instead of attention_mask")
+            cache_index = jnp.asarray(0 if cache_index is None else cache_index, jnp.int32)
+            s = cache.k.shape[2]
+            if positions is None:
+                positions = jnp.broadcast_to(cache_index + jnp.arange(t, dtype=jnp.int32), (b, t))
+            if kv_mask is None:
+                kv_mask = jnp.ones((b, s), bool)
+            query_slot = cache_index + jnp.arange(t)
+            mask = (jnp.arange(s)[None, :] <= query_slot[:, None])[None] & jnp.asarray(kv_mask, bool)[:, None, :]
+        positions = jnp.asarray(positions, jnp.int32)
+
+        angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))  # [B, T, D/2]
+        cos, sin = jnp.cos(angles), jnp.sin(angles)
+
+        x = jnp.take(_replicated(self.embed[...]), input_ids, axis=0).astype(self.dtype)
+        x = shard_activation(x, ("batch", None, None))
+        weights = self.layers.weights()
+        block = jax.checkpoint(self._block) if self.remat else self._block
+
+        if cache is None:
+            def step(x, w):
+                x, _ = block(w, x, cos, sin, mask, None, None, None)
+                return x, None
+            x, _ = jax.lax.scan(step, x, weights)
+            new_cache = None
+        else:
+            def step(carry, xs):
+                x, k_all, v_all = carry
+                w, layer = xs
+                x, (k_all, v_all) = block(w, x, cos, sin, mask, (k_all, v_all), layer, cache_index)
+                return (x, k_all, v_all), None
+            layers = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+            (x, k_all, v_all), _ = jax.lax.scan(step, (x, cache.k, cache.v), (weights, layers))
+            new_cache = KVCache(k_all, v_all)
+
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        return x, new_cache
+
+    def _block(self, w, x, cos, sin, mask, kv, layer, cache_index):
+        """One pre-norm decoder block. With `kv` (the full stacked cache) the new k/v are written at
+        slots [cache_index, cache_index + T) of `layer` and attention reads that layer's slots."""
+        cfg, dt = self.config, self.dtype
+        w = {k: v.astype(dt) for k, v in w.items()}
+        h = rms_norm(x, w["input_norm"], cfg.rms_norm_eps)
+        q = jnp.einsum("bth,hnd->btnd", h, w["q_proj"])
+        k = jnp.einsum("bth,hnd->btnd", h, w["k_proj"])
+        v = jnp.einsum("bth,hnd->btnd", h, w["v_proj"])
+        if cfg.attention_bias:
+            q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
+        if cfg.qk_norm:
+            q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
+            k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+        q = shard_activation(apply_rope(q, cos, sin), ("batch", None, "heads", None))
+        k = shard_activation(apply_rope(k, cos, sin), ("batch", None, "kv_heads", None))
+        v = shard_activation(v, ("batch", None, "kv_heads", None))
+
+        if kv is not None:
+            k_all, v_all = kv
+            start = (layer, 0, cache_index, 0, 0)
+            # pinned so the partitioner keeps the cache layout stable across decode steps
+            cache_axes = (None, "batch", None, "kv_heads", None)
+            k_all = shard_activation(jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start), cache_axes)
+            v_all = shard_activation(jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start), cache_axes)
+            k_ctx = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
+            v_ctx = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
+            kv = (k_all, v_all)
+        else:
+            k_ctx, v_ctx = k, v
+
+        attn = attend(q, k_ctx, v_ctx, mask)
+        out = jnp.einsum("btnd,ndh->bth", attn, w["o_proj"])
+        if cfg.o_proj_bias:
+            out = out + w["o_bias"]
+        x = shard_activation(x + out, ("batch", None, None))
+
+        h = rms_norm(x, w["post_attn_norm"], cfg.rms_norm_eps)
+        gate = jnp.einsum("bth,hi->bti", h, w["gate_proj"])
+        up = jnp.einsum("bth,hi->bti", h, w["up_proj"])
+        hidden = shard_activation(jax.nn.silu(gate) * up, ("batch", None, "mlp"))
+        x = shard_activation(x + jnp.einsum("bti,ih->bth", hidden, w["down_proj"]), ("batch", None, None))
+        return x, kv

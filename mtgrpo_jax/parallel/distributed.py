@@ -1,0 +1,83 @@
+"""`jax.distributed` initialisation for the three ways this code is launched:
+
+1. explicit: `coordinator_address`, `num_processes`, `process_id` (arguments, or the environment
+   variables JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, e.g. from launch/local.sh);
+2. SLURM (multi-host GPU): derived from SLURM_NTASKS / SLURM_PROCID / SLURM_STEP_NODELIST;
+3. Cloud TPU pods: `jax.distributed.initialize()` discovers everything from the TPU metadata.
+
+A single process needs nothing, and calling this there is a no-op, so every entry point can call it
+unconditionally. It must run before anything touches a JAX backend (jax.devices(), arrays).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Mapping, Sequence
+
+import jax
+
+DEFAULT_PORT = 12355
+
+
+def expand_first_host(nodelist: str) -> str:
+    """First host of a SLURM node list: "gpu[03-05,9],cpu1" -> "gpu03"."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
+    prefix, ranges = m.group(1), m.group(3)
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def resolve_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                        process_id: int | None = None, env: Mapping[str, str] | None = None) -> dict | None:
+    """What `initialize_distributed` would pass to `jax.distributed.initialize` (None: single process,
+    {}: let JAX auto-detect, as on TPU pods). Pure, so the launch modes can be tested without a cluster."""
+    env = os.environ if env is None else env
+    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and env.get("JAX_PROCESS_ID"):
+        process_id = int(env["JAX_PROCESS_ID"])
+
+    if coordinator_address or num_processes is not None or process_id is not None:
+        if num_processes == 1 and not coordinator_address:
+            return None
+        missing = [n for n, v in (("coordinator_address", coordinator_address), ("num_processes", num_processes),
+                                  ("process_id", process_id)) if v is None]
+        if missing:
+            raise ValueError(f"explicit distributed init needs coordinator_address, num_processes and process_id; "
+                             f"missing {', '.join(missing)}")
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"process_id {process_id} is outside [0, num_processes={num_processes})")
+        return {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
+
+    if "SLURM_JOB_ID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        if not nodelist:
+            raise ValueError("SLURM job with several tasks but no SLURM_STEP_NODELIST / SLURM_JOB_NODELIST")
+        port = int(env.get("MTGRPO_COORDINATOR_PORT", DEFAULT_PORT + int(env["SLURM_JOB_ID"]) % 1000))
+        return {"coordinator_address": f"{expand_first_host(nodelist)}:{port}",
+                "num_processes": int(env["SLURM_NTASKS"]), "process_id": int(env["SLURM_PROCID"])}
+
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    if len(hosts) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return {}  # a TPU pod slice: jax reads the topology from the TPU metadata server
+    return None
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, *, local_device_ids: Sequence[int] | None = None) -> bool:
+    """Joins this process to the job; returns True when `jax.distributed` was (or already is) initialised."""
+    if jax.distributed.is_initialized():
+        return True
+    kwargs = resolve_distributed(coordinator_address, num_processes, process_id)
+    if kwargs is None:
+        return False
+    if local_device_ids is not None:
+        kwargs["local_device_ids"] = list(local_device_ids)
+    jax.distributed.initialize(**kwargs)
+    return True

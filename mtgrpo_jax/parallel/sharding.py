@@ -1,0 +1,127 @@
+"""Partition rules: logical parameter axes -> mesh axes, in two layouts.
+
+Every parameter of `mtgrpo_jax.models.Transformer` carries `logical_axes` metadata, e.g. q_proj is
+("layers", "embed", "heads", "head_dim"). A layout maps logical names to mesh axes:
+
+- "train": FSDP over the model dimension ("embed") of every matrix, tensor parallel over heads,
+  kv heads, MLP hidden and vocab. Parameters and optimizer state are split over fsdp x tensor.
+- "serve": tensor parallel only; replicated over data and fsdp, so a decode loop never all-gathers
+  FSDP shards once per token. Reshard train -> serve before rollout and drop the copy afterwards.
+
+A dimension that its mesh axes do not divide (e.g. 2 kv heads on tensor=4) stays replicated rather than
+failing: correctness first, and such small dims are cheap to replicate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from mtgrpo_jax.parallel.mesh import BATCH_AXES
+
+LAYOUTS: dict[str, dict[str, str | tuple[str, ...]]] = {
+    "train": {"embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"},
+    "serve": {"heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"},
+}
+
+
+def logical_to_spec(logical_axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
+                    layout: str = "train") -> P:
+    """PartitionSpec for one array with the given logical axes under `layout` on `mesh`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown sharding layout {layout!r} (known: {', '.join(LAYOUTS)})")
+    if len(logical_axes) != len(shape):
+        raise ValueError(f"logical axes {logical_axes} do not match shape {shape}")
+    rules = LAYOUTS[layout]
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+    used: set[str] = set()
+    spec = []
+    for dim, name in zip(shape, logical_axes):
+        axes = rules.get(name) if name else None
+        axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        axes = tuple(a for a in axes if sizes.get(a, 1) > 1 and a not in used)
+        if axes and dim % math.prod(sizes[a] for a in axes) == 0:
+            used.update(axes)
+            spec.append(axes[0] if len(axes) == 1 else axes)
+        else:
+            spec.append(None)
+    return P(*spec)
+
+
+def _variable_spec(var: nnx.Variable, mesh: Mesh, layout: str) -> P:
+    value = var.get_value()
+    axes = var.get_metadata().get("logical_axes")
+    if axes is None:  # unannotated variables (e.g. RNG counters) are replicated
+        return P()
+    return logical_to_spec(tuple(axes), tuple(value.shape), mesh, layout)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, layout: str = "train") -> nnx.State:
+    """NamedSharding for every leaf of an nnx State (same pytree structure), e.g. for jit in_shardings."""
+    return jax.tree.map(lambda var: var.copy(NamedSharding(mesh, _variable_spec(var, mesh, layout))),
+                        state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def model_shardings(model: nnx.Module, mesh: Mesh, layout: str = "train") -> nnx.State:
+    return state_shardings(nnx.state(model), mesh, layout)
+
+
+def shard_state(state: nnx.State, mesh: Mesh, layout: str = "train") -> nnx.State:
+    """Moves/reshards every array of `state` into `layout` (works from any current sharding)."""
+    shardings = state_shardings(state, mesh, layout)
+    return jax.tree.map(lambda x, s: _put(x, s), state, shardings)
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, layout: str = "train") -> nnx.Module:
+    """Reshards `model`'s parameters in place into `layout` and returns it."""
+    nnx.update(model, shard_state(nnx.state(model), mesh, layout))
+    return model
+
+
+def _put(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.jit(lambda a: a, out_shardings=sharding)(x)  # global -> global reshard
+    if jax.process_count() > 1:
+        # a host-local value that every process holds in full: each process supplies its own shards
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+    return jax.device_put(x, sharding)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Activations/inputs: leading (batch) dim over ("data", "fsdp"), the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def cache_sharding(mesh: Mesh, num_kv_heads: int) -> NamedSharding:
+    """KV cache `[L, B, S, Hkv, D]`: batch over ("data", "fsdp"), kv heads over tensor when divisible."""
+    spec = logical_to_spec(("layers", "batch", None, "kv_heads", None), (1, 1, 1, num_kv_heads, 1), mesh, "serve")
+    return NamedSharding(mesh, P(None, BATCH_AXES, None, spec[3], None))
+
+
+def sharded_forward(model: nnx.Module, mesh: Mesh, layout: str = "train") -> Callable[..., jax.Array]:
+    """Jitted `(state, input_ids, attention_mask) -> float32 logits` with NamedSharding in and out.
+
+    Returns the function and leaves the model untouched; pass `nnx.state(model)` (already sharded
+    with `shard_model`, or anything else: jit moves it) as the first argument. The batch size must be
+    a multiple of data x fsdp."""
+    graphdef, state = nnx.split(model)
+    param_sh = state_shardings(state, mesh, layout)
+    ids_sh = batch_sharding(mesh, 2)
+    out_sh = batch_sharding(mesh, 3)
+
+    def _forward(state: Any, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, state)(input_ids, attention_mask=attention_mask)
+
+    forward = jax.jit(_forward, in_shardings=(param_sh, ids_sh, ids_sh), out_shardings=out_sh)
+
+    def call(state, input_ids, attention_mask):
+        with jax.set_mesh(mesh):  # activates the activation-sharding constraints inside the model
+            return forward(state, input_ids, attention_mask)
+
+    return call
