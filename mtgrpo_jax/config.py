@@ -72,7 +72,10 @@ class TaskCfg(_Strict):
 
 
 class SamplerCfg(_Strict):
-    kind: Literal["ratio_preserving", "uniform", "dynamic", "weighted"] = "ratio_preserving"
+    # ratio_preserving: Algorithm 2. plain: one round of B groups drawn by the task weights (uniform
+    # weights: GRPO). dynamic: rounds of M_os x B groups drawn by the weights, refilled until B survive the
+    # filter (uniform weights: DAPO's dynamic sampling; adaptive weights: the weights-only ablation).
+    kind: Literal["ratio_preserving", "plain", "dynamic"] = "ratio_preserving"
     batch_size: int = Field(8, ge=1)  # B: groups (prompts) per step after filtering
     group_size: int = Field(8, ge=2)  # G: rollouts per prompt
     oversample: float = Field(3.0, ge=1.0)  # M_os

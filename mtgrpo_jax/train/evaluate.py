@@ -16,8 +16,8 @@ def sample_correctness(policy, family, examples: list[dict], *, n: int, temperat
     """Correctness [P, n] of n samples for each example of one task."""
     prompts = [policy.prompt_ids(family, ex) for ex in examples]
     out = policy.generate(prompts, key, n=n, temperature=temperature, max_new_tokens=max_new_tokens, top_p=1.0, top_k=0)
-    items = [(family, ex) for ex in examples for _ in range(n)]
-    scores, _ = score_batch(items, list(out.texts), workers=score_workers, timeout_s=score_timeout_s)
+    items = [ex for ex in examples for _ in range(n)]
+    scores, _ = score_batch(items, list(out.texts), workers=score_workers, timeout_s=score_timeout_s, tasks=family)
     return np.asarray([s.correct for s in scores], bool).reshape(len(examples), n)
 
 

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mtgrpo_jax import weighting
-from mtgrpo_jax.config import Config, ConfigError, TaskCfg, TaskSourceCfg
+from mtgrpo_jax.config import Config, ConfigError, TaskSourceCfg
+from mtgrpo_jax.data import DynamicSamplingSampler, RatioPreservingSampler, UniformSampler
 from mtgrpo_jax.models import ModelConfig, Transformer, load_pretrained, load_tokenizer, tiny_config
 from mtgrpo_jax.parallel import initialize_distributed, make_mesh, shard_model
 from mtgrpo_jax.tasks import load_examples, resolve_task
@@ -128,6 +129,19 @@ def build_tasks(cfg: Config) -> list[RunTask]:
     return out
 
 
+def build_sampler(cfg: Config, num_tasks: int):
+    s = cfg.sampler
+    if s.kind == "ratio_preserving":
+        return RatioPreservingSampler(num_tasks, s.batch_size, s.group_size, oversample=s.oversample,
+                                      resample_budget=s.resample_budget, acceptance_cap=s.acceptance_cap,
+                                      rho_decay=s.rho_decay, min_acceptance=s.min_acceptance, variant=s.variant,
+                                      seed=cfg.seed)
+    if s.kind == "plain":
+        return UniformSampler(num_tasks, s.batch_size, s.group_size, follow_weights=True, seed=cfg.seed)
+    return DynamicSamplingSampler(num_tasks, s.batch_size, s.group_size, oversample=s.oversample,
+                                  resample_budget=s.resample_budget, follow_weights=True, seed=cfg.seed)
+
+
 def build_weight_optimizer(cfg: Config, num_tasks: int):
     w = cfg.weighting
     if w.kind == "mt_grpo":
@@ -150,4 +164,5 @@ def improvement_mode(cfg: Config) -> str:
     return "minibatch_sum" if cfg.weighting.released_parity else "batch"
 
 
-__all__ = ["build_mesh", "build_model", "build_tasks", "build_weight_optimizer", "improvement_mode", "RunTask", "TaskCfg"]
+__all__ = ["build_mesh", "build_model", "build_tasks", "build_sampler", "build_weight_optimizer", "improvement_mode",
+           "RunTask"]

@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mtgrpo_jax.config import Config, save_config
-from mtgrpo_jax.data import TaskSet, make_sampler
+from mtgrpo_jax.data import TaskSet
 from mtgrpo_jax.models import save_pretrained
 from mtgrpo_jax.rl import group_advantages, zero_gradient_mask
 from mtgrpo_jax.tasks import score_batch
@@ -59,19 +59,7 @@ class Trainer:
         self.policy = Policy(self.model, self.tokenizer, cfg.rollout, self.mesh)
         self.taskset = TaskSet({t.name: t.train for t in self.tasks}, seed=cfg.seed)
         s = cfg.sampler
-        self.sampler = make_sampler(
-            s.kind,
-            num_tasks=len(self.tasks),
-            batch_size=s.batch_size,
-            group_size=s.group_size,
-            oversample=s.oversample,
-            resample_budget=s.resample_budget,
-            acceptance_cap=s.acceptance_cap,
-            rho_decay=s.rho_decay,
-            min_acceptance=s.min_acceptance,
-            variant=s.variant,
-            seed=cfg.seed,
-        )
+        self.sampler = setup.build_sampler(cfg, len(self.tasks))
         self.weight_opt = setup.build_weight_optimizer(cfg, len(self.tasks))
         self.weight_state = self.weight_opt.init(len(self.tasks))
         self.weights = np.full(len(self.tasks), 1.0 / len(self.tasks), np.float32)
@@ -161,9 +149,11 @@ class Trainer:
         t0 = time.perf_counter()
         out = self.policy.generate(prompts, self._rollout_key(step, call), n=G)
         t1 = time.perf_counter()
-        items = [(self.tasks[t].family, ex) for t, ex in zip(task_ids, examples) for _ in range(G)]
-        scores, score_stats = score_batch(items, list(out.texts), workers=cfg.train.score_workers,
-                                          timeout_s=cfg.train.score_timeout_s)
+        families = {self.tasks[t].name: self.tasks[t].family for t in set(task_ids)}
+        run_items = [dict(ex, task=self.tasks[t].name) for t, ex in zip(task_ids, examples) for _ in range(G)]
+        scores, score_stats = score_batch(run_items, list(out.texts), workers=cfg.train.score_workers,
+                                          timeout_s=cfg.train.score_timeout_s, tasks=families)
+        score_stats = score_stats.as_dict()
         t2 = time.perf_counter()
         rewards = np.asarray([s.reward for s in scores], np.float32).reshape(-1, G)
         correct = np.asarray([s.correct for s in scores], bool).reshape(-1, G)

@@ -1,0 +1,26 @@
+"""Per-task prompt streams (grain) and batch construction (the ratio-preserving sampler of the
+paper's Algorithm 2 and the baselines' plain samplers). Never imports models, rollout or training."""
+
+from mtgrpo_jax.data.sampler import (
+    DynamicSamplingSampler,
+    GenerateFn,
+    RatioPreservingSampler,
+    SampleResult,
+    UniformSampler,
+    WeightedSampler,
+    largest_remainder,
+    make_sampler,
+)
+from mtgrpo_jax.data.taskset import TaskSet
+
+__all__ = [
+    "DynamicSamplingSampler",
+    "GenerateFn",
+    "RatioPreservingSampler",
+    "SampleResult",
+    "TaskSet",
+    "UniformSampler",
+    "WeightedSampler",
+    "largest_remainder",
+    "make_sampler",
+]

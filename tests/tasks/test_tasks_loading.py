@@ -1,0 +1,73 @@
+"""load_examples on verl-layout files beyond the three released sets: math rows, globs, errors."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mtgrpo_jax.tasks import PROMPT_PREFIX, PROMPT_SUFFIX, get_task, load_examples
+
+
+def _math_rows():
+    def row(i, key, text, answer, source, kind):
+        extra = {"difficulty": 2.0, "index": i, key: text, "split": "test"}
+        if kind is not None:
+            extra["type"] = kind
+        body = f"{text} Put your final answer within \\boxed{{}}. "
+        return {
+            "data_source": source,
+            "prompt": [{"content": PROMPT_PREFIX + body + PROMPT_SUFFIX, "role": "user"}],
+            "ability": "math",
+            "reward_model": {"ground_truth": answer, "style": "rule"},
+            "extra_info": extra,
+        }
+
+    # the released math files: `type` holds the subject, the bare question is `question` or `problem`
+    return [
+        row(0, "question", "What is $\\frac{2}{4}$?", "\\frac{1}{2}", "math_train", "Algebra"),
+        row(1, "problem", "Compute $2+3$.", "5", "test_aime", None),
+    ]
+
+
+def test_math_rows_load_and_score(tmp_path):
+    path = tmp_path / "math.parquet"
+    pq.write_table(pa.Table.from_pylist(_math_rows()), path)
+    examples = load_examples(str(path))
+    assert [e["task"] for e in examples] == ["math", "math"]  # from data_source / ability, not the subject
+    assert examples[0]["difficulty"] == 2 and isinstance(examples[0]["difficulty"], int)
+    assert examples[1]["question"] == "Compute $2+3$." and examples[1]["answer"] == "5"
+    task = get_task("math")
+    for e in examples:
+        assert task.prompt(e) == e["prompt"]
+        assert task.score(task.demonstration(e), e).reward == 1.0
+    assert task.score("\\boxed{0.5}", examples[0]).correct
+
+
+def test_paths_globs_filters_and_forced_task(tmp_path, released_dir):
+    both = load_examples([f"{released_dir}/test_zebra.parquet", f"{released_dir}/test_arc.parquet"], difficulty=[1, 4])
+    assert len(both) == 800 and {e["difficulty"] for e in both} == {1, 4}
+    assert len(load_examples(f"{released_dir}/test_*.parquet", difficulty=3)) == 600
+    assert len(load_examples(released_dir)) == 2400  # a directory
+    forced = load_examples(f"{released_dir}/test_zebra.parquet", task="zebra", difficulty=2)
+    assert len(forced) == 200 and forced[0]["task"] == "zebra"
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_examples(str(tmp_path / "missing.parquet"))
+    with pytest.raises(FileNotFoundError):
+        load_examples(str(tmp_path))  # no parquet files in the directory
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist([{"text": "hello"}]), bad)
+    with pytest.raises(ValueError, match="not a verl-layout"):
+        load_examples(str(bad))
+    rows = _math_rows()
+    rows[0]["data_source"], rows[0]["ability"], rows[0]["extra_info"]["type"] = "mystery", "riddles", "Riddle"
+    unknown = tmp_path / "unknown.parquet"
+    pq.write_table(pa.Table.from_pylist(rows[:1]), unknown)
+    with pytest.raises(ValueError, match="cannot tell the task"):
+        load_examples(str(unknown))
+    assert load_examples(str(unknown), task="math")[0]["task"] == "math"
+    with pytest.raises(ValueError, match="unknown task"):
+        load_examples(str(unknown), task="riddles")
