@@ -3,7 +3,6 @@ the task-weight optimizer. Every failure here is a one-line error naming the key
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from mtgrpo_jax.data import DynamicSamplingSampler, RatioPreservingSampler, Unif
 from mtgrpo_jax.models import ModelConfig, Transformer, load_pretrained, load_tokenizer, tiny_config
 from mtgrpo_jax.parallel import initialize_distributed, make_mesh, shard_model
 from mtgrpo_jax.tasks import load_examples, resolve_task
-from mtgrpo_jax.tasks.generate import generate_examples
+from mtgrpo_jax.tasks.generate import generate_dataset
 
 
 def build_mesh(cfg: Config):
@@ -89,27 +88,26 @@ def _load_source(src: TaskSourceCfg, family_name: str, cache_dir: str, where: st
             raise ConfigError(f"config error: {where}.path: data file not found: {path}")
         examples = load_examples(path)
         if src.level is not None:
-            examples = [e for e in examples if int(e.get("difficulty", -1)) == src.level]
+            examples = [e for e in examples if int(e.get("difficulty") or -1) == src.level]
         if src.n is not None:
             examples = examples[: src.n]
     else:
-        cache = Path(cache_dir) / f"{family_name}_l{src.level}_s{src.seed}_n{src.n}.parquet"
-        examples = load_examples(cache) if cache.exists() else None
-        if examples is None:
-            examples = generate_examples(family_name, src.level, src.n, src.seed)
-            _write_cache(examples, cache)
+        # reasoning-gym generation, cached as parquet under data_dir (process 0 writes, the others wait).
+        split = "test" if where.endswith(".eval") else "train"
+        out_dir = str(Path(cache_dir) / f"seed{src.seed}")
+        if jax.process_index() == 0:
+            paths = generate_dataset([family_name], [src.level], src.n, out_dir, seed=src.seed, split=split,
+                                     progress=False)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"data:{where}")
+            paths = generate_dataset([family_name], [src.level], src.n, out_dir, seed=src.seed, split=split,
+                                     progress=False)
+        examples = load_examples(next(iter(paths.values())))[: src.n]
     if not examples:
         raise ConfigError(f"config error: {where}: no examples")
     return examples
-
-
-def _write_cache(examples: list[dict], path: Path) -> None:
-    from mtgrpo_jax.tasks.generate import write_parquet
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    write_parquet(examples, tmp)
-    os.replace(tmp, path)  # a reader never sees a half-written cache file
 
 
 def build_tasks(cfg: Config) -> list[RunTask]:

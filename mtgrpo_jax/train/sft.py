@@ -11,7 +11,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from mtgrpo_jax.train.batch import pick_bucket
-from mtgrpo_jax.train.update import make_sft_update_fn
+from mtgrpo_jax.train.update import init_opt_state, make_sft_update_fn
 
 
 def demonstration_rows(trainer) -> list[tuple[list[int], list[int]]]:
@@ -48,7 +48,7 @@ def run_sft(trainer) -> dict:
         attn[i, prompt_len - len(p) : prompt_len + len(c)] = True
         target[i, : len(c)] = True
     tx = optax.adamw(cfg.learning_rate, b1=0.9, b2=0.99, weight_decay=cfg.weight_decay)
-    opt_state = jax.jit(tx.init)(trainer.params)
+    opt_state = init_opt_state(tx, trainer.params, trainer.mesh)
     update = make_sft_update_fn(trainer.graphdef, tx, completion_len)
     rng = np.random.default_rng([trainer.cfg.seed, 0x5F7])
     losses = []

@@ -36,6 +36,7 @@ from mtgrpo_jax.train.metrics import MetricsWriter, memory_metrics
 from mtgrpo_jax.train.sft import run_sft
 from mtgrpo_jax.train.update import (
     UpdateSettings,
+    init_opt_state,
     make_logprob_fn,
     make_objective_fn,
     make_optimizer,
@@ -71,7 +72,7 @@ class Trainer:
         o = cfg.optim
         self.tx = make_optimizer(o.learning_rate, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
                                  grad_clip=o.grad_clip, warmup_steps=o.warmup_steps)
-        self.opt_state = jax.jit(self.tx.init)(self.params)
+        self.opt_state = init_opt_state(self.tx, self.params, self.mesh)
         self.settings = UpdateSettings(
             mini_batches=o.mini_batches,
             micro_batches=o.micro_batches,

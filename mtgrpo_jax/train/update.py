@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mtgrpo_jax.rl import per_task_objective, policy_loss
 
@@ -122,7 +123,7 @@ def make_update_fn(graphdef, tx: optax.GradientTransformation, s: UpdateSettings
         grads, (losses, metrics, logp) = jax.lax.scan(micro_step, zeros, micro)
         grads = jax.tree.map(lambda g: g / s.micro_batches, grads)
         loss = jnp.mean(losses)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
@@ -198,6 +199,17 @@ def make_sft_update_fn(graphdef, tx: optax.GradientTransformation, completion_le
         return optax.apply_updates(params, updates), opt_state, loss
 
     return jax.jit(update, donate_argnums=(0, 1))
+
+
+def init_opt_state(tx: optax.GradientTransformation, params, mesh):
+    """The optimizer state created directly in its parameters' shardings (FSDP-sharded moments, never a
+    full copy on one device) with scalars (step counts) replicated, so a restored state lands exactly
+    where a fresh one does."""
+    replicated = NamedSharding(mesh, P())
+    shardings = optax.tree_map_params(
+        tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params),
+        jax.tree.map(lambda x: x.sharding, params), transform_non_params=lambda _: replicated)
+    return jax.jit(tx.init, out_shardings=shardings)(params)
 
 
 def make_optimizer(learning_rate: float, *, b1: float, b2: float, weight_decay: float, grad_clip: float | None,

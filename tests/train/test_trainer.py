@@ -107,7 +107,7 @@ def test_non_finite_step_is_skipped_and_parameters_untouched(tmp_path, data_dir)
     def poisoned(task_ids, step, call, stats):
         groups = original(task_ids, step, call, stats)
         for _, g in groups:
-            g.advantages[:] = np.nan
+            g.advantages = np.full_like(g.advantages, np.nan)
         return groups
 
     trainer._generate_groups = poisoned
