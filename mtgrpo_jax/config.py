@@ -161,6 +161,8 @@ class SftCfg(_Strict):
     learning_rate: float = Field(1e-3, gt=0.0)
     batch_size: int = Field(32, ge=1)
     examples_per_task: int = Field(256, ge=1)
+    # "reasoning": a <think> trace then the boxed answer; "answer": the boxed answer alone (tiny models).
+    demonstration_style: Literal["reasoning", "answer"] = "reasoning"
     weight_decay: float = Field(0.0, ge=0.0)
 
 

@@ -23,6 +23,7 @@ PROMPT_PREFIX = (
 PROMPT_SUFFIX = "\nAssistant: Let me solve this step by step."
 
 PROMPT_STYLES = ("released", "compact")
+DEMONSTRATION_STYLES = ("reasoning", "answer")
 COMPACT_BOX_INSTRUCTION = "Put the final answer in \\boxed{}."
 
 # Bounds that make reading a completion cost microseconds whatever its size.
@@ -117,9 +118,12 @@ def compact_prompt(body: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": body}]
 
 
-def demonstration_text(reasoning: str, answer: str) -> str:
+def demonstration_text(reasoning: str, answer: str, style: str = "reasoning") -> str:
     """A completion in the format the prompts ask for: reasoning in <think> tags, then the boxed
-    answer alone on the last line (so the released last-line reader finds it too)."""
+    answer alone on the last line (so the released last-line reader finds it too). style="answer"
+    gives the boxed answer alone, short enough for a tiny model's few generated tokens."""
+    if style == "answer":
+        return f"\\boxed{{{answer}}}"
     return f"<think>\n{reasoning.strip()}\n</think>\nThe final answer is \\boxed{{{answer}}}."
 
 
@@ -136,6 +140,8 @@ class BaseTask:
         question plus a box instruction, for tiny models.
       box_last_line_only: read the box on the completion's last line only (released-code parity).
       correct_reward / format_reward: the paper's 1.0 / 0.1.
+      demonstration_style: "reasoning" (a <think> trace, then the boxed answer) or "answer" (the
+        boxed answer alone) for supervised warm-start demonstrations.
     """
 
     difficulty: int | None = None
@@ -143,12 +149,15 @@ class BaseTask:
     box_last_line_only: bool = False
     correct_reward: float = 1.0
     format_reward: float = 0.1
+    demonstration_style: str = "reasoning"
 
     family: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         if self.prompt_style not in PROMPT_STYLES:
             raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}")
+        if self.demonstration_style not in DEMONSTRATION_STYLES:
+            raise ValueError(f"demonstration_style must be one of {DEMONSTRATION_STYLES}, got {self.demonstration_style!r}")
         if self.difficulty is not None:
             if isinstance(self.difficulty, bool) or int(self.difficulty) != self.difficulty:
                 raise ValueError(f"difficulty must be an integer or None, got {self.difficulty!r}")
@@ -211,7 +220,8 @@ class BaseTask:
 
     def demonstration(self, example: Mapping[str, Any]) -> str:
         """A correct completion for the example, in the format its prompt asks for."""
-        return demonstration_text(self.demonstration_reasoning(example), self.reference_answer(example))
+        return demonstration_text(self.demonstration_reasoning(example), self.reference_answer(example),
+                                  self.demonstration_style)
 
 
 def answer_field(example: Mapping[str, Any]) -> Any:

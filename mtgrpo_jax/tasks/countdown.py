@@ -367,4 +367,4 @@ class CountdownTask(BaseTask):
             + "\n".join(steps)
             + f"\nSo {expression} = {target}."
         )
-        return demonstration_text(reasoning, expression)
+        return demonstration_text(reasoning, expression, self.demonstration_style)

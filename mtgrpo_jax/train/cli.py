@@ -88,8 +88,8 @@ def sft_main(argv: list[str], prog: str = "mtgrpo sft") -> int:
 
     record = run_sft(trainer)
     out = Path(cfg.output_dir) / "hf_sft"
+    save_pretrained(trainer.model, out)  # every process: the sharded parameters are gathered; process 0 writes
     if trainer.is_primary:
-        save_pretrained(trainer.model, out)
         trainer.tokenizer.save_pretrained(out)
         print(f"sft: loss {record['sft/loss_first']:.3f} -> {record['sft/loss_last']:.3f} over {record['sft/steps']} steps; "
               f"model written to {out}")

@@ -118,7 +118,8 @@ def build_tasks(cfg: Config) -> list[RunTask]:
         try:
             family = resolve_task(t.family)
             if hasattr(family, "with_options"):
-                family = family.with_options(prompt_style=cfg.rollout.prompt_style)
+                family = family.with_options(prompt_style=cfg.rollout.prompt_style,
+                                             demonstration_style=cfg.sft.demonstration_style)
         except (KeyError, ValueError, ImportError) as err:
             raise ConfigError(f"config error: tasks.{i}.family: {err}") from None
         train = _load_source(t.train, t.family, cfg.data_dir, f"tasks.{i}.train")

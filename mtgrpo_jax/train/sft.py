@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 
-import jax
 import numpy as np
 import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from mtgrpo_jax.parallel import host_to_global
 from mtgrpo_jax.train.batch import pick_bucket
 from mtgrpo_jax.train.update import init_opt_state, make_sft_update_fn
 
@@ -56,7 +56,7 @@ def run_sft(trainer) -> dict:
     params = trainer.params
     for _ in bar:
         idx = rng.choice(n, size=cfg.batch_size, replace=n < cfg.batch_size)
-        b = jax.device_put((ids[idx], attn[idx], target[idx]), trainer.batch_sharding)
+        b = host_to_global((ids[idx], attn[idx], target[idx]), trainer.batch_sharding)
         params, opt_state, loss = update(params, opt_state, *b)
         losses.append(float(loss))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mtgrpo_jax.config import Config, save_config
 from mtgrpo_jax.data import TaskSet
 from mtgrpo_jax.models import save_pretrained
+from mtgrpo_jax.parallel import host_to_global, to_host
 from mtgrpo_jax.rl import group_advantages, zero_gradient_mask
 from mtgrpo_jax.tasks import score_batch
 from mtgrpo_jax.train import setup
@@ -46,6 +47,19 @@ from mtgrpo_jax.train.update import (
 from mtgrpo_jax.weighting import TaskSignals
 
 BATCH_AXES = ("data", "fsdp")
+
+
+def _agree_on_scores(rewards: np.ndarray, correct: np.ndarray, formatted: np.ndarray):
+    """Process 0's scores, on every process.
+
+    Every process scores the same completions, but the verifiers run under a time limit on each host's
+    own CPUs: one host timing out where another does not would make them keep different groups, build
+    different batches and eventually wait on each other in a collective forever."""
+    from jax.experimental import multihost_utils
+
+    packed = np.stack([rewards.astype(np.float32), correct.astype(np.float32), formatted.astype(np.float32)])
+    packed = np.asarray(multihost_utils.broadcast_one_to_all(packed))
+    return packed[0], packed[1] > 0.5, packed[2] > 0.5
 
 
 class Trainer:
@@ -101,11 +115,14 @@ class Trainer:
         self.history: list[dict] = []
         self.step = 0
         self._stop_requested = False
+        self._in_loop = False
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
 
     # ------------------------------------------------------------------------------------------------ state
     def _arrays(self) -> dict:
-        return {"params": self.params, "opt_state": self.opt_state, "weight_state": self.weight_state}
+        # The task-weight state is tiny host-side math that every process repeats on its own first device;
+        # it is saved as NumPy (orbax refuses process-local jax.Arrays in a multi-process save).
+        return {"params": self.params, "opt_state": self.opt_state, "weight_state": to_host(self.weight_state)}
 
     def _host_state(self) -> dict:
         return {
@@ -124,7 +141,8 @@ class Trainer:
         if step is None:
             return False
         arrays, host = self.checkpointer.restore(step, self._arrays())
-        self.params, self.opt_state, self.weight_state = arrays["params"], arrays["opt_state"], arrays["weight_state"]
+        self.params, self.opt_state = arrays["params"], arrays["opt_state"]
+        self.weight_state = jax.tree.map(jnp.asarray, arrays["weight_state"])
         nnx.update(self.model, self.params)
         self.step = int(host["step"])
         self.weights = np.asarray(host["weights"], np.float32)
@@ -159,6 +177,8 @@ class Trainer:
         rewards = np.asarray([s.reward for s in scores], np.float32).reshape(-1, G)
         correct = np.asarray([s.correct for s in scores], bool).reshape(-1, G)
         formatted = np.asarray([s.formatted for s in scores], bool).reshape(-1, G)
+        if jax.process_count() > 1:
+            rewards, correct, formatted = _agree_on_scores(rewards, correct, formatted)
         adv = np.asarray(group_advantages(jnp.asarray(rewards), estimator=cfg.loss.advantage, std=cfg.loss.std))
         if cfg.sampler.filter == "none":
             keep = np.ones(len(task_ids), bool)
@@ -193,7 +213,8 @@ class Trainer:
         batch_np, valid = build_batch(groups, num_rows=self.rows, prompt_len=prompt_len,
                                       completion_len=cfg.rollout.max_new_tokens, pad_id=self.policy.pad_id,
                                       rng=np.random.default_rng([cfg.seed, step]))
-        batch = jax.device_put(batch_np, self.batch_sharding)
+        # Every process built the same batch; each places only its own rows (no all-gather to compare them).
+        batch = host_to_global(batch_np, self.batch_sharding)
         if cfg.optim.recompute_old_logprobs:
             batch = batch._replace(old_logp=self.logprob_fn(self.params, batch.input_ids, batch.attention_mask))
         if self.ref_params is not None:
@@ -201,11 +222,11 @@ class Trainer:
         t_update = time.perf_counter()
         before = objective_at_behaviour(self.settings, batch) if self.settings.improvement == "batch" else None
         self.params, self.opt_state, upd, improvement = self.update_fn(self.params, self.opt_state, batch)
-        upd = jax.device_get(upd)
+        upd = to_host(upd)
         t_improve = time.perf_counter()
         if self.settings.improvement == "batch":
             improvement = self.objective_fn(self.params, batch) - before
-        improvement = np.zeros(K, np.float32) if improvement is None else np.asarray(jax.device_get(improvement))
+        improvement = np.zeros(K, np.float32) if improvement is None else to_host(improvement)
         nnx.update(self.model, self.params)
         t_weights = time.perf_counter()
 
@@ -232,7 +253,7 @@ class Trainer:
         signals = TaskSignals(jnp.asarray(signal_reward), jnp.asarray(improvement), jnp.asarray(abs_adv_k), jnp.asarray(present))
         new_weights, self.weight_state = self.weight_opt.update(signals, self.weight_state)
         weights_used = self.weights
-        self.weights = np.asarray(jax.device_get(new_weights), np.float32)
+        self.weights = np.asarray(to_host(new_weights), np.float32)
         t_end = time.perf_counter()
 
         self.step = step
@@ -280,6 +301,10 @@ class Trainer:
         return evaluate_tasks(self.policy, self.tasks, self.cfg.eval, self.cfg.train, step=self.step, key=key)
 
     def _request_stop(self, signum, frame) -> None:  # noqa: ARG002
+        # In the step loop: finish the step, checkpoint, exit. Before the first checkpoint (warm start,
+        # first evaluation) there is nothing worth saving: stop at once; a rerun starts over.
+        if not self._in_loop:
+            raise SystemExit(143)
         self._stop_requested = True
 
     def log(self, writer: MetricsWriter, record: dict) -> None:
@@ -307,6 +332,7 @@ class Trainer:
                 self.save_checkpoint()
             else:
                 print(f"[mtgrpo] resumed from step {self.step} in {self.run_dir}", flush=True)
+            self._in_loop = True
             while self.step < cfg.train.steps and not self._stop_requested:
                 self.log(writer, self.train_step())
                 last = self.step == cfg.train.steps
@@ -321,8 +347,9 @@ class Trainer:
                 self.save_checkpoint()
                 print(f"[mtgrpo] SIGTERM: checkpoint saved at step {self.step}; rerun the same command to resume", flush=True)
                 return {"status": "preempted", "step": self.step}
+            # Every process takes part (the sharded parameters are gathered); only process 0 writes.
+            save_pretrained(self.model, self.run_dir / "hf_final")
             if self.is_primary:
-                save_pretrained(self.model, self.run_dir / "hf_final")
                 self.tokenizer.save_pretrained(self.run_dir / "hf_final")
         finally:
             signal.signal(signal.SIGTERM, previous)
