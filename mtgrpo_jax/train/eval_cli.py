@@ -103,7 +103,7 @@ def _last_eval_accuracies(run_dir: Path, names: list[str]) -> dict[str, float]:
 
 
 def main(argv: list[str], prog: str = "mtgrpo eval") -> int:
-    args = _parser(prog).parse_args(argv)
+    args = _parser(prog).parse_intermixed_args(argv)
     try:
         target = Path(args.target)
         if str(target) != "tiny" and not target.exists():
