@@ -1,4 +1,5 @@
-"""Reasoning tasks: prompts, safe verifiers, reasoning-gym generation and verl-layout parquet reading.
+"""Reasoning tasks: prompts, safe verifiers, data generation (reasoning-gym; built-in arithmetic) and
+verl-layout parquet reading.
 
     from mtgrpo_jax.tasks import get_task, load_examples
     examples = load_examples("test_countdown.parquet")
@@ -18,6 +19,7 @@ from mtgrpo_jax.tasks.base import (
     Task,
     extract_boxed,
 )
+from mtgrpo_jax.tasks.arithmetic import ArithmeticTask, arithmetic_item, parse_integer_answer
 from mtgrpo_jax.tasks.countdown import CountdownTask, evaluate_expression, solve_countdown
 from mtgrpo_jax.tasks.generate import generate_dataset, generate_examples
 from mtgrpo_jax.tasks.loading import load_examples, row_to_example
@@ -39,6 +41,7 @@ __all__ = [
     "PROMPT_STYLES",
     "PROMPT_SUFFIX",
     "Arc1DTask",
+    "ArithmeticTask",
     "BaseTask",
     "CountdownTask",
     "MathTask",
@@ -47,6 +50,7 @@ __all__ = [
     "Task",
     "ZebraTask",
     "answers_equivalent",
+    "arithmetic_item",
     "canonical_task_name",
     "evaluate_expression",
     "extract_boxed",
@@ -56,6 +60,7 @@ __all__ = [
     "list_tasks",
     "load_examples",
     "normalize_answer",
+    "parse_integer_answer",
     "register_task",
     "resolve_task",
     "row_to_example",

@@ -1,15 +1,18 @@
 """Training data for the paper's three families, generated with reasoning-gym at the released sets'
-settings, deterministic by seed, in parallel, cached on disk as verl-layout parquet.
+settings (and for the built-in `arithmetic` family, in pure Python), deterministic by seed, in
+parallel, cached on disk as verl-layout parquet.
 
 Levels (the released test sets, checked in tests): countdown with 3/4/5 numbers (6 for the held-out
 level 4), values 1..100, targets 1..1000; zebra puzzles 3x3/4x4/5x5 (6x6); arc_1d grids of length
-10/20/30 (40) with 3 worked examples. Question text is rewritten to the released wording (the
-released sets ask for a `\\boxed{}` answer; reasoning-gym's own text does not).
+10/20/30 (40) with 3 worked examples; arithmetic digit + digit / two-digit +- digit / digit * digit
+(digit * digit + two-digit). Question text is rewritten to the released wording (the released sets
+ask for a `\\boxed{}` answer; reasoning-gym's own text does not).
 
 Item `i` of (task, level, seed) is reasoning-gym's item `i` of a dataset whose seed is a hash of
-(seed, task, level), so any slice can be generated independently: work is split into chunks, run in
-worker processes, and each finished chunk is kept under `OUT/.cache/`, so an interrupted or enlarged
-run only generates what is missing. The output is `OUT/<task>/<split>_level<L>.parquet`.
+(seed, task, level) (arithmetic: drawn from a `random.Random` seeded by that hash and `i`), so any
+slice can be generated independently: work is split into chunks, run in worker processes, and each
+finished chunk is kept under `OUT/.cache/`, so an interrupted or enlarged run only generates what is
+missing. The output is `OUT/<task>/<split>_level<L>.parquet`.
 
     mtgrpo data generate --tasks countdown,zebra,arc_1d --levels 1,2,3 --per-level 10000 --out data/train
 """
@@ -23,9 +26,12 @@ import importlib.metadata
 import json
 import multiprocessing
 import os
+import random
 import re
 import sys
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from mtgrpo_jax.tasks import arithmetic
 
 FORMAT_VERSION = 1
 LEVEL_NAMES = {1: "easy", 2: "medium", 3: "hard", 4: "very_hard"}
@@ -52,6 +58,13 @@ GENERATORS: dict[str, tuple[str, str, dict[int, dict[str, Any]]]] = {
     ),
 }
 
+# task -> (released `type` / data_source prefix, level -> config, item function, generator version) for
+# families generated in pure Python: the item function maps (level, rng) to (question, answer string).
+ItemFunction = Callable[[int, random.Random], tuple[str, str]]
+PYTHON_GENERATORS: dict[str, tuple[str, dict[int, dict[str, Any]], ItemFunction, int]] = {
+    "arithmetic": ("arithmetic", arithmetic.LEVELS, arithmetic.arithmetic_item, arithmetic.GENERATOR_VERSION),
+}
+
 _ZEBRA_SUFFIX = " Provide only the name of the person as your final answer."
 _ZEBRA_RELEASED_SUFFIX = (
     "? Provide only the name of the person as your final answer and put in in \\boxed{}, for example: \\boxed{Alice}."
@@ -66,14 +79,18 @@ def _canonical(task: str) -> str:
     from mtgrpo_jax.tasks.registry import canonical_task_name
 
     name = canonical_task_name(task)
-    if name not in GENERATORS:
-        raise ValueError(f"cannot generate task {task!r}; generatable: {sorted(GENERATORS)}")
+    if name not in GENERATORS and name not in PYTHON_GENERATORS:
+        raise ValueError(f"cannot generate task {task!r}; generatable: {sorted([*GENERATORS, *PYTHON_GENERATORS])}")
     return name
 
 
+def _level_configs(task: str) -> dict[int, dict[str, Any]]:
+    return PYTHON_GENERATORS[task][1] if task in PYTHON_GENERATORS else GENERATORS[task][2]
+
+
 def _check_level(task: str, level: int) -> None:
-    if level not in GENERATORS[task][2]:
-        raise ValueError(f"{task}: level must be one of {sorted(GENERATORS[task][2])}, got {level!r}")
+    if level not in _level_configs(task):
+        raise ValueError(f"{task}: level must be one of {sorted(_level_configs(task))}, got {level!r}")
 
 
 def dataset_seed(seed: int, task: str, level: int) -> int:
@@ -124,31 +141,50 @@ def _rg_item(rg_name: str, config: dict[str, Any], base_seed: int, dataset: Any,
     raise RuntimeError(f"reasoning-gym {rg_name} failed to generate item {index} (seed {base_seed})")
 
 
-def generate_rows(task: str, level: int, start: int, stop: int, seed: int = 0, split: str = "train") -> list[dict]:
-    """verl-layout rows for items [start, stop) of (task, level, seed)."""
+def _rg_items(task: str, level: int, start: int, stop: int, base_seed: int) -> Iterator[tuple[int, str, dict]]:
+    """(index, released question, ground truth) of reasoning-gym items [start, stop)."""
     import reasoning_gym
 
+    rg_name, _, configs = GENERATORS[task]
+    dataset = reasoning_gym.create_dataset(rg_name, seed=base_seed, size=max(stop, 1), **configs[level])
+    for index in range(start, stop):
+        item = _rg_item(rg_name, configs[level], base_seed, dataset, index)
+        yield index, _released_question(task, item), _ground_truth(task, item)
+
+
+def _python_items(task: str, level: int, start: int, stop: int, base_seed: int) -> Iterator[tuple[int, str, dict]]:
+    """(index, question, ground truth) of pure-Python items [start, stop): item `index` has its own
+    generator, seeded by (index, base_seed) without collisions, so slices are independent."""
+    make_item = PYTHON_GENERATORS[task][2]
+    for index in range(start, stop):
+        question, answer = make_item(level, random.Random(index * 2**32 + base_seed))
+        yield index, question, {"target": answer}
+
+
+def generate_rows(task: str, level: int, start: int, stop: int, seed: int = 0, split: str = "train") -> list[dict]:
+    """verl-layout rows for items [start, stop) of (task, level, seed)."""
     from mtgrpo_jax.tasks.loading import row_to_example
     from mtgrpo_jax.tasks.registry import get_task
 
     task = _canonical(task)
     _check_level(task, level)
-    rg_name, released_type, configs = GENERATORS[task]
     base_seed = dataset_seed(seed, task, level)
-    dataset = reasoning_gym.create_dataset(rg_name, seed=base_seed, size=max(stop, 1), **configs[level])
+    if task in PYTHON_GENERATORS:
+        released_type, items = PYTHON_GENERATORS[task][0], _python_items(task, level, start, stop, base_seed)
+    else:
+        released_type, items = GENERATORS[task][1], _rg_items(task, level, start, stop, base_seed)
     prompter = get_task(task)  # the released prompt text
     rows = []
-    for index in range(start, stop):
-        item = _rg_item(rg_name, configs[level], base_seed, dataset, index)
+    for index, question, ground_truth in items:
         row = {
             "data_source": f"{released_type}-{LEVEL_NAMES[level]}-{split}",
             "prompt": [],
             "ability": "math",
-            "reward_model": {"ground_truth": _ground_truth(task, item), "style": "rule"},
+            "reward_model": {"ground_truth": ground_truth, "style": "rule"},
             "extra_info": {
                 "difficulty": int(level),
                 "index": int(index),
-                "question": _released_question(task, item),
+                "question": question,
                 "split": split,
                 "type": released_type,
             },
@@ -223,10 +259,13 @@ def fingerprint(task: str, level: int, seed: int, split: str) -> str:
         "level": level,
         "seed": int(seed),
         "split": split,
-        "config": GENERATORS[task][2][level],
-        "reasoning_gym": importlib.metadata.version("reasoning-gym"),
+        "config": _level_configs(task)[level],
         "format": FORMAT_VERSION,
     }
+    if task in PYTHON_GENERATORS:
+        spec["generator"] = PYTHON_GENERATORS[task][3]
+    else:
+        spec["reasoning_gym"] = importlib.metadata.version("reasoning-gym")
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -364,7 +403,8 @@ def _int_list(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None, prog: str = "mtgrpo data generate") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", default="countdown,zebra,arc_1d", help="comma-separated: countdown,zebra,arc_1d")
+    parser.add_argument("--tasks", default="countdown,zebra,arc_1d",
+                        help="comma-separated: countdown,zebra,arc_1d,arithmetic")
     parser.add_argument("--levels", type=_int_list, default=[1, 2, 3], help="comma-separated levels 1-4 (4 = held-out)")
     parser.add_argument("--per-level", type=int, required=True, help="items per task and level")
     parser.add_argument("--out", required=True, help="output directory (cache under OUT/.cache)")

@@ -1,7 +1,7 @@
 """Reading verl-layout parquet files (the released sets' layout) into plain example dicts.
 
 Row layout: `data_source` (e.g. "countdown-easy-test"), `prompt` (chat messages), `ability`,
-`reward_model.ground_truth` (countdown: {"numbers": "8,73,96", "target": 841}; zebra/arc:
+`reward_model.ground_truth` (countdown: {"numbers": "8,73,96", "target": 841}; zebra/arc/arithmetic:
 {"target": "..."}; math: a string) and `extra_info` (`difficulty`, `index`, `question` or
 `problem`, `split`, `type`).
 

@@ -170,6 +170,7 @@ def resolve_task(spec: Any, **options: Any) -> Task:
 
 
 def _register_builtins() -> None:
+    from mtgrpo_jax.tasks.arithmetic import ArithmeticTask
     from mtgrpo_jax.tasks.countdown import CountdownTask
     from mtgrpo_jax.tasks.math_answer import MathTask
     from mtgrpo_jax.tasks.puzzles import Arc1DTask, ZebraTask
@@ -178,6 +179,7 @@ def _register_builtins() -> None:
     register_task(ZebraTask, "zebra", aliases=("zebra_puzzles",))
     register_task(Arc1DTask, "arc_1d", aliases=("arc", "arc1d"))
     register_task(MathTask, "math")
+    register_task(ArithmeticTask, "arithmetic")
 
 
 _register_builtins()
