@@ -15,9 +15,9 @@
 #
 # Each process i gets:
 #   JAX_PLATFORMS=cpu
-#   XLA_FLAGS="$XLA_FLAGS --xla_force_host_platform_device_count=K"
-#   MTGRPO_COORDINATOR=localhost:PORT  MTGRPO_NUM_PROCESSES=N  MTGRPO_PROCESS_ID=i
-#   JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (the same values)
+#   XLA_FLAGS="$XLA_FLAGS --xla_force_host_platform_device_count=K" (any device count already in
+#     XLA_FLAGS is dropped first)
+#   JAX_COORDINATOR_ADDRESS=localhost:PORT  JAX_NUM_PROCESSES=N  JAX_PROCESS_ID=i
 # which mtgrpo_jax.parallel.initialize_distributed() passes to jax.distributed.initialize.
 #
 # Process 0's output goes to the terminal and LOG_DIR/process_0.log, the others' only to their logs.
@@ -82,7 +82,9 @@ if [[ -z "$log_dir" ]]; then
 fi
 mkdir -p "$log_dir"
 
-xla_flags="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$devices_per_process"
+# Drop a device count the caller's XLA_FLAGS may carry (e.g. a test suite's), so K is the one that counts.
+xla_flags="$(sed -E 's/(^| )--xla_force_host_platform_device_count=[^ ]*//g; s/^ +//' <<<"${XLA_FLAGS:-}")"
+xla_flags="${xla_flags:+$xla_flags }--xla_force_host_platform_device_count=$devices_per_process"
 echo "launching $num_processes processes x $devices_per_process CPU devices, coordinator localhost:$port," \
   "logs in $log_dir" >&2
 
@@ -101,10 +103,6 @@ for ((i = 0; i < num_processes; i++)); do
   env_vars=(
     JAX_PLATFORMS=cpu
     "XLA_FLAGS=$xla_flags"
-    "MTGRPO_COORDINATOR=localhost:$port"
-    "MTGRPO_NUM_PROCESSES=$num_processes"
-    "MTGRPO_PROCESS_ID=$i"
-    # The same values under the names jax.distributed and mtgrpo_jax.parallel also read.
     "JAX_COORDINATOR_ADDRESS=localhost:$port"
     "JAX_NUM_PROCESSES=$num_processes"
     "JAX_PROCESS_ID=$i"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Cloud TPU VM pod slice: install the project on every worker and start the same `mtgrpo train` on all
 # of them with one command. On a pod, jax.distributed.initialize() finds the coordinator, the process
-# count and this worker's id from the TPU metadata by itself, so no MTGRPO_* variables are needed.
+# count and this worker's id from the TPU metadata by itself, so no JAX_COORDINATOR_ADDRESS,
+# JAX_NUM_PROCESSES or JAX_PROCESS_ID is needed.
 #
 # usage:
 #   launch/tpu_pod.sh setup                          clone (or update) and install on every worker

@@ -43,7 +43,8 @@ class MeshCfg(_Strict):
 
 
 class DistributedCfg(_Strict):
-    # None everywhere: auto (TPU pod metadata, SLURM variables, MTGRPO_* variables, or single process).
+    # None everywhere: auto (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, SLURM variables,
+    # TPU pod metadata, or a single process).
     coordinator: str | None = None
     num_processes: int | None = None
     process_id: int | None = None

@@ -1,7 +1,8 @@
 """`jax.distributed` initialisation for the three ways this code is launched:
 
 1. explicit: `coordinator_address`, `num_processes`, `process_id` (arguments, or the environment
-   variables JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, e.g. from launch/local.sh);
+   variables JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, e.g. from
+   launch/local_multiprocess.sh or launch/slurm_gpu.sbatch);
 2. SLURM (multi-host GPU): derived from SLURM_NTASKS / SLURM_PROCID / SLURM_STEP_NODELIST;
 3. Cloud TPU pods: `jax.distributed.initialize()` discovers everything from the TPU metadata.
 
@@ -13,9 +14,10 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
+import numpy as np
 
 DEFAULT_PORT = 12355
 
@@ -81,3 +83,37 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
         kwargs["local_device_ids"] = list(local_device_ids)
     jax.distributed.initialize(**kwargs)
     return True
+
+
+def to_host(tree: Any) -> Any:
+    """NumPy copies of a pytree of arrays, whatever their sharding.
+
+    `jax.device_get` refuses an array sharded over devices of other processes; those are gathered with
+    `process_allgather` (a collective: in a multi-process run every process must make the same call,
+    which holds wherever all processes run the same program on the same shardings). Fully addressable
+    and fully replicated arrays are read locally, so a single process pays nothing extra."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)
+
+
+def host_to_global(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+    """Places a pytree of host values that every process holds in full (and identically) into `sharding`.
+
+    Each process supplies only its own shards (`make_array_from_callback`): no cross-process traffic and
+    no equality check, unlike `jax.device_put`, which all-gathers a host value placed into a sharding
+    spanning several processes to assert it is the same everywhere. A single process uses `device_put`."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def one(x):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree)

@@ -92,18 +92,20 @@ def _load_source(src: TaskSourceCfg, family_name: str, cache_dir: str, where: st
         if src.n is not None:
             examples = examples[: src.n]
     else:
-        # reasoning-gym generation, cached as parquet under data_dir (process 0 writes, the others wait).
+        # reasoning-gym generation, cached as parquet under data_dir. Process 0 writes, the others wait and
+        # then read its cache (or, where data_dir is not shared, generate the same seeded items themselves).
         split = "test" if where.endswith(".eval") else "train"
         out_dir = str(Path(cache_dir) / f"seed{src.seed}")
+        generate = lambda: generate_dataset([family_name], [src.level], src.n, out_dir, seed=src.seed,  # noqa: E731
+                                            split=split, progress=False)
         if jax.process_index() == 0:
-            paths = generate_dataset([family_name], [src.level], src.n, out_dir, seed=src.seed, split=split,
-                                     progress=False)
+            paths = generate()
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices(f"data:{where}")
-            paths = generate_dataset([family_name], [src.level], src.n, out_dir, seed=src.seed, split=split,
-                                     progress=False)
+            if jax.process_index() != 0:
+                paths = generate()
         examples = load_examples(next(iter(paths.values())))[: src.n]
     if not examples:
         raise ConfigError(f"config error: {where}: no examples")

@@ -307,6 +307,15 @@ class Trainer:
             raise SystemExit(143)
         self._stop_requested = True
 
+    def _stop_agreed(self) -> bool:
+        """Whether any process got SIGTERM. The processes receive it at different moments, but all must
+        stop (and checkpoint) after the same step, or the others would wait in a collective forever."""
+        if jax.process_count() == 1:
+            return self._stop_requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self._stop_requested))))
+
     def log(self, writer: MetricsWriter, record: dict) -> None:
         written = writer.write(record["step"], record)
         self.history.append(written if written is not None else record)
@@ -333,7 +342,8 @@ class Trainer:
             else:
                 print(f"[mtgrpo] resumed from step {self.step} in {self.run_dir}", flush=True)
             self._in_loop = True
-            while self.step < cfg.train.steps and not self._stop_requested:
+            stop = False
+            while self.step < cfg.train.steps and not (stop := self._stop_agreed()):
                 self.log(writer, self.train_step())
                 last = self.step == cfg.train.steps
                 if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or last) or (last and not cfg.train.eval_every):
@@ -343,7 +353,7 @@ class Trainer:
                     self.log(writer, ev)
                 if last or (cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0):
                     self.save_checkpoint()
-            if self._stop_requested:
+            if stop:
                 self.save_checkpoint()
                 print(f"[mtgrpo] SIGTERM: checkpoint saved at step {self.step}; rerun the same command to resume", flush=True)
                 return {"status": "preempted", "step": self.step}
