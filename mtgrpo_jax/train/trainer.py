@@ -196,6 +196,7 @@ class Trainer:
             rows = slice(i * G, (i + 1) * G)
             g = Group(t, ex, prompts[i], tokens[rows], mask[rows], logp[rows], rewards[i], correct[i], formatted[i], adv[i])
             stats["generated"].append(g)
+            stats["accepted"].append(bool(keep[i]))
             groups.append((bool(keep[i]), g))
         return groups
 
@@ -203,8 +204,8 @@ class Trainer:
         cfg, K = self.cfg, len(self.tasks)
         step = self.step + 1
         t_start = time.perf_counter()
-        stats: dict[str, Any] = {"rollout": 0.0, "scoring": 0.0, "tokens": 0, "generated": [], "score_errors": 0,
-                                 "score_timeouts": 0}
+        stats: dict[str, Any] = {"rollout": 0.0, "scoring": 0.0, "tokens": 0, "generated": [], "accepted": [],
+                                 "score_errors": 0, "score_timeouts": 0}
         calls = iter(range(1_000_000))
         result = self.sampler.sample(self.weights, lambda ids: self._generate_groups(list(ids), step, next(calls), stats))
         t_sampled = time.perf_counter()
@@ -237,6 +238,7 @@ class Trainer:
         reward_k = np.zeros(K, np.float32)
         acc_k = np.zeros(K, np.float32)
         zero_grad_k = np.zeros(K, np.float32)
+        filtered_k = np.zeros(K, np.float32)
         abs_adv_k = np.zeros(K, np.float32)
         gen_k = np.bincount(gen_task, minlength=K).astype(np.float32)
         for k in range(K):
@@ -244,7 +246,8 @@ class Trainer:
             if gs:
                 reward_k[k] = np.mean([g.rewards.mean() for g in gs])
                 acc_k[k] = np.mean([g.correct.mean() for g in gs])
-                zero_grad_k[k] = np.mean([np.ptp(g.rewards) == 0 for g in gs])
+                zero_grad_k[k] = np.mean([np.ptp(g.rewards) == 0 for g in gs])  # all rewards equal: zero advantage
+                filtered_k[k] = 1.0 - np.mean([a for g, a in zip(gen, stats["accepted"]) if g.task_id == k])
             # SEC's learning-progress signal: mean |advantage| over the task's groups in the training batch.
             kept = [np.abs(g.advantages).mean() for g in groups if g.task_id == k]
             abs_adv_k[k] = np.mean(kept) if kept else 0.0
@@ -263,6 +266,7 @@ class Trainer:
             record[f"task/{name}/reward"] = float(reward_k[k])
             record[f"task/{name}/accuracy"] = float(acc_k[k])
             record[f"task/{name}/zero_grad_rate"] = float(zero_grad_k[k])
+            record[f"task/{name}/filtered_rate"] = float(filtered_k[k])  # rejected by sampler.filter
             record[f"task/{name}/weight"] = float(weights_used[k])
             record[f"task/{name}/next_weight"] = float(self.weights[k])
             record[f"task/{name}/share"] = float(kept_k[k] / max(kept_k.sum(), 1))

@@ -1,0 +1,6 @@
+"""Rollout engine: jitted prefill + `while_loop` decode over a donated KV cache, with temperature,
+top-k, top-p and greedy sampling, per-row stopping, log-probs and shape buckets."""
+
+from mtgrpo_jax.rollout.sampler import Buckets, RolloutOutput, Sampler, SamplingParams, to_serve_layout
+
+__all__ = ["Buckets", "RolloutOutput", "Sampler", "SamplingParams", "to_serve_layout"]

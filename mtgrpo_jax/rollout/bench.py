@@ -1,0 +1,293 @@
+"""`mtgrpo bench rollout`: tokens/s of the rollout sampler against transformers' `generate`.
+
+Both sides run the same random-init Qwen2-shaped model (ours is written with `save_pretrained` and
+read back by transformers from the safetensors), the same prompts, the same n, the same number of new
+tokens (stopping disabled on both sides so each row produces exactly `max_new_tokens`), multinomial
+sampling at temperature 1 over the full vocabulary (transformers' default top_k=50 switched off).
+Both sides compute in float32 by default: torch on CPU with `torch.set_num_threads(2)`, ours with
+float32 parameters, activations and KV cache (`--dtype bfloat16` runs ours in the library default
+instead, against the same float32 reference).
+
+Reported per size:
+- tokens_per_s: new tokens / wall time of one `generate` call after a warm-up call (compilation
+  excluded; the prefill is included).
+- reference_tokens_per_s: the same for transformers. The 100M reference is slow, so by default it
+  generates only `--ref-new-tokens` tokens per row for sizes above 20M parameters; a logits
+  processor timestamps every step, and the time for the full length is prefill + measured steps +
+  the remaining steps at the mean of the last measured ones. Later steps of transformers' growing
+  cache are slower than the measured ones, so this extrapolation flatters the reference.
+- decode roofline: bytes one decode step must read (all weights + the KV cache at its static length)
+  over the read bandwidth measured in the same run (a 512 MiB row-sum), compared with the measured
+  decode-step time; and the same step's FLOPs over the measured matmul rate (at 512 rows a CPU decode
+  step is compute bound, so the second fraction is the one that can approach 1).
+
+The CPU is shared with other processes; both sides are measured back to back in one run, so the
+ratio is the meaningful number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+SIZES = {
+    # ~10M parameters: Qwen2 layout (tied embeddings, qkv bias, GQA).
+    "10m": dict(vocab_size=16384, hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+                num_attention_heads=4, num_key_value_heads=2),
+    # ~100M parameters.
+    "100m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                 num_attention_heads=12, num_key_value_heads=4),
+    # Qwen2.5-0.5B shape (for accelerators).
+    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, rope_theta=1000000.0),
+}
+
+
+def _config(name: str):
+    from mtgrpo_jax.models import ModelConfig
+
+    if name not in SIZES:
+        raise ValueError(f"unknown size {name!r} (known: {', '.join(SIZES)})")
+    return ModelConfig(model_type="qwen2", max_position_embeddings=4096, eos_token_id=0, bos_token_id=0,
+                       **SIZES[name])
+
+
+def measure_bandwidth(mib: int = 512, repeats: int = 5) -> tuple[float, float]:
+    """(read, copy) bytes/s over a `mib` MiB float32 array, best of `repeats`.
+
+    Read = a row-sum (what a decode step mostly does: stream weights and cache); copy = a fused
+    elementwise copy (read + write, slower: fresh output pages are faulted in on every call)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((mib * 256, 1024), jnp.float32)
+    rates = []
+    for fn, moved in ((lambda a: jnp.sum(a, axis=1), x.nbytes), (lambda a: a * 1.0000001, 2 * x.nbytes)):
+        f = jax.jit(fn)
+        jax.block_until_ready(f(x))
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            jax.block_until_ready(f(x))
+            best = min(best, time.perf_counter() - t)
+        rates.append(moved / best)
+    return rates[0], rates[1]
+
+
+def measure_matmul_flops(dtype: str = "float32", size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a square matmul in `dtype` (float32 accumulation), best of `repeats`."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((size, size), dtype)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    jax.block_until_ready(f(a, a))
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(f(a, a))
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best
+
+
+def _ours(model, prompts, n, new_tokens, seed):
+    """(seconds of one warm generate, seconds of the same program's prefill alone, decode steps, compiles).
+
+    Warm-up and the prefill timing use the same compiled program with every token as a stop token
+    (the stop list is data), so the loop exits after the first sampled token: no second compile and
+    no second full run."""
+    import dataclasses
+
+    import jax
+
+    from mtgrpo_jax.rollout import Buckets, Sampler, SamplingParams
+
+    sampler = Sampler(model, None, Buckets(prompt_lengths=(prompts.shape[1],), batch_sizes=(prompts.shape[0],)))
+    prompt_list = prompts.tolist()
+    full = SamplingParams(n=n, temperature=1.0, max_new_tokens=new_tokens, ignore_eos=True)
+    prefill_only = dataclasses.replace(full, stop_token_ids=tuple(range(model.config.vocab_size)))
+    sampler.generate(prompt_list, prefill_only, jax.random.key(seed))  # compile + warm up
+    start = time.perf_counter()
+    sampler.generate(prompt_list, prefill_only, jax.random.key(seed))
+    prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    out = sampler.generate(prompt_list, full, jax.random.key(seed + 1))
+    full_s = time.perf_counter() - start
+    if not out.mask.all() or out.num_decode_steps != new_tokens - 1:
+        raise RuntimeError("stopping was disabled, so every row must run to max_new_tokens")
+    return full_s, prefill_s, out.num_decode_steps, sampler.num_compiles
+
+
+def _reference(model_dir, prompts, n, new_tokens, full_tokens, threads):
+    """transformers' generate on CPU: (seconds for `full_tokens` (extrapolated when fewer were generated),
+    measured seconds, prefill seconds, mean decode-step seconds)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+    torch.set_num_threads(threads)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    hf.eval()
+    stamps: list[float] = []
+
+    class Stamp(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            stamps.append(time.perf_counter())
+            return scores
+
+    gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n,
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
+                           pad_token_id=0, bos_token_id=0)
+    ids = torch.tensor(prompts, dtype=torch.long)
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen,
+                          logits_processor=LogitsProcessorList([Stamp()]))
+        elapsed = time.perf_counter() - start
+    produced = out.shape[1] - ids.shape[1]
+    if produced != new_tokens or out.shape[0] != ids.shape[0] * n:
+        raise RuntimeError(f"reference produced {out.shape} tokens, expected {ids.shape[0] * n} x {new_tokens} new")
+    prefill = stamps[0] - start  # the first logits processor call comes right after the prefill forward
+    steps = np.diff(stamps)
+    step = float(steps.mean()) if len(steps) else float("nan")
+    if full_tokens == new_tokens:
+        return elapsed, elapsed, prefill, step
+    tail = steps[-max(1, len(steps) // 2):].mean()
+    return elapsed + (full_tokens - new_tokens) * tail, elapsed, prefill, step
+
+
+def run_size(name: str, *, prompts: int, prompt_len: int, n: int, new_tokens: int, ref_new_tokens: int | None,
+             dtype: str, threads: int, bandwidth: float, matmul_flops: float, seed: int = 0,
+             log=print) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mtgrpo_jax.models import Transformer, save_pretrained
+
+    cfg = _config(name)
+    n_params = cfg.num_params()
+    rng = np.random.default_rng(seed)
+    prompt_ids = rng.integers(1, cfg.vocab_size, size=(prompts, prompt_len)).astype(np.int64)
+    model32 = Transformer(cfg, rngs=nnx.Rngs(seed), dtype=jnp.float32, param_dtype=jnp.float32)
+    rows = prompts * n
+    total_new = rows * new_tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model32, tmp)
+        if ref_new_tokens is None:
+            ref_new_tokens = new_tokens if n_params < 20e6 else min(new_tokens, 16)
+        log(f"[{name}] {n_params / 1e6:.1f}M params; reference: transformers generate, {rows} rows x "
+            f"{ref_new_tokens} new tokens")
+        ref_s, ref_measured_s, ref_prefill_s, ref_step_s = _reference(tmp, prompt_ids, n, ref_new_tokens, new_tokens,
+                                                                      threads)
+    ref_tps = total_new / ref_s
+    log(f"[{name}] reference {ref_tps:.1f} tok/s ({ref_measured_s:.1f}s measured"
+        + (f", extrapolated to {new_tokens} tokens: {ref_s:.1f}s)" if ref_new_tokens != new_tokens else ")"))
+
+    model = model32
+    if dtype != "float32":
+        model = Transformer(cfg, rngs=nnx.Rngs(seed), dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
+        nnx.update(model, jax.tree.map(lambda x: x.astype(dtype), nnx.state(model32)))
+    ours_s, prefill_s, steps, compiles = _ours(model, prompt_ids, n, new_tokens, seed)
+    tps = total_new / ours_s
+    log(f"[{name}] ours {tps:.1f} tok/s ({ours_s:.1f}s, of which prefill {prefill_s:.2f}s) -> "
+        f"ratio {tps / ref_tps:.2f}x")
+
+    # Decode roofline: one step reads every weight and the whole static-length KV cache.
+    itemsize = jnp.dtype(dtype).itemsize
+    cache_len = prompt_len + new_tokens
+    cache_bytes = 2 * cfg.num_hidden_layers * rows * cache_len * cfg.num_key_value_heads * cfg.head_dim * itemsize
+    weight_bytes = n_params * itemsize
+    step_s = (ours_s - prefill_s) / max(steps, 1)
+    roofline_s = (weight_bytes + cache_bytes) / bandwidth
+    matmul_params = n_params - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+    attention_flops = 4 * rows * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * cache_len
+    step_flops = 2 * rows * matmul_params + attention_flops
+    return {
+        "params": n_params,
+        "tokens_per_s": round(tps, 1),
+        "reference_tokens_per_s": round(ref_tps, 1),
+        "ratio_vs_transformers": round(tps / ref_tps, 2),
+        "seconds": round(ours_s, 2),
+        "reference_seconds": round(ref_s, 2),
+        "reference_measured_new_tokens": ref_new_tokens,
+        "reference_extrapolated": ref_new_tokens != new_tokens,
+        "prefill_seconds": round(prefill_s, 2),
+        "reference_prefill_seconds": round(ref_prefill_s, 2),
+        "reference_decode_step_ms": round(ref_step_s * 1e3, 1),
+        "decode_step_ms": round(step_s * 1e3, 1),
+        "decode_bytes_per_step": int(weight_bytes + cache_bytes),
+        "decode_roofline_ms": round(roofline_s * 1e3, 1),
+        "roofline_fraction": round(roofline_s / step_s, 3),
+        "decode_flops_per_step": int(step_flops),
+        "matmul_peak_fraction": round(step_flops / step_s / matmul_flops, 3),
+        "num_compiles": compiles,
+    }
+
+
+def main(argv: list[str] | None = None, prog: str = "mtgrpo bench rollout") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="10m,100m", help=f"comma-separated, from {', '.join(SIZES)} (default 10m,100m)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 8 prompts x 32 tokens, n=4, 16 new tokens, 10m only")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--ref-new-tokens", type=int, default=None,
+                    help="new tokens the reference really generates (default: all for <20M params, else 16)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="our compute/cache dtype")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for the reference")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.sizes, args.prompts, args.prompt_len, args.n, args.new_tokens = "10m", 8, 32, 4, 16
+    for name in ("prompts", "prompt_len", "n", "new_tokens", "threads"):
+        if getattr(args, name) <= 0:
+            ap.error(f"--{name.replace('_', '-')} must be positive")
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown or not sizes:
+        ap.error(f"unknown size {unknown[0] if unknown else args.sizes!r} (known: {', '.join(SIZES)})")
+
+    import jax
+
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
+    bandwidth, copy_bandwidth = measure_bandwidth()
+    matmul = measure_matmul_flops(args.dtype)
+    log(f"device {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; measured read bandwidth "
+        f"{bandwidth / 1e9:.1f} GB/s (copy {copy_bandwidth / 1e9:.1f} GB/s), "
+        f"{args.dtype} matmul {matmul / 1e9:.0f} GFLOP/s")
+    results = {}
+    for name in sizes:
+        results[name] = run_size(name, prompts=args.prompts, prompt_len=args.prompt_len, n=args.n,
+                                 new_tokens=args.new_tokens, ref_new_tokens=args.ref_new_tokens, dtype=args.dtype,
+                                 threads=args.threads, bandwidth=bandwidth, matmul_flops=matmul, log=log)
+    report = {
+        "setup": {"prompts": args.prompts, "prompt_len": args.prompt_len, "n": args.n, "new_tokens": args.new_tokens,
+                  "temperature": 1.0, "dtype": args.dtype, "reference": "transformers generate, torch CPU float32",
+                  "torch_threads": args.threads, "device": jax.devices()[0].device_kind,
+                  "read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+                  "copy_bandwidth_gb_s": round(copy_bandwidth / 1e9, 2), "matmul_gflop_s": round(matmul / 1e9, 1)},
+        "sizes": results,
+    }
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"\n{'size':>6} {'params':>8} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'step ms':>8} "
+              f"{'roofline':>9} {'matmul':>7}")
+        for name, r in results.items():
+            print(f"{name:>6} {r['params'] / 1e6:7.1f}M {r['tokens_per_s']:11.1f} {r['reference_tokens_per_s']:9.1f} "
+                  f"{r['ratio_vs_transformers']:5.2f}x {r['decode_step_ms']:8.1f} {r['roofline_fraction']:9.1%} "
+                  f"{r['matmul_peak_fraction']:7.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
