@@ -77,7 +77,7 @@ def run_method(config: str | None, method: str, overrides: list[str], steps: int
         out["sampler/rounds"] = float(np.mean([r["sampler/rounds"] for r in records]))
         out["update_flops"] = _step_flops(trainer, int(np.mean(seq_lens)))
         out["update_flops_per_s"] = out["update_flops"] / max(out["time/update"], 1e-9)
-        out["model_params"] = trainer.model.config.num_params
+        out["model_params"] = trainer.model.config.num_params()
         out["dtype"] = cfg.model.dtype
         return out
 
@@ -91,12 +91,17 @@ def main(argv: list[str], prog: str = "mtgrpo bench step") -> int:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     try:
-        load_config(args.config, args.overrides)
+        base = load_config(args.config, args.overrides)
     except ConfigError as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
-    mt = run_method(args.config, "mt_grpo", args.overrides, args.steps, args.warmup)
-    dapo = run_method(args.config, "dapo", args.overrides, args.steps, args.warmup)
+    # The method presets set their own sampler defaults; both methods get the config's sampling budget and
+    # filter so that the comparison isolates the MT-GRPO machinery.
+    s = base.sampler
+    shared = [*args.overrides, f"sampler.resample_budget={s.resample_budget}", f"sampler.oversample={s.oversample}",
+              f"sampler.filter={s.filter}"]
+    mt = run_method(args.config, "mt_grpo", shared, args.steps, args.warmup)
+    dapo = run_method(args.config, "dapo", shared, args.steps, args.warmup)
     dtype = jnp.bfloat16 if mt["dtype"] == "bfloat16" else jnp.float32
     peak = measure_matmul_peak(dtype)
     device = jax.devices()[0]
