@@ -5,21 +5,26 @@ read back by transformers from the safetensors), the same prompts, the same n, t
 tokens (stopping disabled on both sides so each row produces exactly `max_new_tokens`), multinomial
 sampling at temperature 1 over the full vocabulary (transformers' default top_k=50 switched off).
 Both sides compute in float32 by default: torch on CPU with `torch.set_num_threads(2)`, ours with
-float32 parameters, activations and KV cache (`--dtype bfloat16` runs ours in the library default
-instead, against the same float32 reference).
+float32 parameters, activations and KV cache. `--dtypes float32,bfloat16` also measures ours with
+bf16 weights and activations (the library default; same weights rounded) around the same float32
+reference; its KV cache stays float32 (`--cache-dtype`), because XLA:CPU's bf16 batched attention
+dots are slow while its bf16 x bf16 -> f32 matmuls are about twice as fast as float32 ones.
 
 Reported per size:
-- tokens_per_s: new tokens / wall time of one `generate` call after a warm-up call (compilation
-  excluded; the prefill is included).
-- reference_tokens_per_s: the same for transformers. The 100M reference is slow, so by default it
+- tokens_per_s: new tokens / wall time of one `generate` call (compilation excluded, prefill
+  included), averaged over a run just before and a run just after the reference (the CPU is shared
+  with other processes; both runs are reported too).
+- reference_tokens_per_s: the same for transformers, timed on the second of two identical calls
+  (torch sets up its CPU kernels per shape on first use). The 100M reference is slow, so by default it
   generates only `--ref-new-tokens` tokens per row for sizes above 20M parameters; a logits
   processor timestamps every step, and the time for the full length is prefill + measured steps +
   the remaining steps at the mean of the last measured ones. Later steps of transformers' growing
   cache are slower than the measured ones, so this extrapolation flatters the reference.
 - decode roofline: bytes one decode step must read (all weights + the KV cache at its static length)
-  over the read bandwidth measured in the same run (a 512 MiB row-sum), compared with the measured
-  decode-step time; and the same step's FLOPs over the measured matmul rate (at 512 rows a CPU decode
-  step is compute bound, so the second fraction is the one that can approach 1).
+  over the read bandwidth (a 512 MiB row-sum), compared with the measured decode-step time; and the
+  same step's FLOPs over the measured matmul rate (a 2048^3 matmul). At 512 rows a CPU decode step is
+  compute bound, so the second fraction is the one that can approach 1. Both hardware figures are
+  measured before and after each size, and the better one is used.
 
 The CPU is shared with other processes; both sides are measured back to back in one run, so the
 ratio is the meaningful number.
@@ -96,32 +101,37 @@ def measure_matmul_flops(dtype: str = "float32", size: int = 2048, repeats: int 
     return 2 * size**3 / best
 
 
-def _ours(model, prompts, n, new_tokens, seed):
-    """(seconds of one warm generate, seconds of the same program's prefill alone, decode steps, compiles).
+def _ours(model, prompts, n, new_tokens, seed, cache_dtype):
+    """Compiles the sampler program for this shape and returns (`run(key)`, sampler); `run` times
+    one prefill-only call and one full call: (full seconds, prefill seconds, decode steps).
 
     Warm-up and the prefill timing use the same compiled program with every token as a stop token
-    (the stop list is data), so the loop exits after the first sampled token: no second compile and
-    no second full run."""
+    (the stop list is data), so the loop exits after the first sampled token: no second compile."""
     import dataclasses
 
     import jax
 
     from mtgrpo_jax.rollout import Buckets, Sampler, SamplingParams
 
-    sampler = Sampler(model, None, Buckets(prompt_lengths=(prompts.shape[1],), batch_sizes=(prompts.shape[0],)))
+    sampler = Sampler(model, None, Buckets(prompt_lengths=(prompts.shape[1],), batch_sizes=(prompts.shape[0],)),
+                      cache_dtype=cache_dtype)
     prompt_list = prompts.tolist()
     full = SamplingParams(n=n, temperature=1.0, max_new_tokens=new_tokens, ignore_eos=True)
     prefill_only = dataclasses.replace(full, stop_token_ids=tuple(range(model.config.vocab_size)))
     sampler.generate(prompt_list, prefill_only, jax.random.key(seed))  # compile + warm up
-    start = time.perf_counter()
-    sampler.generate(prompt_list, prefill_only, jax.random.key(seed))
-    prefill_s = time.perf_counter() - start
-    start = time.perf_counter()
-    out = sampler.generate(prompt_list, full, jax.random.key(seed + 1))
-    full_s = time.perf_counter() - start
-    if not out.mask.all() or out.num_decode_steps != new_tokens - 1:
-        raise RuntimeError("stopping was disabled, so every row must run to max_new_tokens")
-    return full_s, prefill_s, out.num_decode_steps, sampler.num_compiles
+
+    def run(key: int):
+        start = time.perf_counter()
+        sampler.generate(prompt_list, prefill_only, jax.random.key(key))
+        prefill_s = time.perf_counter() - start
+        start = time.perf_counter()
+        out = sampler.generate(prompt_list, full, jax.random.key(key))
+        full_s = time.perf_counter() - start
+        if not out.mask.all() or out.num_decode_steps != new_tokens - 1:
+            raise RuntimeError("stopping was disabled, so every row must run to max_new_tokens")
+        return full_s, prefill_s, out.num_decode_steps
+
+    return run, sampler
 
 
 def _reference(model_dir, prompts, n, new_tokens, full_tokens, threads):
@@ -146,6 +156,9 @@ def _reference(model_dir, prompts, n, new_tokens, full_tokens, threads):
     ids = torch.tensor(prompts, dtype=torch.long)
     with torch.inference_mode():
         torch.manual_seed(0)
+        # Warm-up with the identical call: torch's CPU kernels set up per shape on first use (a cold
+        # 32-row call was 6x slower than a warm one), and every decode step is a new shape.
+        hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
         start = time.perf_counter()
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen,
                           logits_processor=LogitsProcessorList([Stamp()]))
@@ -163,8 +176,10 @@ def _reference(model_dir, prompts, n, new_tokens, full_tokens, threads):
 
 
 def run_size(name: str, *, prompts: int, prompt_len: int, n: int, new_tokens: int, ref_new_tokens: int | None,
-             dtype: str, threads: int, bandwidth: float, matmul_flops: float, seed: int = 0,
-             log=print) -> dict:
+             dtypes: tuple[str, ...], cache_dtype: str, threads: int, seed: int = 0, log=print) -> dict:
+    """One size: ours (per dtype), then the reference, then ours again; the CPU is shared, so ours is
+    averaged over both sides of the reference. The hardware figures are measured before and after
+    (best of). The top-level numbers are those of `dtypes[0]`; every dtype is under `by_dtype`."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -175,59 +190,88 @@ def run_size(name: str, *, prompts: int, prompt_len: int, n: int, new_tokens: in
     n_params = cfg.num_params()
     rng = np.random.default_rng(seed)
     prompt_ids = rng.integers(1, cfg.vocab_size, size=(prompts, prompt_len)).astype(np.int64)
-    model32 = Transformer(cfg, rngs=nnx.Rngs(seed), dtype=jnp.float32, param_dtype=jnp.float32)
     rows = prompts * n
     total_new = rows * new_tokens
+    bandwidth = measure_bandwidth()[0]
+    matmul = {dt: measure_matmul_flops(dt) for dt in dtypes}
+
+    model32 = Transformer(cfg, rngs=nnx.Rngs(seed), dtype=jnp.float32, param_dtype=jnp.float32)
+    runners, before = {}, {}
+    for dt in dtypes:
+        model = model32
+        if dt != "float32":  # the same weights, rounded
+            model = Transformer(cfg, rngs=nnx.Rngs(seed), dtype=jnp.dtype(dt), param_dtype=jnp.dtype(dt))
+            nnx.update(model, jax.tree.map(lambda x: x.astype(dt), nnx.state(model32)))
+        runners[dt] = _ours(model, prompt_ids, n, new_tokens, seed, cache_dtype)
+        before[dt] = runners[dt][0](seed + 1)
+        log(f"[{name}] {n_params / 1e6:.1f}M params; ours {dt} (before the reference): "
+            f"{total_new / before[dt][0]:.1f} tok/s ({before[dt][0]:.1f}s, of which prefill {before[dt][1]:.2f}s)")
+
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(model32, tmp)
         if ref_new_tokens is None:
             ref_new_tokens = new_tokens if n_params < 20e6 else min(new_tokens, 16)
-        log(f"[{name}] {n_params / 1e6:.1f}M params; reference: transformers generate, {rows} rows x "
-            f"{ref_new_tokens} new tokens")
-        ref_s, ref_measured_s, ref_prefill_s, ref_step_s = _reference(tmp, prompt_ids, n, ref_new_tokens, new_tokens,
-                                                                      threads)
+        log(f"[{name}] reference: transformers generate, {rows} rows x {ref_new_tokens} new tokens")
+        ref_s, ref_measured_s, ref_prefill_s, ref_step_s = _reference(tmp, prompt_ids, n, ref_new_tokens,
+                                                                      new_tokens, threads)
     ref_tps = total_new / ref_s
     log(f"[{name}] reference {ref_tps:.1f} tok/s ({ref_measured_s:.1f}s measured"
         + (f", extrapolated to {new_tokens} tokens: {ref_s:.1f}s)" if ref_new_tokens != new_tokens else ")"))
 
-    model = model32
-    if dtype != "float32":
-        model = Transformer(cfg, rngs=nnx.Rngs(seed), dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
-        nnx.update(model, jax.tree.map(lambda x: x.astype(dtype), nnx.state(model32)))
-    ours_s, prefill_s, steps, compiles = _ours(model, prompt_ids, n, new_tokens, seed)
-    tps = total_new / ours_s
-    log(f"[{name}] ours {tps:.1f} tok/s ({ours_s:.1f}s, of which prefill {prefill_s:.2f}s) -> "
-        f"ratio {tps / ref_tps:.2f}x")
-
-    # Decode roofline: one step reads every weight and the whole static-length KV cache.
-    itemsize = jnp.dtype(dtype).itemsize
+    bandwidth = max(bandwidth, measure_bandwidth()[0])
     cache_len = prompt_len + new_tokens
-    cache_bytes = 2 * cfg.num_hidden_layers * rows * cache_len * cfg.num_key_value_heads * cfg.head_dim * itemsize
-    weight_bytes = n_params * itemsize
-    step_s = (ours_s - prefill_s) / max(steps, 1)
-    roofline_s = (weight_bytes + cache_bytes) / bandwidth
+    cache_item = jnp.dtype(cache_dtype).itemsize
+    cache_bytes = 2 * cfg.num_hidden_layers * rows * cache_len * cfg.num_key_value_heads * cfg.head_dim * cache_item
     matmul_params = n_params - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
     attention_flops = 4 * rows * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * cache_len
     step_flops = 2 * rows * matmul_params + attention_flops
+    by_dtype = {}
+    for dt in dtypes:
+        run, sampler = runners[dt]
+        after = run(seed + 2)
+        ours_s, prefill_s = (before[dt][0] + after[0]) / 2, (before[dt][1] + after[1]) / 2
+        tps = total_new / ours_s
+        log(f"[{name}] ours {dt} (after the reference): {total_new / after[0]:.1f} tok/s; mean {tps:.1f} tok/s "
+            f"-> ratio {tps / ref_tps:.2f}x")
+        matmul[dt] = max(matmul[dt], measure_matmul_flops(dt))
+        # Decode roofline: one step reads every weight and the whole static-length KV cache.
+        weight_bytes = n_params * jnp.dtype(dt).itemsize
+        step_s = (ours_s - prefill_s) / max(after[2], 1)
+        roofline_s = (weight_bytes + cache_bytes) / bandwidth
+        by_dtype[dt] = {
+            "tokens_per_s": round(tps, 1),
+            "ratio_vs_transformers": round(tps / ref_tps, 2),
+            "tokens_per_s_before_after_reference": [round(total_new / before[dt][0], 1),
+                                                    round(total_new / after[0], 1)],
+            "seconds": round(ours_s, 2),
+            "prefill_seconds": round(prefill_s, 2),
+            "decode_step_ms": round(step_s * 1e3, 1),
+            "decode_bytes_per_step": int(weight_bytes + cache_bytes),
+            "decode_roofline_ms": round(roofline_s * 1e3, 1),
+            "roofline_fraction": round(roofline_s / step_s, 3),
+            "matmul_gflop_s": round(matmul[dt] / 1e9, 1),
+            "matmul_peak_fraction": round(step_flops / step_s / matmul[dt], 3),
+            "num_compiles": sampler.num_compiles,
+        }
+    head = by_dtype[dtypes[0]]
     return {
         "params": n_params,
-        "tokens_per_s": round(tps, 1),
+        "dtype": dtypes[0],
+        "tokens_per_s": head["tokens_per_s"],
         "reference_tokens_per_s": round(ref_tps, 1),
-        "ratio_vs_transformers": round(tps / ref_tps, 2),
-        "seconds": round(ours_s, 2),
+        "ratio_vs_transformers": head["ratio_vs_transformers"],
+        "roofline_fraction": head["roofline_fraction"],
+        "matmul_peak_fraction": head["matmul_peak_fraction"],
+        "decode_step_ms": head["decode_step_ms"],
         "reference_seconds": round(ref_s, 2),
         "reference_measured_new_tokens": ref_new_tokens,
         "reference_extrapolated": ref_new_tokens != new_tokens,
-        "prefill_seconds": round(prefill_s, 2),
         "reference_prefill_seconds": round(ref_prefill_s, 2),
         "reference_decode_step_ms": round(ref_step_s * 1e3, 1),
-        "decode_step_ms": round(step_s * 1e3, 1),
-        "decode_bytes_per_step": int(weight_bytes + cache_bytes),
-        "decode_roofline_ms": round(roofline_s * 1e3, 1),
-        "roofline_fraction": round(roofline_s / step_s, 3),
+        "read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
         "decode_flops_per_step": int(step_flops),
-        "matmul_peak_fraction": round(step_flops / step_s / matmul_flops, 3),
-        "num_compiles": compiles,
+        "cache_dtype": cache_dtype,
+        "by_dtype": by_dtype,
     }
 
 
@@ -243,7 +287,11 @@ def main(argv: list[str] | None = None, prog: str = "mtgrpo bench rollout") -> i
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--ref-new-tokens", type=int, default=None,
                     help="new tokens the reference really generates (default: all for <20M params, else 16)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="our compute/cache dtype")
+    ap.add_argument("--dtypes", default="float32",
+                    help="our parameter/activation dtypes, comma-separated from float32,bfloat16; the first is "
+                         "the headline, the others are measured around the same reference (default float32)")
+    ap.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="our KV cache dtype (default float32: XLA:CPU's bf16 attention dots are slow)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the reference")
     args = ap.parse_args(argv)
     if args.quick:
@@ -251,6 +299,10 @@ def main(argv: list[str] | None = None, prog: str = "mtgrpo bench rollout") -> i
     for name in ("prompts", "prompt_len", "n", "new_tokens", "threads"):
         if getattr(args, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive")
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+    bad = [d for d in dtypes if d not in ("float32", "bfloat16")]
+    if bad or not dtypes:
+        ap.error(f"--dtypes: unknown dtype {bad[0] if bad else args.dtypes!r} (known: float32, bfloat16)")
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SIZES]
     if unknown or not sizes:
@@ -260,18 +312,19 @@ def main(argv: list[str] | None = None, prog: str = "mtgrpo bench rollout") -> i
 
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     bandwidth, copy_bandwidth = measure_bandwidth()
-    matmul = measure_matmul_flops(args.dtype)
+    matmul = measure_matmul_flops(dtypes[0])
     log(f"device {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; measured read bandwidth "
         f"{bandwidth / 1e9:.1f} GB/s (copy {copy_bandwidth / 1e9:.1f} GB/s), "
-        f"{args.dtype} matmul {matmul / 1e9:.0f} GFLOP/s")
+        f"{dtypes[0]} matmul {matmul / 1e9:.0f} GFLOP/s")
     results = {}
     for name in sizes:
         results[name] = run_size(name, prompts=args.prompts, prompt_len=args.prompt_len, n=args.n,
-                                 new_tokens=args.new_tokens, ref_new_tokens=args.ref_new_tokens, dtype=args.dtype,
-                                 threads=args.threads, bandwidth=bandwidth, matmul_flops=matmul, log=log)
+                                 new_tokens=args.new_tokens, ref_new_tokens=args.ref_new_tokens, dtypes=dtypes,
+                                 cache_dtype=args.cache_dtype, threads=args.threads, log=log)
     report = {
         "setup": {"prompts": args.prompts, "prompt_len": args.prompt_len, "n": args.n, "new_tokens": args.new_tokens,
-                  "temperature": 1.0, "dtype": args.dtype, "reference": "transformers generate, torch CPU float32",
+                  "temperature": 1.0, "dtypes": list(dtypes),
+                  "cache_dtype": args.cache_dtype, "reference": "transformers generate, torch CPU float32",
                   "torch_threads": args.threads, "device": jax.devices()[0].device_kind,
                   "read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
                   "copy_bandwidth_gb_s": round(copy_bandwidth / 1e9, 2), "matmul_gflop_s": round(matmul / 1e9, 1)},
@@ -280,12 +333,13 @@ def main(argv: list[str] | None = None, prog: str = "mtgrpo bench rollout") -> i
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"\n{'size':>6} {'params':>8} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6} {'step ms':>8} "
-              f"{'roofline':>9} {'matmul':>7}")
+        print(f"\n{'size':>6} {'dtype':>9} {'params':>8} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6} "
+              f"{'step ms':>8} {'roofline':>9} {'matmul':>7}")
         for name, r in results.items():
-            print(f"{name:>6} {r['params'] / 1e6:7.1f}M {r['tokens_per_s']:11.1f} {r['reference_tokens_per_s']:9.1f} "
-                  f"{r['ratio_vs_transformers']:5.2f}x {r['decode_step_ms']:8.1f} {r['roofline_fraction']:9.1%} "
-                  f"{r['matmul_peak_fraction']:7.1%}")
+            for dt, d in r["by_dtype"].items():
+                print(f"{name:>6} {dt:>9} {r['params'] / 1e6:7.1f}M {d['tokens_per_s']:11.1f} "
+                      f"{r['reference_tokens_per_s']:9.1f} {d['ratio_vs_transformers']:5.2f}x "
+                      f"{d['decode_step_ms']:8.1f} {d['roofline_fraction']:9.1%} {d['matmul_peak_fraction']:7.1%}")
     return 0
 
 

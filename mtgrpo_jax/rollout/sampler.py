@@ -174,7 +174,9 @@ class Sampler:
       mesh: optional (data, fsdp, tensor) mesh: batch over (data, fsdp), kv heads over tensor, and the
         weights moved into the "serve" layout at each call (`to_serve_layout`; a no-op when they
         already are, `last_reshard_seconds` records the cost).
-      cache_dtype: KV cache dtype (default: the model's activation dtype).
+      cache_dtype: KV cache dtype (default: the model's activation dtype). On CPU, a float32 cache
+        under bf16 weights is faster than a bf16 one (XLA:CPU's bf16 batched attention dots are
+        slow; measured 0.84 s vs 1.44 s per 100M-parameter decode step at 512 rows).
       truncate_prompts: if True, prompts longer than the largest prompt bucket keep their last
         tokens (counted in `num_truncated_prompts` and in each output); if False they raise ValueError.
       pad_token_id: id used for padding (default: tokenizer pad, else the first EOS id, else 0).
@@ -349,7 +351,8 @@ class Sampler:
         if self.mesh is None:
             return jnp.asarray(x)
         spec = PartitionSpec(_batch_axes(self.mesh, x.shape[0]), *([None] * (x.ndim - 1)))
-        return jax.device_put(x, NamedSharding(self.mesh, spec))
+        # every process holds the same prompts; each supplies its own shards (no cross-process check)
+        return parallel.host_to_global(x, NamedSharding(self.mesh, spec))
 
     def _cache_layout(self, rows: int, length: int):
         """(shapes, shardings) pytrees of the decode cache for this implementation and shape: rows
