@@ -14,16 +14,22 @@ def exact_match(answer: str, target: str) -> bool:
 
 
 @dataclasses.dataclass
-class ZebraTask(BaseTask):
-    """Logic grid puzzles (reasoning-gym `zebra_puzzles`); the answer is a name."""
-
-    family: ClassVar[str] = "zebra"
+class ExactMatchTask(BaseTask):
+    """A task whose answer is a target string, matched after trimming, case-insensitively (the released
+    zebra and ARC verifiers)."""
 
     def check(self, answer: str, example: Mapping[str, Any]) -> bool:
         return exact_match(answer, target_string(example))
 
     def reference_answer(self, example: Mapping[str, Any]) -> str:
         return target_string(example).strip()
+
+
+@dataclasses.dataclass
+class ZebraTask(ExactMatchTask):
+    """Logic grid puzzles (reasoning-gym `zebra_puzzles`); the answer is a name."""
+
+    family: ClassVar[str] = "zebra"
 
     def demonstration_reasoning(self, example: Mapping[str, Any]) -> str:
         return (
@@ -33,16 +39,10 @@ class ZebraTask(BaseTask):
 
 
 @dataclasses.dataclass
-class Arc1DTask(BaseTask):
+class Arc1DTask(ExactMatchTask):
     """One-dimensional ARC (reasoning-gym `arc_1d`); the answer is the output grid as a string."""
 
     family: ClassVar[str] = "arc_1d"
-
-    def check(self, answer: str, example: Mapping[str, Any]) -> bool:
-        return exact_match(answer, target_string(example))
-
-    def reference_answer(self, example: Mapping[str, Any]) -> str:
-        return target_string(example).strip()
 
     def demonstration_reasoning(self, example: Mapping[str, Any]) -> str:
         return (
