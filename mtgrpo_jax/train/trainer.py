@@ -25,11 +25,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mtgrpo_jax.config import Config, save_config
 from mtgrpo_jax.data import TaskSet
 from mtgrpo_jax.models import save_pretrained
-from mtgrpo_jax.parallel import host_to_global, to_host
+from mtgrpo_jax.parallel import BATCH_AXES, host_to_global, to_host
 from mtgrpo_jax.rl import group_advantages, zero_gradient_mask
 from mtgrpo_jax.tasks import score_batch
 from mtgrpo_jax.train import setup
-from mtgrpo_jax.train.batch import Batch, Group, build_batch, pick_bucket
+from mtgrpo_jax.train.batch import Group, build_batch, pick_bucket
 from mtgrpo_jax.train.checkpoint import Checkpointer
 from mtgrpo_jax.train.evaluate import evaluate_tasks
 from mtgrpo_jax.train.policy import Policy
@@ -46,7 +46,6 @@ from mtgrpo_jax.train.update import (
 )
 from mtgrpo_jax.weighting import TaskSignals
 
-BATCH_AXES = ("data", "fsdp")
 
 
 def _agree_on_scores(rewards: np.ndarray, correct: np.ndarray, formatted: np.ndarray):
@@ -77,10 +76,7 @@ class Trainer:
         self.sampler = setup.build_sampler(cfg, len(self.tasks))
         self.weight_opt = setup.build_weight_optimizer(cfg, len(self.tasks))
         self.weight_state = self.weight_opt.init(len(self.tasks))
-        self.weights = np.full(len(self.tasks), 1.0 / len(self.tasks), np.float32)
-        if cfg.weighting.kind == "static":
-            w = np.asarray(cfg.weighting.weights, np.float32)
-            self.weights = w / w.sum()
+        self.weights = np.asarray(to_host(self.weight_opt.weights(self.weight_state)), np.float32)
 
         self.graphdef, self.params, self.rest = nnx.split(self.model, nnx.Param, ...)
         o = cfg.optim
