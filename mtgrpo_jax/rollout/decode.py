@@ -35,7 +35,8 @@ _MASK_VALUE = float(np.finfo(np.float32).min)
 
 
 class DecodeCache(NamedTuple):
-    """Per-layer keys `[B, Hkv, D, S]` and values `[B, Hkv, S, D]`, each a tuple of L arrays."""
+    """Per layer, a tuple of slot blocks: keys `[B, Hkv, D, C_j]` and values `[B, Hkv, C_j, D]`;
+    block j holds slots [j * C, j * C + C_j) (see `block_sizes`)."""
 
     k: tuple
     v: tuple
@@ -47,10 +48,18 @@ def supports(model) -> bool:
             and hasattr(model, "_forward"))
 
 
-def cache_shapes(model, rows: int, length: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Shapes of one layer's k and v decode cache."""
+def block_sizes(length: int, block: int | None) -> tuple[int, ...]:
+    """Slot counts of the cache blocks for a cache of `length` slots (one block when `block` is None)."""
+    block = length if block is None else block
+    return tuple(min(block, length - start) for start in range(0, length, block))
+
+
+def cache_shapes(model, rows: int, length: int, block: int | None = None):
+    """Shapes of one layer's k and v decode cache: a tuple of block shapes each."""
     cfg = model.config
-    return (rows, cfg.num_key_value_heads, cfg.head_dim, length), (rows, cfg.num_key_value_heads, length, cfg.head_dim)
+    nkv, d = cfg.num_key_value_heads, cfg.head_dim
+    sizes = block_sizes(length, block)
+    return tuple((rows, nkv, d, c) for c in sizes), tuple((rows, nkv, c, d) for c in sizes)
 
 
 def prepare_weights(model) -> dict:
@@ -105,30 +114,70 @@ def prefill_last_logits(model, prompt_ids, positions, cache, kv_mask):
 def from_model_cache(model_cache, full: DecodeCache, n: int) -> DecodeCache:
     """Writes a prefilled model cache `[L, B, P, Hkv, D]` into slots [0, P) of `full` (rows B*n,
     prompt b's k/v repeated for its n samples), in place when `full` is donated."""
-    def put(dst, src, perm):
-        src = jnp.repeat(jnp.transpose(src, perm), n, axis=0).astype(dst.dtype)
-        return jax.lax.dynamic_update_slice(dst, src, (0, 0, 0, 0))
+    p = model_cache.k.shape[2]
+
+    def put(blocks, src, perm, slot_axis):
+        src = jnp.repeat(jnp.transpose(src, perm), n, axis=0)
+        out, start = [], 0
+        for dst in blocks:
+            size = dst.shape[slot_axis]
+            if start < p:
+                part = jax.lax.slice_in_dim(src, start, min(start + size, p), axis=slot_axis).astype(dst.dtype)
+                dst = jax.lax.dynamic_update_slice(dst, part, (0, 0, 0, 0))
+            out.append(dst)
+            start += size
+        return tuple(out)
+
     layers = range(len(full.k))
-    return DecodeCache(tuple(put(full.k[i], model_cache.k[i], (0, 2, 3, 1)) for i in layers),  # [B, Hkv, D, P]
-                       tuple(put(full.v[i], model_cache.v[i], (0, 2, 1, 3)) for i in layers))  # [B, Hkv, P, D]
+    return DecodeCache(tuple(put(full.k[i], model_cache.k[i], (0, 2, 3, 1), 3) for i in layers),  # [B, Hkv, D, P]
+                       tuple(put(full.v[i], model_cache.v[i], (0, 2, 1, 3), 2) for i in layers))  # [B, Hkv, P, D]
 
 
-def step(model, weights, cache: DecodeCache, tokens, positions, slot, kv_mask):
+def _write(blocks, new, slot, slot_axis: int, first: int, stop: int):
+    """Writes `new` (size 1 along `slot_axis`) at cache `slot` (traced) into the block that holds
+    it, looking only at blocks [first, stop) (the caller knows the slot is in one of them). When
+    there are several, those that do not hold the slot get their own value back (a one-slot read
+    and write each)."""
+    out, start = list(blocks), 0
+    candidates = range(first, stop)
+    for j, block in enumerate(blocks):
+        size = block.shape[slot_axis]
+        if j in candidates:
+            local = slot - start
+            index = [0, 0, 0, 0]
+            if len(candidates) == 1:
+                index[slot_axis] = local
+                out[j] = jax.lax.dynamic_update_slice(block, new.astype(block.dtype), tuple(index))
+            else:
+                index[slot_axis] = jnp.clip(local, 0, size - 1)
+                old = jax.lax.dynamic_slice(block, tuple(index), new.shape)
+                inside = (local >= 0) & (local < size)
+                value = jnp.where(inside, new.astype(block.dtype), old)
+                out[j] = jax.lax.dynamic_update_slice(block, value, tuple(index))
+        start += size
+    return tuple(out)
+
+
+def step(model, weights, cache: DecodeCache, tokens, positions, slot, kv_mask, *, blocks: int | None = None,
+         first_block: int = 0):
     """One token per row: `tokens` int32 [B] at `positions` [B], written at cache `slot` (scalar);
     `weights` from `prepare_weights`.
 
-    Row b attends to slots s <= slot with kv_mask[b, s]. Returns float32 logits [B, V] and the cache."""
+    Row b attends to slots s <= slot with kv_mask[b, s], reading only the first `blocks` cache
+    blocks (all when None); the caller guarantees that `slot` lies in blocks [first_block, blocks).
+    Returns float32 logits [B, V] and the cache."""
     cfg, dt = model.config, model.dtype
     b = tokens.shape[0]
     angles = positions.astype(jnp.float32)[:, None, None] * jnp.asarray(tfm.rope_inv_freq(cfg))  # [B, 1, D/2]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x = jnp.take(weights["embed"], tokens, axis=0).astype(dt)  # [B, H]
-    s_len = cache.v[0].shape[2]
-    mask = kv_mask & (jnp.arange(s_len)[None, :] <= slot)  # [B, S]
+    blocks = len(cache.k[0]) if blocks is None else blocks
+    window = sum(v.shape[2] for v in cache.v[0][:blocks])  # slots read this step
+    mask = kv_mask[:, :window] & (jnp.arange(window)[None, :] <= slot)  # [B, W]
     nkv, d = cfg.num_key_value_heads, cfg.head_dim
     group = cfg.num_attention_heads // nkv
     nq = cfg.num_attention_heads
-    att_dt = jnp.promote_types(dt, cache.k[0].dtype)
+    att_dt = jnp.promote_types(dt, cache.k[0][0].dtype)
     new_k, new_v = [], []
 
     def mm(a, w):
@@ -154,8 +203,8 @@ def step(model, weights, cache: DecodeCache, tokens, positions, slot, kv_mask):
             k = tfm.rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
         q = tfm.apply_rope(q[:, None], cos, sin)[:, 0]
         k = tfm.apply_rope(k[:, None], cos, sin)[:, 0]
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k[:, :, :, None].astype(k_cache.dtype), (0, 0, 0, slot))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v[:, :, None, :].astype(v_cache.dtype), (0, 0, slot, 0))
+        k_cache = _write(k_cache, k[:, :, :, None], slot, 3, first_block, blocks)
+        v_cache = _write(v_cache, v[:, :, None, :], slot, 2, first_block, blocks)
         new_k.append(k_cache)
         new_v.append(v_cache)
 
@@ -163,10 +212,17 @@ def step(model, weights, cache: DecodeCache, tokens, positions, slot, kv_mask):
         # match; with a float32 cache under bf16 weights (faster on CPU, whose bf16 batched dots are
         # slow) no per-step cast of the whole cache.
         qg = q.reshape(b, nkv, group, d).astype(att_dt)  # query head k * group + g reads kv head k
-        scores = jnp.einsum("bkgd,bkds->bkgs", qg, k_cache.astype(att_dt), preferred_element_type=jnp.float32)
+        scores = jnp.concatenate([
+            jnp.einsum("bkgd,bkds->bkgs", qg, kb.astype(att_dt), preferred_element_type=jnp.float32)
+            for kb in k_cache[:blocks]], axis=-1)
         scores = jnp.where(mask[:, None, None, :], scores * (d**-0.5), _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(att_dt)
-        attn = jnp.einsum("bkgs,bksd->bkgd", probs, v_cache.astype(att_dt), preferred_element_type=jnp.float32)
+        attn, start = 0.0, 0
+        for vb in v_cache[:blocks]:
+            size = vb.shape[2]
+            attn = attn + jnp.einsum("bkgs,bksd->bkgd", probs[..., start:start + size], vb.astype(att_dt),
+                                     preferred_element_type=jnp.float32)
+            start += size
         out = mm(attn.astype(dt).reshape(b, nq * d), w["o"])
         if cfg.o_proj_bias:
             out = out + w["o_bias"]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from typing import Sequence
@@ -183,11 +184,18 @@ class Sampler:
       decode_impl: "fast" (the decode step of `rollout.decode`: per-layer cache in the CPU-friendly
         layout), "model" (the model's own cached call, `[L, B, S, Hkv, D]` cache), or "auto"
         (fast when the model is the project's Transformer).
+      attention_block: slots per cache block of the fast path (None: one block). Decoding runs in
+        up to `max_phases` loops, each reading only the blocks written so far instead of the whole
+        static-length cache. Default "auto": 32 on CPU, where attention over 32-slot blocks also
+        runs nearer the memory bandwidth than one long block (100M-parameter shape, 512 rows, 192
+        slots: a float32 decode step of about 660 ms instead of 735 ms); None on accelerators,
+        where many small dots per step would cost more than they save.
+      max_phases: the most decode loops one program holds (each is compiled; default 4).
     """
 
     def __init__(self, model, tokenizer=None, buckets: Buckets | dict | None = None, mesh=None, *,
                  cache_dtype=None, truncate_prompts: bool = False, pad_token_id: int | None = None,
-                 decode_impl: str = "auto"):
+                 decode_impl: str = "auto", attention_block: int | str | None = "auto", max_phases: int = 4):
         if buckets is None:
             buckets = Buckets()
         elif isinstance(buckets, dict):
@@ -199,6 +207,15 @@ class Sampler:
         if decode_impl == "fast" and not decode.supports(model):
             raise ValueError(f"decode_impl='fast' needs mtgrpo_jax.models.Transformer, got {type(model).__name__}")
         self.decode_impl = ("fast" if decode.supports(model) else "model") if decode_impl == "auto" else decode_impl
+        if attention_block == "auto":
+            platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+            attention_block = 32 if platform == "cpu" else None
+        if attention_block is not None and (not isinstance(attention_block, (int, np.integer)) or attention_block <= 0):
+            raise ValueError(f"attention_block must be a positive integer, None or 'auto', got {attention_block!r}")
+        if not isinstance(max_phases, (int, np.integer)) or max_phases <= 0:
+            raise ValueError(f"max_phases must be a positive integer, got {max_phases!r}")
+        self.attention_block = None if attention_block is None else int(attention_block)
+        self.max_phases = int(max_phases)
         self.model = model
         self.tokenizer = tokenizer
         self.buckets = buckets
@@ -358,8 +375,8 @@ class Sampler:
         """(shapes, shardings) pytrees of the decode cache for this implementation and shape: rows
         over (data, fsdp), kv heads over tensor when it divides them; shardings None without a mesh."""
         cfg = self.config
-        if self.decode_impl == "fast":  # per layer: k [R, Hkv, D, S], v [R, Hkv, S, D]
-            k_shape, v_shape = decode.cache_shapes(self.model, rows, length)
+        if self.decode_impl == "fast":  # per layer, per block: k [R, Hkv, D, C], v [R, Hkv, C, D]
+            k_shape, v_shape = decode.cache_shapes(self.model, rows, length, self.attention_block)
             shapes = decode.DecodeCache((k_shape,) * cfg.num_hidden_layers, (v_shape,) * cfg.num_hidden_layers)
             batch_dim, head_dim, ndim = 0, 1, 4
         else:  # the model's [L, R, S, Hkv, D]
@@ -387,6 +404,17 @@ class Sampler:
         make = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s, self.cache_dtype), shapes, is_leaf=_is_shape),
                        out_shardings=shardings)
         return make()
+
+    def _phases(self, p: int, m: int) -> list[tuple[int, tuple[int, int | None]]]:
+        """The decode loops of one program: (t_end, (first_block, blocks)) each. Step t writes slot
+        p + t; a phase runs the steps t < t_end whose slots lie in blocks [first_block, blocks) and
+        reads blocks [0, blocks). The touched blocks are split into at most `max_phases` runs."""
+        if self.decode_impl != "fast" or m < 2:
+            return [(m, (0, None))]
+        ends = np.cumsum(decode.block_sizes(p + m, self.attention_block))  # exclusive end slot per block
+        first, last = (int(np.searchsorted(ends, slot, side="right")) for slot in (p, p + m - 2))
+        groups = np.array_split(np.arange(first, last + 1), min(self.max_phases, last - first + 1))
+        return [(int(ends[g[-1]]) - p, (int(g[0]), int(g[-1]) + 1)) for g in groups]
 
     # ------------------------------------------------------------------ the device program
     def _run(self, state, cache, prompt_ids, prompt_mask, key, row_offset, valid_rows, temperature, top_p, stop_mask, *,
@@ -437,9 +465,10 @@ class Sampler:
         def is_stop(tok):
             return stop_mask[tok]
 
-        def forward(cache, tok, t):
+        def forward(cache, tok, t, blocks):
             if self.decode_impl == "fast":
-                return decode.step(model, weights, cache, tok, prompt_len + t, p + t, kv_mask)
+                return decode.step(model, weights, cache, tok, prompt_len + t, p + t, kv_mask,
+                                   blocks=blocks[1], first_block=blocks[0])
             step_logits, cache = model(tok[:, None], positions=(prompt_len + t)[:, None], cache=cache,
                                        cache_index=p + t, kv_mask=kv_mask)
             return step_logits[:, 0], cache
@@ -451,13 +480,13 @@ class Sampler:
         logprobs = jnp.zeros((rows, m), jnp.float32).at[:, 0].set(lp)
         lengths = jnp.ones((rows,), jnp.int32)
 
-        def cond(carry):
+        def cond(carry, t_end):
             t, _, _, _, done, _, _ = carry
-            return (t + 1 < m) & ~jnp.all(done)
+            return (t + 1 < m) & (t < t_end) & ~jnp.all(done)
 
-        def body(carry):
+        def body(carry, blocks):
             t, cache, tokens, logprobs, done, tok, lengths = carry
-            step_logits, cache = forward(cache, tok, t)
+            step_logits, cache = forward(cache, tok, t, blocks)
             new_tok, new_lp = draw(step_logits, t + 1)
             new_tok = jnp.where(done, self.pad_token_id, new_tok)
             new_lp = jnp.where(done, 0.0, new_lp)
@@ -469,6 +498,10 @@ class Sampler:
 
         done = is_stop(tok) | (jnp.arange(rows) >= valid_rows)  # bucket padding rows never hold the loop
         carry = (jnp.int32(0), cache, tokens, logprobs, done, tok, lengths)
-        t, cache, tokens, logprobs, _, _, lengths = jax.lax.while_loop(cond, body, carry)
+        # One loop per phase; a phase's steps read only the cache blocks written so far.
+        for t_end, blocks in self._phases(p, m):
+            carry = jax.lax.while_loop(functools.partial(cond, t_end=t_end), functools.partial(body, blocks=blocks),
+                                       carry)
+        t, cache, tokens, logprobs, _, _, lengths = carry
         last = jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)[:, 0]
         return (tokens, logprobs, lengths, is_stop(last), t), cache

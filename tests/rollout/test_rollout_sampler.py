@@ -12,7 +12,7 @@ from flax import nnx
 from scipy import stats
 
 from mtgrpo_jax.models import ModelConfig, Transformer
-from mtgrpo_jax.rollout import Buckets, Sampler, SamplingParams, to_serve_layout
+from mtgrpo_jax.rollout import Buckets, Sampler, SamplingParams, decode, to_serve_layout
 
 ALPHA = 1e-3
 BASE = dict(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -101,6 +101,44 @@ def test_greedy_matches_stepwise_argmax_and_logprobs(models, samplers, family, i
         np.testing.assert_allclose(out.logprobs[i], logp[np.arange(m), expect], atol=1e-4, rtol=0)
         seen.update(expect)
     assert len(seen) >= 5  # non-degenerate paths (not the random-init "repeat the last token" case)
+
+
+@pytest.mark.parametrize("block,max_phases", [(5, 2), (3, 8), (None, 4)])
+def test_blocked_cache_and_phased_decode_match_stepwise_argmax(models, block, max_phases):
+    """Cache blocks that do not divide the prompt bucket or the cache, several blocks per phase
+    (masked writes) and one block per phase all give the reference greedy path and logprobs."""
+    model = models["qwen3"]
+    sampler = Sampler(model, None, BUCKETS, attention_block=block, max_phases=max_phases)
+    assert sampler.attention_block == block
+    m = 12
+    phases = sampler._phases(16, m)
+    assert len(phases) == (1 if block is None else max_phases if block == 5 else 4)
+    out = sampler.generate(PROMPTS, dataclasses.replace(GREEDY, max_new_tokens=m))
+    for i, prompt in enumerate(PROMPTS):
+        expect = reference_greedy(model, prompt, m)
+        assert out.tokens[i].tolist() == expect, (block, i)
+        logp = full_forward_log_softmax(model, prompt + expect)[len(prompt) - 1:-1]
+        np.testing.assert_allclose(out.logprobs[i], logp[np.arange(m), expect], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("p,m,block,max_phases", [(16, 12, 5, 2), (8, 1, 4, 4), (8, 2, 4, 4), (64, 128, 32, 4),
+                                                  (64, 128, 32, 3), (256, 1024, 32, 4), (7, 30, 64, 4),
+                                                  (16, 9, 3, 100)])
+def test_decode_phases_cover_every_step_once_in_order(models, p, m, block, max_phases):
+    """Every decode step t in [0, m - 1) runs in exactly one phase, phases run in order, and the
+    slot p + t a step writes lies in the blocks its phase may write and read."""
+    sampler = Sampler(models["qwen2"], None, BUCKETS, attention_block=block, max_phases=max_phases)
+    phases = sampler._phases(p, m)
+    assert 1 <= len(phases) <= max_phases
+    starts = np.concatenate([[0], np.cumsum(decode.block_sizes(p + m, block))])
+    t, seen = 0, []
+    for t_end, (first, blocks) in phases:
+        while t + 1 < m and t < t_end:
+            slot = p + t
+            assert starts[first] <= slot < starts[blocks], (t, first, blocks)
+            seen.append(t)
+            t += 1
+    assert seen == list(range(m - 1))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
