@@ -9,6 +9,9 @@ float32 parameters, activations and KV cache. `--dtypes float32,bfloat16` also m
 bf16 weights and activations (the library default; same weights rounded) around the same float32
 reference; its KV cache stays float32 (`--cache-dtype`), because XLA:CPU's bf16 batched attention
 dots are slow while its bf16 x bf16 -> f32 matmuls are about twice as fast as float32 ones.
+`--reference-dtype bfloat16` runs transformers in bf16 instead (on a CPU with AVX512-BF16 its
+decode steps are about 1.25x and its prefill about 2x faster than in float32), for a
+bf16-against-bf16 comparison.
 
 Reported per size:
 - tokens_per_s: new tokens / wall time of one `generate` call (compilation excluded, prefill
@@ -21,8 +24,9 @@ Reported per size:
   measured ones). Later steps of transformers' growing cache are slower than earlier ones (at 100M:
   1.55 s per step in the first quarter, 2.07 s in the last), so the extrapolation flatters the
   reference (280 instead of 246 tokens/s) and is flagged `reference_extrapolated`.
-- decode roofline: bytes one decode step must read (all weights + the KV cache at its static length)
-  over the read bandwidth (a 512 MiB row-sum), compared with the measured decode-step time; and the
+- decode roofline: bytes one decode step must read (all weights + the KV cache slots the step
+  reads, averaged over the steps: the sampler reads only the cache blocks written so far) over the
+  read bandwidth (a 512 MiB row-sum), compared with the measured decode-step time; and the
   same step's FLOPs over the measured matmul rate (a 2048^3 matmul). At 512 rows a CPU decode step is
   compute bound, so the second fraction is the one that can approach 1. Both hardware figures are
   measured before and after each size, and the better one is used.
@@ -102,6 +106,23 @@ def measure_matmul_flops(dtype: str = "float32", size: int = 2048, repeats: int 
     return 2 * size**3 / best
 
 
+def mean_slots_read(sampler, prompt_len: int, new_tokens: int) -> float:
+    """Mean number of KV-cache slots one decode step of `sampler` reads (its phases read only the
+    cache blocks written so far; the model path reads the whole static-length cache)."""
+    from mtgrpo_jax.rollout import decode
+
+    total = prompt_len + new_tokens
+    if sampler.decode_impl != "fast" or new_tokens < 2:
+        return float(total)
+    ends = np.cumsum(decode.block_sizes(total, sampler.attention_block))
+    slots, t = [], 0
+    for t_end, (_, blocks) in sampler._phases(prompt_len, new_tokens):
+        while t + 1 < new_tokens and t < t_end:
+            slots.append(int(ends[blocks - 1]))
+            t += 1
+    return float(np.mean(slots))
+
+
 def _ours(model, prompts, n, new_tokens, seed, cache_dtype):
     """Compiles the sampler program for this shape and returns (`run(key)`, sampler); `run` times
     one prefill-only call and one full call: (full seconds, prefill seconds, decode steps).
@@ -135,14 +156,14 @@ def _ours(model, prompts, n, new_tokens, seed, cache_dtype):
     return run, sampler
 
 
-def _reference(model_dir, prompts, n, new_tokens, full_tokens, threads):
+def _reference(model_dir, prompts, n, new_tokens, full_tokens, threads, dtype="float32"):
     """transformers' generate on CPU: (seconds for `full_tokens` (extrapolated when fewer were generated),
     measured seconds, prefill seconds, mean decode-step seconds)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
     torch.set_num_threads(threads)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     hf.eval()
     stamps: list[float] = []
 
@@ -177,7 +198,8 @@ def _reference(model_dir, prompts, n, new_tokens, full_tokens, threads):
 
 
 def run_size(name: str, *, prompts: int, prompt_len: int, n: int, new_tokens: int, ref_new_tokens: int | None,
-             dtypes: tuple[str, ...], cache_dtype: str, threads: int, seed: int = 0, log=print) -> dict:
+             dtypes: tuple[str, ...], cache_dtype: str, threads: int, reference_dtype: str = "float32", seed: int = 0,
+             log=print) -> dict:
     """One size: ours (per dtype), then the reference, then ours again; the CPU is shared, so ours is
     averaged over both sides of the reference. The hardware figures are measured before and after
     (best of). The top-level numbers are those of `dtypes[0]`; every dtype is under `by_dtype`."""
@@ -213,17 +235,19 @@ def run_size(name: str, *, prompts: int, prompt_len: int, n: int, new_tokens: in
         ref_new_tokens = new_tokens if ref_new_tokens is None else min(ref_new_tokens, new_tokens)
         log(f"[{name}] reference: transformers generate, {rows} rows x {ref_new_tokens} new tokens")
         ref_s, ref_measured_s, ref_prefill_s, ref_step_s = _reference(tmp, prompt_ids, n, ref_new_tokens,
-                                                                      new_tokens, threads)
+                                                                      new_tokens, threads, reference_dtype)
     ref_tps = total_new / ref_s
     log(f"[{name}] reference {ref_tps:.1f} tok/s ({ref_measured_s:.1f}s measured"
         + (f", extrapolated to {new_tokens} tokens: {ref_s:.1f}s)" if ref_new_tokens != new_tokens else ")"))
 
     bandwidth = max(bandwidth, measure_bandwidth()[0])
-    cache_len = prompt_len + new_tokens
+    # Cache slots a decode step reads, averaged over the steps: the sampler's phases read only the
+    # blocks written so far (the same for every dtype: one block layout per sampler).
+    cache_len = mean_slots_read(next(iter(runners.values()))[1], prompt_len, new_tokens)
     cache_item = jnp.dtype(cache_dtype).itemsize
-    cache_bytes = 2 * cfg.num_hidden_layers * rows * cache_len * cfg.num_key_value_heads * cfg.head_dim * cache_item
+    cache_bytes = int(2 * cfg.num_hidden_layers * rows * cache_len * cfg.num_key_value_heads * cfg.head_dim * cache_item)
     matmul_params = n_params - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
-    attention_flops = 4 * rows * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * cache_len
+    attention_flops = int(4 * rows * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * cache_len)
     step_flops = 2 * rows * matmul_params + attention_flops
     by_dtype = {}
     for dt in dtypes:
@@ -270,6 +294,7 @@ def run_size(name: str, *, prompts: int, prompt_len: int, n: int, new_tokens: in
         "reference_decode_step_ms": round(ref_step_s * 1e3, 1),
         "read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
         "decode_flops_per_step": int(step_flops),
+        "mean_cache_slots_read": round(cache_len, 1),
         "cache_dtype": cache_dtype,
         "by_dtype": by_dtype,
     }
@@ -294,6 +319,9 @@ def main(argv: list[str] | None = None, prog: str = "mtgrpo bench rollout") -> i
     ap.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="our KV cache dtype (default float32: XLA:CPU's bf16 attention dots are slow)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the reference")
+    ap.add_argument("--reference-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="transformers' compute dtype (default float32, the issue's reference; the weights "
+                         "are the float32 ones either way)")
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.prompts, args.prompt_len, args.n, args.new_tokens = "10m", 8, 32, 4, 16
@@ -323,11 +351,12 @@ def main(argv: list[str] | None = None, prog: str = "mtgrpo bench rollout") -> i
     for name in sizes:
         results[name] = run_size(name, prompts=args.prompts, prompt_len=args.prompt_len, n=args.n,
                                  new_tokens=args.new_tokens, ref_new_tokens=args.ref_new_tokens, dtypes=dtypes,
-                                 cache_dtype=args.cache_dtype, threads=args.threads, log=log)
+                                 cache_dtype=args.cache_dtype, threads=args.threads,
+                                 reference_dtype=args.reference_dtype, log=log)
     report = {
         "setup": {"prompts": args.prompts, "prompt_len": args.prompt_len, "n": args.n, "new_tokens": args.new_tokens,
                   "temperature": 1.0, "dtypes": list(dtypes),
-                  "cache_dtype": args.cache_dtype, "reference": "transformers generate, torch CPU float32",
+                  "cache_dtype": args.cache_dtype, "reference": f"transformers generate, torch CPU {args.reference_dtype}",
                   "torch_threads": args.threads, "device": jax.devices()[0].device_kind,
                   "read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
                   "copy_bandwidth_gb_s": round(copy_bandwidth / 1e9, 2), "matmul_gflop_s": round(matmul / 1e9, 1)},

@@ -12,7 +12,8 @@ everything on device:
 3. decode: a `lax.while_loop` that feeds one token per row, writes k/v in place
    (`dynamic_update_slice`), samples, and ends as soon as every row has produced a stop token or
    `max_new_tokens` tokens were produced. Rows that stopped keep running (static shapes) but are
-   masked, padded and never restarted.
+   masked, padded and never restarted. With a blocked cache (`attention_block`) the loop is split
+   into a few phases, and a phase's steps read only the cache blocks written so far.
 
 The decode step is `rollout.decode.step` (a one-token step over a per-layer cache in the layout the
 CPU wants; see that module for why and for the measured difference) or, with
@@ -186,10 +187,10 @@ class Sampler:
         (fast when the model is the project's Transformer).
       attention_block: slots per cache block of the fast path (None: one block). Decoding runs in
         up to `max_phases` loops, each reading only the blocks written so far instead of the whole
-        static-length cache. Default "auto": 32 on CPU, where attention over 32-slot blocks also
-        runs nearer the memory bandwidth than one long block (100M-parameter shape, 512 rows, 192
-        slots: a float32 decode step of about 660 ms instead of 735 ms); None on accelerators,
-        where many small dots per step would cost more than they save.
+        static-length cache. Default "auto": 64 on CPU, where attention over 64-slot blocks also
+        runs nearer the memory bandwidth than one long block (100M-parameter benchmark, float32:
+        740 instead of 621 tokens/s; see `rollout.decode`); None on accelerators, where many small
+        dots per step would cost more launches than they save.
       max_phases: the most decode loops one program holds (each is compiled; default 4).
     """
 
@@ -209,7 +210,7 @@ class Sampler:
         self.decode_impl = ("fast" if decode.supports(model) else "model") if decode_impl == "auto" else decode_impl
         if attention_block == "auto":
             platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
-            attention_block = 32 if platform == "cpu" else None
+            attention_block = 64 if platform == "cpu" else None
         if attention_block is not None and (not isinstance(attention_block, (int, np.integer)) or attention_block <= 0):
             raise ValueError(f"attention_block must be a positive integer, None or 'auto', got {attention_block!r}")
         if not isinstance(max_phases, (int, np.integer)) or max_phases <= 0:

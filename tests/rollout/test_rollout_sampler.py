@@ -293,6 +293,10 @@ def test_bad_inputs_raise_clear_errors(models):
         sampler.generate([[1]], SamplingParams(temperature=1.0, max_new_tokens=2))
     with pytest.raises(ValueError, match="decode_impl"):
         Sampler(models["qwen2"], None, BUCKETS, decode_impl="nope")
+    with pytest.raises(ValueError, match="attention_block must be a positive integer"):
+        Sampler(models["qwen2"], None, BUCKETS, attention_block=0)
+    with pytest.raises(ValueError, match="max_phases must be a positive integer"):
+        Sampler(models["qwen2"], None, BUCKETS, max_phases=0)
     assert sampler.num_compiles == 0
 
 
