@@ -24,9 +24,10 @@ Reported per size:
   measured ones). Later steps of transformers' growing cache are slower than earlier ones (at 100M:
   1.55 s per step in the first quarter, 2.07 s in the last), so the extrapolation flatters the
   reference (280 instead of 246 tokens/s) and is flagged `reference_extrapolated`.
-- decode roofline: bytes one decode step must read (all weights + the KV cache slots the step
-  reads, averaged over the steps: the sampler reads only the cache blocks written so far) over the
-  read bandwidth (a 512 MiB row-sum), compared with the measured decode-step time; and the
+- decode roofline: bytes one decode step must read (all weights + the KV cache the step reads,
+  averaged over the steps: each prompt's k/v once for its n samples, and only the generated-token
+  blocks written so far) over the read bandwidth (a 512 MiB row-sum), compared with the measured
+  decode-step time; and the
   same step's FLOPs over the measured matmul rate (a 2048^3 matmul). At 512 rows a CPU decode step is
   compute bound, so the second fraction is the one that can approach 1. Both hardware figures are
   measured before and after each size, and the better one is used.
@@ -106,21 +107,22 @@ def measure_matmul_flops(dtype: str = "float32", size: int = 2048, repeats: int 
     return 2 * size**3 / best
 
 
-def mean_slots_read(sampler, prompt_len: int, new_tokens: int) -> float:
-    """Mean number of KV-cache slots one decode step of `sampler` reads (its phases read only the
-    cache blocks written so far; the model path reads the whole static-length cache)."""
+def mean_slots_read(sampler, prompt_len: int, new_tokens: int) -> tuple[float, float]:
+    """(prompt slots, generated slots) one decode step of `sampler` reads per row, averaged over
+    the steps. The fast path reads each prompt's k/v once for its n samples (the caller divides the
+    prompt bytes by n) and only the generated-token blocks written so far; the model path reads its
+    whole static-length cache, prompt repeated per sample."""
     from mtgrpo_jax.rollout import decode
 
-    total = prompt_len + new_tokens
     if sampler.decode_impl != "fast" or new_tokens < 2:
-        return float(total)
-    ends = np.cumsum(decode.block_sizes(total, sampler.attention_block))
+        return float(prompt_len), float(new_tokens)
+    ends = np.cumsum(decode.block_sizes(new_tokens, sampler.attention_block))
     slots, t = [], 0
-    for t_end, (_, blocks) in sampler._phases(prompt_len, new_tokens):
+    for t_end, (_, blocks) in sampler._phases(new_tokens):
         while t + 1 < new_tokens and t < t_end:
             slots.append(int(ends[blocks - 1]))
             t += 1
-    return float(np.mean(slots))
+    return float(prompt_len), float(np.mean(slots))
 
 
 def _ours(model, prompts, n, new_tokens, seed, cache_dtype):
@@ -241,13 +243,16 @@ def run_size(name: str, *, prompts: int, prompt_len: int, n: int, new_tokens: in
         + (f", extrapolated to {new_tokens} tokens: {ref_s:.1f}s)" if ref_new_tokens != new_tokens else ")"))
 
     bandwidth = max(bandwidth, measure_bandwidth()[0])
-    # Cache slots a decode step reads, averaged over the steps: the sampler's phases read only the
-    # blocks written so far (the same for every dtype: one block layout per sampler).
-    cache_len = mean_slots_read(next(iter(runners.values()))[1], prompt_len, new_tokens)
+    # KV-cache bytes a decode step reads, averaged over the steps (one block layout per sampler).
+    sampler0 = next(iter(runners.values()))[1]
+    prompt_slots, gen_slots = mean_slots_read(sampler0, prompt_len, new_tokens)
+    shared = sampler0.decode_impl == "fast"  # a prompt's k/v is read once for its n samples
+    row_slots = (prompt_slots / n if shared else prompt_slots) + gen_slots
     cache_item = jnp.dtype(cache_dtype).itemsize
-    cache_bytes = int(2 * cfg.num_hidden_layers * rows * cache_len * cfg.num_key_value_heads * cfg.head_dim * cache_item)
+    cache_bytes = int(2 * cfg.num_hidden_layers * rows * row_slots * cfg.num_key_value_heads * cfg.head_dim * cache_item)
     matmul_params = n_params - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
-    attention_flops = int(4 * rows * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * cache_len)
+    attention_flops = int(4 * rows * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim
+                          * (prompt_slots + gen_slots))
     step_flops = 2 * rows * matmul_params + attention_flops
     by_dtype = {}
     for dt in dtypes:
@@ -294,7 +299,7 @@ def run_size(name: str, *, prompts: int, prompt_len: int, n: int, new_tokens: in
         "reference_decode_step_ms": round(ref_step_s * 1e3, 1),
         "read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
         "decode_flops_per_step": int(step_flops),
-        "mean_cache_slots_read": round(cache_len, 1),
+        "cache_slots_read_per_row": round(row_slots, 1),
         "cache_dtype": cache_dtype,
         "by_dtype": by_dtype,
     }

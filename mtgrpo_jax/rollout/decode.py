@@ -14,18 +14,23 @@ major, the layout the CPU batched matmul wants) and v as `[B, Hkv, S, D]`, each 
 with `dynamic_update_slice`; per-layer weights prepared once before the decode loop as plain 2-D
 matrices (q|k|v and gate|up concatenated on one device); the layers unrolled in the loop body.
 
-The slot axis is cut into blocks (`block_sizes`; one block when the sampler's `attention_block` is
-None). A step reads only the first `blocks` of them: the sampler runs its decode loop in phases and
-a phase's steps read the blocks written so far, not the whole static-length cache. On CPU, small
-blocks also run nearer the memory bandwidth: q.k over one 192-slot block ran at about 10 GB/s, over
-64-slot blocks at about 16-20 GB/s. Measured on the 100M-parameter benchmark (512 rows, 64 + 128
-slots, float32): 621 tokens/s with one block, 740 with 64-slot blocks (two phases), 728 with 32-slot
-blocks (four). The math is the model's block, reusing its own `rms_norm`, `apply_rope` and
-`rope_inv_freq` and its `logits` head; the tests check greedy decoding against the model's full
-no-cache forward for every family and for several block and phase layouts, so the two cannot drift
-silently. Prefill still runs the model's own cached forward (its `_forward`, so that only the last
-position goes through the vocabulary head); its cache is transposed into this layout once per
-`generate`.
+The prompts' k/v (`Prefix`) are held once per prompt, not once per sample: a step stacks the
+queries of a prompt's n samples into one matrix per kv head and reads the prompt's keys and values
+once for all of them (n times less prompt traffic, and no n-fold copy of the prompt cache).
+
+The generated-token cache is cut into slot blocks (`block_sizes`; one block when the sampler's
+`attention_block` is None). A step reads only the first `blocks` of them: the sampler runs its
+decode loop in phases, and a phase's steps read the blocks written so far, not the whole
+static-length cache. On CPU, small blocks also run nearer the memory bandwidth: q.k over one
+192-slot block ran at about 10 GB/s, over 64-slot blocks at about 16-20 GB/s. Measured on the
+100M-parameter benchmark (512 rows, 64 + 128 slots, float32; before the shared prefix): 621
+tokens/s with one block, 740 with 64-slot blocks (two phases), 728 with 32-slot blocks (four).
+
+The math is the model's block, reusing its own `rms_norm`, `apply_rope` and `rope_inv_freq` and
+its `logits` head; the tests check greedy decoding against the model's full no-cache forward for
+every family and for several block and phase layouts, so the two cannot drift silently. Prefill
+still runs the model's own cached forward (its `_forward`, so that only the last position goes
+through the vocabulary head).
 """
 
 from __future__ import annotations
@@ -118,26 +123,21 @@ def prefill_last_logits(model, prompt_ids, positions, cache, kv_mask):
     return model.logits(hidden[:, -1:])[:, 0], cache
 
 
-def from_model_cache(model_cache, full: DecodeCache, n: int) -> DecodeCache:
-    """Writes a prefilled model cache `[L, B, P, Hkv, D]` into slots [0, P) of `full` (rows B*n,
-    prompt b's k/v repeated for its n samples), in place when `full` is donated."""
-    p = model_cache.k.shape[2]
+class Prefix(NamedTuple):
+    """The prompts' keys `[Bp, Hkv, D, P]` and values `[Bp, Hkv, P, D]` per layer, held once per
+    prompt (not per sample), and their mask `[Bp, P]`."""
 
-    def put(blocks, src, perm, slot_axis):
-        src = jnp.repeat(jnp.transpose(src, perm), n, axis=0)
-        out, start = [], 0
-        for dst in blocks:
-            size = dst.shape[slot_axis]
-            if start < p:
-                part = jax.lax.slice_in_dim(src, start, min(start + size, p), axis=slot_axis).astype(dst.dtype)
-                dst = jax.lax.dynamic_update_slice(dst, part, (0, 0, 0, 0))
-            out.append(dst)
-            start += size
-        return tuple(out)
+    k: tuple
+    v: tuple
+    mask: jax.Array
 
-    layers = range(len(full.k))
-    return DecodeCache(tuple(put(full.k[i], model_cache.k[i], (0, 2, 3, 1), 3) for i in layers),  # [B, Hkv, D, P]
-                       tuple(put(full.v[i], model_cache.v[i], (0, 2, 1, 3), 2) for i in layers))  # [B, Hkv, P, D]
+
+def prefix_from_model_cache(model_cache, prompt_mask, dtype) -> Prefix:
+    """The prefilled model cache `[L, Bp, P, Hkv, D]` in the decode layout, one copy per prompt."""
+    layers = range(model_cache.k.shape[0])
+    return Prefix(tuple(jnp.transpose(model_cache.k[i], (0, 2, 3, 1)).astype(dtype) for i in layers),
+                  tuple(jnp.transpose(model_cache.v[i], (0, 2, 1, 3)).astype(dtype) for i in layers),
+                  prompt_mask)
 
 
 def _write(blocks, new, slot, slot_axis: int, first: int, stop: int):
@@ -165,13 +165,16 @@ def _write(blocks, new, slot, slot_axis: int, first: int, stop: int):
     return tuple(out)
 
 
-def step(model, weights, cache: DecodeCache, tokens, positions, slot, kv_mask, *, blocks: int | None = None,
-         first_block: int = 0):
-    """One token per row: `tokens` int32 [B] at `positions` [B], written at cache `slot` (scalar);
-    `weights` from `prepare_weights`.
+def step(model, weights, prefix: Prefix, cache: DecodeCache, tokens, positions, slot, *,
+         blocks: int | None = None, first_block: int = 0):
+    """One token per row: `tokens` int32 [B] at `positions` [B]; its k/v are written at slot
+    `slot` (scalar, traced) of the generated-token cache. `weights` from `prepare_weights`; rows are
+    prompt-major (row = prompt * n + sample, n = B / Bp).
 
-    Row b attends to slots s <= slot with kv_mask[b, s], reading only the first `blocks` cache
-    blocks (all when None); the caller guarantees that `slot` lies in blocks [first_block, blocks).
+    Row b attends to its prompt's prefix slots (where `prefix.mask`) and to generated slots
+    s <= slot, reading only the first `blocks` cache blocks (all when None); the caller guarantees
+    that `slot` lies in blocks [first_block, blocks). Each prompt's prefix is read once for its n
+    samples: their queries are stacked into one matrix per prompt and kv head.
     Returns float32 logits [B, V] and the cache."""
     cfg, dt = model.config, model.dtype
     b = tokens.shape[0]
@@ -179,12 +182,15 @@ def step(model, weights, cache: DecodeCache, tokens, positions, slot, kv_mask, *
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x = jnp.take(weights["embed"], tokens, axis=0).astype(dt)  # [B, H]
     blocks = len(cache.k[0]) if blocks is None else blocks
-    window = sum(v.shape[2] for v in cache.v[0][:blocks])  # slots read this step
-    mask = kv_mask[:, :window] & (jnp.arange(window)[None, :] <= slot)  # [B, W]
+    window = sum(v.shape[2] for v in cache.v[0][:blocks])  # generated slots read this step
+    bp, p_len = prefix.mask.shape
+    n = b // bp
+    mask = jnp.concatenate([jnp.repeat(prefix.mask, n, axis=0),
+                            jnp.broadcast_to(jnp.arange(window)[None, :] <= slot, (b, window))], axis=1)  # [B, P+W]
     nkv, d = cfg.num_key_value_heads, cfg.head_dim
     group = cfg.num_attention_heads // nkv
     nq = cfg.num_attention_heads
-    att_dt = jnp.promote_types(dt, cache.k[0][0].dtype)
+    att_dt = jnp.promote_types(dt, prefix.k[0].dtype)
     new_k, new_v = [], []
 
     def mm(a, w):
@@ -193,7 +199,7 @@ def step(model, weights, cache: DecodeCache, tokens, positions, slot, kv_mask, *
         # instead of converting whole operands to f32 first.
         return jnp.dot(a, w, preferred_element_type=jnp.float32).astype(dt)
 
-    for w, k_cache, v_cache in zip(weights["layers"], cache.k, cache.v):
+    for w, k_cache, v_cache, k_prefix, v_prefix in zip(weights["layers"], cache.k, cache.v, prefix.k, prefix.v):
         h = tfm.rms_norm(x, w["input_norm"], cfg.rms_norm_eps)
         if "qkv" in w:
             qkv = mm(h, w["qkv"])
@@ -219,12 +225,18 @@ def step(model, weights, cache: DecodeCache, tokens, positions, slot, kv_mask, *
         # match; with a float32 cache under bf16 weights (faster on CPU, whose bf16 batched dots are
         # slow) no per-step cast of the whole cache.
         qg = q.reshape(b, nkv, group, d).astype(att_dt)  # query head k * group + g reads kv head k
-        scores = jnp.concatenate([
+        # The prefix: prompt i's n samples share its k/v, so their queries go in one matrix.
+        q_shared = qg.reshape(bp, n, nkv, group, d)
+        prefix_scores = jnp.einsum("bnkgd,bkdp->bnkgp", q_shared, k_prefix.astype(att_dt),
+                                   preferred_element_type=jnp.float32).reshape(b, nkv, group, p_len)
+        scores = jnp.concatenate([prefix_scores] + [
             jnp.einsum("bkgd,bkds->bkgs", qg, kb.astype(att_dt), preferred_element_type=jnp.float32)
             for kb in k_cache[:blocks]], axis=-1)
         scores = jnp.where(mask[:, None, None, :], scores * (d**-0.5), _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(att_dt)
-        attn, start = 0.0, 0
+        attn = jnp.einsum("bnkgp,bkpd->bnkgd", probs[..., :p_len].reshape(bp, n, nkv, group, p_len),
+                          v_prefix.astype(att_dt), preferred_element_type=jnp.float32).reshape(b, nkv, group, d)
+        start = p_len
         for vb in v_cache[:blocks]:
             size = vb.shape[2]
             attn = attn + jnp.einsum("bkgs,bksd->bkgd", probs[..., start:start + size], vb.astype(att_dt),

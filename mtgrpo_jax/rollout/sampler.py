@@ -5,10 +5,12 @@ everything on device:
 
 1. prefill: one forward of the model over the left-padded prompts `[B, P]` (its public cached call)
    into a transient prompt-sized cache;
-2. share: each prompt's keys/values are repeated for its n samples into the decode cache of
-   B*n rows and P + M slots (the prompt is prefilled once, not n times). The decode cache is
-   preallocated by the sampler and donated to the program, which hands it back: steady state holds
-   one copy, and a call with the same shapes reuses it;
+2. share: the prompt is prefilled once, not n times. The fast decode path keeps each prompt's
+   keys/values once and reads them once per step for all n samples; its decode cache holds the B*n
+   rows' M generated slots. (The model path repeats the prompt's k/v for its n samples into a
+   cache of B*n rows and P + M slots.) The decode cache is preallocated by the sampler and donated
+   to the program, which hands it back: steady state holds one copy, and a call with the same
+   shapes reuses it;
 3. decode: a `lax.while_loop` that feeds one token per row, writes k/v in place
    (`dynamic_update_slice`), samples, and ends as soon as every row has produced a stop token or
    `max_new_tokens` tokens were produced. Rows that stopped keep running (static shapes) but are
@@ -185,12 +187,13 @@ class Sampler:
       decode_impl: "fast" (the decode step of `rollout.decode`: per-layer cache in the CPU-friendly
         layout), "model" (the model's own cached call, `[L, B, S, Hkv, D]` cache), or "auto"
         (fast when the model is the project's Transformer).
-      attention_block: slots per cache block of the fast path (None: one block). Decoding runs in
-        up to `max_phases` loops, each reading only the blocks written so far instead of the whole
-        static-length cache. Default "auto": 64 on CPU, where attention over 64-slot blocks also
-        runs nearer the memory bandwidth than one long block (100M-parameter benchmark, float32:
-        740 instead of 621 tokens/s; see `rollout.decode`); None on accelerators, where many small
-        dots per step would cost more launches than they save.
+      attention_block: slots per block of the fast path's generated-token cache (None: one
+        block). Decoding runs in up to `max_phases` loops, each reading only the blocks written so
+        far instead of the whole static-length cache. Default "auto": 32 on CPU, where attention
+        over small blocks also runs nearer the memory bandwidth than over one long block
+        (100M-parameter benchmark, float32: about 750 instead of 621 tokens/s; see
+        `rollout.decode`); None on accelerators, where many small dots per step would cost more
+        launches than they save.
       max_phases: the most decode loops one program holds (each is compiled; default 4).
     """
 
@@ -210,7 +213,7 @@ class Sampler:
         self.decode_impl = ("fast" if decode.supports(model) else "model") if decode_impl == "auto" else decode_impl
         if attention_block == "auto":
             platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
-            attention_block = 64 if platform == "cpu" else None
+            attention_block = 32 if platform == "cpu" else None
         if attention_block is not None and (not isinstance(attention_block, (int, np.integer)) or attention_block <= 0):
             raise ValueError(f"attention_block must be a positive integer, None or 'auto', got {attention_block!r}")
         if not isinstance(max_phases, (int, np.integer)) or max_phases <= 0:
@@ -292,8 +295,8 @@ class Sampler:
             mask = np.zeros((b_bucket, p_bucket), bool)
             ids[:count], mask[:count] = ids_all[start:start + count], mask_all[start:start + count]
             mask[count:, -1] = True  # padding rows get one token so that their softmax is defined
-            rows, length = b_bucket * n, p_bucket + m
-            cache = self._take_cache(rows, length)
+            rows = b_bucket * n
+            cache = self._take_cache(rows, p_bucket, m)
             with self._mesh_context():
                 result, cache = self._program(
                     state, cache, self._put_batch(ids), self._put_batch(mask), key,
@@ -301,7 +304,7 @@ class Sampler:
                     jnp.float32(params.temperature), jnp.float32(params.top_p), jnp.asarray(stop_mask),
                     n=n, max_new_tokens=m, greedy=params.greedy, top_k=int(params.top_k),
                     use_top_p=params.top_p < 1.0)
-            self._cache = ((rows, length), cache)
+            self._cache = ((rows, p_bucket, m), cache)
             # to_host, not device_get: in a multi-process run the rows are spread over every process.
             tokens, logprobs, lengths, stopped, n_steps = parallel.to_host(result)
             used = count * n
@@ -372,12 +375,15 @@ class Sampler:
         # every process holds the same prompts; each supplies its own shards (no cross-process check)
         return parallel.host_to_global(x, NamedSharding(self.mesh, spec))
 
-    def _cache_layout(self, rows: int, length: int):
-        """(shapes, shardings) pytrees of the decode cache for this implementation and shape: rows
-        over (data, fsdp), kv heads over tensor when it divides them; shardings None without a mesh."""
+    def _cache_layout(self, rows: int, p: int, m: int):
+        """(shapes, shardings) pytrees of the decode cache for this implementation and shape (rows,
+        prompt bucket p, max_new_tokens m): rows over (data, fsdp), kv heads over tensor when it
+        divides them; shardings None without a mesh. The fast path's cache holds the m generated
+        slots only (the prompts' k/v stay in a per-prompt prefix)."""
         cfg = self.config
+        length = p + m
         if self.decode_impl == "fast":  # per layer, per block: k [R, Hkv, D, C], v [R, Hkv, C, D]
-            k_shape, v_shape = decode.cache_shapes(self.model, rows, length, self.attention_block)
+            k_shape, v_shape = decode.cache_shapes(self.model, rows, m, self.attention_block)
             shapes = decode.DecodeCache((k_shape,) * cfg.num_hidden_layers, (v_shape,) * cfg.num_hidden_layers)
             batch_dim, head_dim, ndim = 0, 1, 4
         else:  # the model's [L, R, S, Hkv, D]
@@ -394,28 +400,37 @@ class Sampler:
         sharding = NamedSharding(self.mesh, PartitionSpec(*spec))
         return shapes, jax.tree.map(lambda _: sharding, shapes, is_leaf=_is_shape)
 
-    def _take_cache(self, rows: int, length: int):
+    def _prefix_sharding(self, prompts: int):
+        """Sharding of one layer's prefix k or v `[Bp, Hkv, ., .]` (None without a mesh)."""
+        if self.mesh is None:
+            return None
+        tp = dict(zip(self.mesh.axis_names, self.mesh.devices.shape)).get(TENSOR_AXIS, 1)
+        heads = TENSOR_AXIS if tp > 1 and self.config.num_key_value_heads % tp == 0 else None
+        return NamedSharding(self.mesh, PartitionSpec(_batch_axes(self.mesh, prompts), heads, None, None))
+
+    def _take_cache(self, rows: int, p: int, m: int):
         """The preallocated cache for this shape (reused; it is donated to the program), else a fresh
         one. Only one cache is held, so memory stays bounded by the largest shape in use."""
         held, self._cache = self._cache, None  # the held buffer is about to be donated, or dropped
-        if held is not None and held[0] == (rows, length):
+        if held is not None and held[0] == (rows, p, m):
             return held[1]
         del held
-        shapes, shardings = self._cache_layout(rows, length)
+        shapes, shardings = self._cache_layout(rows, p, m)
         make = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s, self.cache_dtype), shapes, is_leaf=_is_shape),
                        out_shardings=shardings)
         return make()
 
-    def _phases(self, p: int, m: int) -> list[tuple[int, tuple[int, int | None]]]:
-        """The decode loops of one program: (t_end, (first_block, blocks)) each. Step t writes slot
-        p + t; a phase runs the steps t < t_end whose slots lie in blocks [first_block, blocks) and
-        reads blocks [0, blocks). The touched blocks are split into at most `max_phases` runs."""
+    def _phases(self, m: int) -> list[tuple[int, tuple[int, int | None]]]:
+        """The decode loops of one program: (t_end, (first_block, blocks)) each. Step t writes
+        generated slot t (t < m - 1); a phase runs the steps t < t_end, whose slots lie in blocks
+        [first_block, blocks), and reads blocks [0, blocks). The blocks are split into at most
+        `max_phases` runs."""
         if self.decode_impl != "fast" or m < 2:
             return [(m, (0, None))]
-        ends = np.cumsum(decode.block_sizes(p + m, self.attention_block))  # exclusive end slot per block
-        first, last = (int(np.searchsorted(ends, slot, side="right")) for slot in (p, p + m - 2))
-        groups = np.array_split(np.arange(first, last + 1), min(self.max_phases, last - first + 1))
-        return [(int(ends[g[-1]]) - p, (int(g[0]), int(g[-1]) + 1)) for g in groups]
+        ends = np.cumsum(decode.block_sizes(m, self.attention_block))  # exclusive end slot per block
+        last = int(np.searchsorted(ends, m - 2, side="right"))
+        groups = np.array_split(np.arange(last + 1), min(self.max_phases, last + 1))
+        return [(int(ends[g[-1]]), (int(g[0]), int(g[-1]) + 1)) for g in groups]
 
     # ------------------------------------------------------------------ the device program
     def _run(self, state, cache, prompt_ids, prompt_mask, key, row_offset, valid_rows, temperature, top_p, stop_mask, *,
@@ -424,7 +439,7 @@ class Sampler:
         model = nnx.merge(self._graphdef, state)
         b, p = prompt_ids.shape
         rows, m = b * n, max_new_tokens
-        _, cache_shardings = self._cache_layout(rows, p + m)
+        _, cache_shardings = self._cache_layout(rows, p, m)
         if cache_shardings is None:
             constrain = lambda c: c  # noqa: E731
         else:
@@ -442,9 +457,15 @@ class Sampler:
             last_logits = logits[:, -1, :]
         last_logits = jnp.repeat(last_logits, n, axis=0)  # left padding: the last slot is a real token
 
-        # 2. share each prompt's k/v with its n samples: written in place into the donated cache.
+        # 2. share each prompt's k/v with its n samples. Fast path: one copy per prompt, read once
+        # per step for all n samples; model path: repeated into the donated cache, in place.
         if self.decode_impl == "fast":
-            cache = decode.from_model_cache(prompt_cache, cache, n)
+            prefix = decode.prefix_from_model_cache(prompt_cache, prompt_mask, self.cache_dtype)
+            if self.mesh is not None:
+                prefix = jax.lax.with_sharding_constraint(
+                    prefix, decode.Prefix((self._prefix_sharding(b),) * len(prefix.k),
+                                          (self._prefix_sharding(b),) * len(prefix.v),
+                                          NamedSharding(self.mesh, PartitionSpec(_batch_axes(self.mesh, b), None))))
             weights = decode.prepare_weights(model)
         else:
             def share(full, part):
@@ -468,7 +489,7 @@ class Sampler:
 
         def forward(cache, tok, t, blocks):
             if self.decode_impl == "fast":
-                return decode.step(model, weights, cache, tok, prompt_len + t, p + t, kv_mask,
+                return decode.step(model, weights, prefix, cache, tok, prompt_len + t, t,
                                    blocks=blocks[1], first_block=blocks[0])
             step_logits, cache = model(tok[:, None], positions=(prompt_len + t)[:, None], cache=cache,
                                        cache_index=p + t, kv_mask=kv_mask)
@@ -500,7 +521,7 @@ class Sampler:
         done = is_stop(tok) | (jnp.arange(rows) >= valid_rows)  # bucket padding rows never hold the loop
         carry = (jnp.int32(0), cache, tokens, logprobs, done, tok, lengths)
         # One loop per phase; a phase's steps read only the cache blocks written so far.
-        for t_end, blocks in self._phases(p, m):
+        for t_end, blocks in self._phases(m):
             carry = jax.lax.while_loop(functools.partial(cond, t_end=t_end), functools.partial(body, blocks=blocks),
                                        carry)
         t, cache, tokens, logprobs, _, _, lengths = carry
