@@ -325,8 +325,8 @@ def main(argv: list[str] | None = None, prog: str = "mtgrpo bench rollout") -> i
                     help="our KV cache dtype (default float32: XLA:CPU's bf16 attention dots are slow)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the reference")
     ap.add_argument("--reference-dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="transformers' compute dtype (default float32, the reference the 3x target is stated against; the weights "
-                         "are the float32 ones either way)")
+                    help="transformers' compute dtype (default float32, the reference the 3x target is "
+                         "stated against; the weights are the float32 ones either way")")
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.prompts, args.prompt_len, args.n, args.new_tokens = "10m", 8, 32, 4, 16
