@@ -249,7 +249,8 @@ def run_size(name: str, *, prompts: int, prompt_len: int, n: int, new_tokens: in
     shared = sampler0.decode_impl == "fast"  # a prompt's k/v is read once for its n samples
     row_slots = (prompt_slots / n if shared else prompt_slots) + gen_slots
     cache_item = jnp.dtype(cache_dtype).itemsize
-    cache_bytes = int(2 * cfg.num_hidden_layers * rows * row_slots * cfg.num_key_value_heads * cfg.head_dim * cache_item)
+    cache_bytes = int(2 * cfg.num_hidden_layers * rows * row_slots * cfg.num_key_value_heads * cfg.head_dim
+                      * cache_item)
     matmul_params = n_params - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
     attention_flops = int(4 * rows * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim
                           * (prompt_slots + gen_slots))
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None, prog: str = "mtgrpo bench rollout") -> i
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the reference")
     ap.add_argument("--reference-dtype", default="float32", choices=["float32", "bfloat16"],
                     help="transformers' compute dtype (default float32, the reference the 3x target is "
-                         "stated against; the weights are the float32 ones either way")")
+                         "stated against; the weights are the float32 ones either way)")
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.prompts, args.prompt_len, args.n, args.new_tokens = "10m", 8, 32, 4, 16
@@ -361,7 +362,8 @@ def main(argv: list[str] | None = None, prog: str = "mtgrpo bench rollout") -> i
     report = {
         "setup": {"prompts": args.prompts, "prompt_len": args.prompt_len, "n": args.n, "new_tokens": args.new_tokens,
                   "temperature": 1.0, "dtypes": list(dtypes),
-                  "cache_dtype": args.cache_dtype, "reference": f"transformers generate, torch CPU {args.reference_dtype}",
+                  "cache_dtype": args.cache_dtype,
+                  "reference": f"transformers generate, torch CPU {args.reference_dtype}",
                   "torch_threads": args.threads, "device": jax.devices()[0].device_kind,
                   "read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
                   "copy_bandwidth_gb_s": round(copy_bandwidth / 1e9, 2), "matmul_gflop_s": round(matmul / 1e9, 1)},
