@@ -45,8 +45,6 @@ from mtgrpo_jax import parallel
 from mtgrpo_jax.models import KVCache
 from mtgrpo_jax.rollout import decode, sampling
 
-TENSOR_AXIS = "tensor"
-
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -392,21 +390,18 @@ class Sampler:
             batch_dim, head_dim, ndim = 1, 3, 5
         if self.mesh is None:
             return shapes, None
-        tp = dict(zip(self.mesh.axis_names, self.mesh.devices.shape)).get(TENSOR_AXIS, 1)
-        spec = [None] * ndim
-        spec[batch_dim] = _batch_axes(self.mesh, rows)
-        if tp > 1 and cfg.num_key_value_heads % tp == 0:
-            spec[head_dim] = TENSOR_AXIS
-        sharding = NamedSharding(self.mesh, PartitionSpec(*spec))
+        sharding = self._sharding(ndim, batch_dim, rows, head_dim)
         return shapes, jax.tree.map(lambda _: sharding, shapes, is_leaf=_is_shape)
 
-    def _prefix_sharding(self, prompts: int):
-        """Sharding of one layer's prefix k or v `[Bp, Hkv, ., .]` (None without a mesh)."""
-        if self.mesh is None:
-            return None
-        tp = dict(zip(self.mesh.axis_names, self.mesh.devices.shape)).get(TENSOR_AXIS, 1)
-        heads = TENSOR_AXIS if tp > 1 and self.config.num_key_value_heads % tp == 0 else None
-        return NamedSharding(self.mesh, PartitionSpec(_batch_axes(self.mesh, prompts), heads, None, None))
+    def _sharding(self, ndim: int, batch_dim: int, batch: int, head_dim: int | None = None) -> NamedSharding:
+        """Dim `batch_dim` (size `batch`) over (data, fsdp) when they divide it; dim `head_dim` (kv
+        heads) over tensor as the serve layout places kv heads."""
+        spec = [None] * ndim
+        spec[batch_dim] = _batch_axes(self.mesh, batch)
+        if head_dim is not None:
+            nkv = self.config.num_key_value_heads
+            spec[head_dim] = parallel.logical_to_spec(("kv_heads",), (nkv,), self.mesh, "serve")[0]
+        return NamedSharding(self.mesh, PartitionSpec(*spec))
 
     def _take_cache(self, rows: int, p: int, m: int):
         """The preallocated cache for this shape (reused; it is donated to the program), else a fresh
@@ -462,10 +457,9 @@ class Sampler:
         if self.decode_impl == "fast":
             prefix = decode.prefix_from_model_cache(prompt_cache, prompt_mask, self.cache_dtype)
             if self.mesh is not None:
+                layer = self._sharding(4, 0, b, 1)
                 prefix = jax.lax.with_sharding_constraint(
-                    prefix, decode.Prefix((self._prefix_sharding(b),) * len(prefix.k),
-                                          (self._prefix_sharding(b),) * len(prefix.v),
-                                          NamedSharding(self.mesh, PartitionSpec(_batch_axes(self.mesh, b), None))))
+                    prefix, decode.Prefix((layer,) * len(prefix.k), (layer,) * len(prefix.v), self._sharding(2, 0, b)))
             weights = decode.prepare_weights(model)
         else:
             def share(full, part):
@@ -475,7 +469,6 @@ class Sampler:
         cache = constrain(cache)
 
         row_mask = jnp.repeat(prompt_mask, n, axis=0)
-        kv_mask = jnp.concatenate([row_mask, jnp.ones((rows, m), bool)], axis=1)
         prompt_len = jnp.sum(row_mask, axis=1, dtype=jnp.int32)
         row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, row_offset + jnp.arange(rows))
 
@@ -491,6 +484,7 @@ class Sampler:
             if self.decode_impl == "fast":
                 return decode.step(model, weights, prefix, cache, tok, prompt_len + t, t,
                                    blocks=blocks[1], first_block=blocks[0])
+            kv_mask = jnp.concatenate([row_mask, jnp.ones((rows, m), bool)], axis=1)
             step_logits, cache = model(tok[:, None], positions=(prompt_len + t)[:, None], cache=cache,
                                        cache_index=p + t, kv_mask=kv_mask)
             return step_logits[:, 0], cache

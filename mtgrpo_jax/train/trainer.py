@@ -47,7 +47,6 @@ from mtgrpo_jax.train.update import (
 from mtgrpo_jax.weighting import TaskSignals
 
 
-
 def _agree_on_scores(rewards: np.ndarray, correct: np.ndarray, formatted: np.ndarray):
     """Process 0's scores, on every process.
 
