@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtgrpo_jax.config import ConfigError, load_config
+from mtgrpo_jax.train.cli import METHODS_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 PHASES = ("sampling", "rollout", "scoring", "update", "improvement", "weights")
@@ -60,7 +61,7 @@ def run_method(config: str | None, method: str, overrides: list[str], steps: int
     from mtgrpo_jax.train.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        presets = [ROOT / "configs" / "methods" / f"{method}.yaml"]
+        presets = [METHODS_DIR / f"{method}.yaml"]
         cfg = load_config(config, [*overrides, f"output_dir={tmp}/run", "logging.console=false",
                                    "logging.tensorboard=false", "sft.steps=0"], presets)
         trainer = Trainer(cfg)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from mtgrpo_jax.config import Config, ConfigError, load_config
 
-METHODS_DIR = Path(__file__).resolve().parents[2] / "configs" / "methods"
+# Shipped inside the package, so a wheel install has them too (configs/methods in the repo links here).
+METHODS_DIR = Path(__file__).resolve().parents[1] / "presets" / "methods"
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
