@@ -51,10 +51,14 @@ class DistributedCfg(_Strict):
 
 
 class TaskSourceCfg(_Strict):
-    """Where a task's examples come from: a parquet file, or reasoning-gym generation (cached)."""
+    """Where a task's examples come from: files `datasets` reads (parquet, JSON, CSV; or a Hub dataset id), or
+    the task family's own generator (cached under data_dir). See `mtgrpo_jax.tasks.load_source`."""
 
-    path: str | None = None  # verl-layout or our parquet; filtered to `level` when set
-    level: int | None = Field(None, ge=1, le=4)
+    path: str | None = None  # a file, directory, glob or Hub id; filtered to `level` when set
+    # Example field -> the file's column, for files not in verl layout, e.g. {question: prompt, answer: target}.
+    columns: dict[str, str] | None = None
+    split: str | None = None  # a Hub dataset's split (default "train")
+    level: int | None = Field(None, ge=1)
     n: int | None = Field(None, ge=1)  # generate this many (or keep the first n of the file)
     seed: int = 0
 
@@ -67,7 +71,7 @@ class TaskSourceCfg(_Strict):
 
 class TaskCfg(_Strict):
     name: str  # the run's name for this task, e.g. "countdown-l1"
-    family: str  # a registered task family ("countdown", "zebra", "arc_1d", "math") or "pkg.module:factory"
+    family: str  # a registered task family ("countdown", "zebra", "arc_1d", "math", "arithmetic") or "pkg.module:factory"
     train: TaskSourceCfg
     eval: TaskSourceCfg | None = None
 

@@ -7,12 +7,11 @@ draws per-task counts itself and pulls exactly that many prompts from each task'
 from __future__ import annotations
 
 import hashlib
-import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import grain
 
-from mtgrpo_jax.tasks import Task, generate_examples, get_task, load_examples
+from mtgrpo_jax.tasks import Task, get_task, load_source
 
 _STATE_VERSION = 1
 
@@ -24,38 +23,11 @@ def _stream_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def _examples_from_spec(name: str, spec: Any) -> list[dict[str, Any]]:
-    """A task's examples from a list, a parquet path, or a mapping
-    {"path": ..., "difficulty": ..., "task": ..., "limit": ...} /
-    {"generate": {"task": ..., "level": ..., "n": ..., "seed": ...}}."""
-    if isinstance(spec, (str, os.PathLike)):
-        return load_examples(spec)
-    if isinstance(spec, Mapping):
-        spec = dict(spec)
-        limit = spec.pop("limit", None)
-        if "generate" in spec:
-            gen = dict(spec.pop("generate"))
-            unknown = set(gen) - {"task", "level", "n", "seed"}
-            if unknown:
-                raise ValueError(f"task {name!r}: unknown generate keys {sorted(unknown)}")
-            examples = generate_examples(gen.get("task", name), int(gen["level"]), int(gen["n"]), int(gen.get("seed", 0)))
-        elif "path" in spec or "paths" in spec:
-            path = spec.pop("path", None) or spec.pop("paths")
-            examples = load_examples(path, task=spec.pop("task", None), difficulty=spec.pop("difficulty", None))
-        else:
-            raise ValueError(f"task {name!r}: a spec mapping needs 'path' or 'generate', got keys {sorted(spec)}")
-        if spec:
-            raise ValueError(f"task {name!r}: unknown spec keys {sorted(spec)}")
-        return examples[:limit] if limit is not None else examples
-    if isinstance(spec, Sequence):
-        return list(spec)
-    raise TypeError(f"task {name!r}: expected a list of examples, a parquet path or a spec mapping, got {type(spec).__name__}")
-
-
 class TaskSet:
     """K named prompt streams; `take(k_index, n)` hands out the next n examples of one task.
 
-    `tasks` maps a task name to its examples (or a spec, see `_examples_from_spec`); the mapping's
+    `tasks` maps a task name to its examples or a source (see `mtgrpo_jax.tasks.load_source`; a
+    stream's name is the task of the rows that do not name theirs); the mapping's
     order fixes the task indices the sampler uses. `task_options` (e.g. {"prompt_style":
     "compact"}) are passed to `get_task` when building each stream's scoring Task.
     """
@@ -74,7 +46,10 @@ class TaskSet:
         self._examples: list[list[dict[str, Any]]] = []
         self._tasks: list[Task] = []
         for name in self.names:
-            examples = _examples_from_spec(name, tasks[name])
+            try:
+                examples = load_source(tasks[name], task=name)
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"task {name!r}: {err}") from None
             if not examples:
                 raise ValueError(f"task {name!r} has no examples")
             self._examples.append(examples)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Iterator, Mapping
 
 from mtgrpo_jax.tasks.base import BaseTask, target_string
 
@@ -101,6 +101,15 @@ class ArithmeticTask(BaseTask):
     verl rows)."""
 
     family: ClassVar[str] = "arithmetic"
+    levels: ClassVar[dict[int, dict[str, Any]]] = LEVELS
+    generator_version: ClassVar[int] = GENERATOR_VERSION
+
+    def generate_items(self, level: int, start: int, stop: int, base_seed: int) -> Iterator[tuple[int, str, Any]]:
+        """Item `index` has its own generator, seeded by (index, base_seed) without collisions, so
+        slices are independent."""
+        for index in range(start, stop):
+            question, answer = arithmetic_item(level, random.Random(index * 2**32 + base_seed))
+            yield index, question, {"target": answer}
 
     def check(self, answer: str, example: Mapping[str, Any]) -> bool:
         value = parse_integer_answer(answer)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, ClassVar, Mapping, NamedTuple, Protocol, runtime_checkable
+from typing import Any, ClassVar, Iterator, Mapping, NamedTuple, Protocol, runtime_checkable
 
 # The R1-Zero style frame of the released sets: `PROMPT_PREFIX + body + PROMPT_SUFFIX`, one user message.
 PROMPT_PREFIX = (
@@ -132,7 +132,9 @@ class BaseTask:
     """Shared machinery for built-in tasks: options, prompt styles and the exception-safe scorer.
 
     Subclasses set `family`, implement `prompt_body`, `check` and `reference_answer`, and may
-    override `compact_body` and `demonstration`.
+    override `compact_body` and `demonstration`. A family that can make its own data also sets
+    `levels` and implements `generate_items` (see `ReasoningGymTask` for one backed by reasoning-gym);
+    one whose stored answers are not plain strings overrides `parse_answer` and `answer_arrow_type`.
 
     Options:
       difficulty: bind the task to one level (its name becomes `family-difficulty`); None = any.
@@ -152,6 +154,11 @@ class BaseTask:
     demonstration_style: str = "reasoning"
 
     family: ClassVar[str] = ""
+    # Data: level -> generator settings (empty: the family is read from files only); the released rows'
+    # `type` and data_source prefix (default: the family); what else fixes the item stream (cache key).
+    levels: ClassVar[Mapping[int, Mapping[str, Any]]] = {}
+    source_type: ClassVar[str] = ""
+    generator_version: ClassVar[Any] = None
 
     def __post_init__(self) -> None:
         if self.prompt_style not in PROMPT_STYLES:
@@ -210,6 +217,33 @@ class BaseTask:
 
     def score(self, completion: str, example: Mapping[str, Any]) -> Score:
         return self.score_with_status(completion, example)[0]
+
+    # --- data -------------------------------------------------------------------------------------
+    @property
+    def generator_fingerprint(self) -> dict[str, Any]:
+        """Whatever fixes the generated item stream besides the level settings (part of the cache key)."""
+        return {"generator": self.generator_version}
+
+    def generate_items(self, level: int, start: int, stop: int, base_seed: int) -> Iterator[tuple[int, str, Any]]:
+        """(index, question, ground truth) of items [start, stop) of `level`; item `index` must not
+        depend on which slice is asked for (generation runs in independent chunks)."""
+        raise ValueError(f"task family {self.family!r} cannot generate data (it sets no levels)")
+
+    def parse_answer(self, ground_truth: Any) -> Any:
+        """The example's `answer` from a stored ground truth: by default the target string of a
+        {"target": ...} mapping or the value itself."""
+        if isinstance(ground_truth, Mapping):
+            if "target" not in ground_truth:
+                raise ValueError(f"ground truth {ground_truth!r} has no 'target'")
+            return str(ground_truth["target"])
+        return str(ground_truth)
+
+    @classmethod
+    def answer_arrow_type(cls):
+        """The pyarrow type of the generated rows' `reward_model.ground_truth`."""
+        import pyarrow as pa
+
+        return pa.struct([("target", pa.string())])
 
     # --- supervised warm start -------------------------------------------------------------------
     def reference_answer(self, example: Mapping[str, Any]) -> str:

@@ -13,7 +13,8 @@ import dataclasses
 from fractions import Fraction
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
-from mtgrpo_jax.tasks.base import BaseTask, answer_field, demonstration_text
+from mtgrpo_jax.tasks.base import answer_field, demonstration_text
+from mtgrpo_jax.tasks.reasoning_gym import ReasoningGymTask
 
 MAX_EXPRESSION_CHARS = 512
 MAX_TOKENS = 160
@@ -324,11 +325,47 @@ def solve_countdown(
 
 
 @dataclasses.dataclass
-class CountdownTask(BaseTask):
-    """reasoning-gym `countdown`; the answer holds `numbers` (list[int]) and `target` (int)."""
+class CountdownTask(ReasoningGymTask):
+    """reasoning-gym `countdown`; the answer holds `numbers` (list[int]) and `target` (int).
+
+    Levels (the released sets): 3 / 4 / 5 numbers (6 for the held-out level 4), values 1..100,
+    targets 1..1000."""
 
     family: ClassVar[str] = "countdown"
+    rg_dataset: ClassVar[str] = "countdown"
+    levels: ClassVar[dict[int, dict[str, Any]]] = {
+        level: dict(min_numbers=k, max_numbers=k, min_value=1, max_value=100, min_target=1, max_target=1000)
+        for level, k in {1: 3, 2: 4, 3: 5, 4: 6}.items()
+    }
     solver_max_states: int = 200_000
+
+    # --- data -------------------------------------------------------------------------------------
+    def released_question(self, item: dict[str, Any]) -> str:
+        numbers = ", ".join(str(x) for x in item["metadata"]["numbers"])
+        return (
+            f"Using the numbers {numbers} and basic arithmetic operations (+, -, *, /), create an expression "
+            f"that equals {item['metadata']['target']}.\nYou need to use each number exactly once.\n"
+            "Present the final expression that equals the target number within \\boxed{}. "
+            "For example: \\boxed{46+68/(52-50)}\n"
+        )
+
+    def ground_truth(self, item: dict[str, Any]) -> dict[str, Any]:
+        meta = item["metadata"]
+        return {"numbers": ",".join(str(int(x)) for x in meta["numbers"]), "target": int(meta["target"])}
+
+    def parse_answer(self, ground_truth: Any) -> dict[str, Any]:
+        numbers = ground_truth["numbers"]
+        if isinstance(numbers, str):
+            numbers = [int(x) for x in numbers.split(",") if x.strip()]
+        return {"numbers": [int(x) for x in numbers], "target": int(ground_truth["target"])}
+
+    @classmethod
+    def answer_arrow_type(cls):
+        import pyarrow as pa
+
+        return pa.struct([("numbers", pa.string()), ("target", pa.int64())])
+
+    # --- prompts and scoring ----------------------------------------------------------------------
 
     def prompt_body(self, example: Mapping[str, Any]) -> str:
         numbers, target = countdown_answer(example)

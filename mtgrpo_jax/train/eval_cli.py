@@ -44,13 +44,8 @@ def _run_config(target: Path, overrides: list[str]) -> Config:
 
 
 def _task_sets(spec: str | None, cfg: Config, seed: int, max_examples: int | None):
-    from mtgrpo_jax.tasks import load_examples, resolve_task
-    from mtgrpo_jax.tasks.generate import generate_examples
-    from mtgrpo_jax.train.setup import RunTask, build_tasks
-
-    def family(name: str):
-        task = resolve_task(name)
-        return task.with_options(prompt_style=cfg.rollout.prompt_style) if hasattr(task, "with_options") else task
+    from mtgrpo_jax.tasks import load_source
+    from mtgrpo_jax.train.setup import RunTask, build_tasks, task_family
 
     if not spec:
         if not cfg.tasks:
@@ -63,16 +58,17 @@ def _task_sets(spec: str | None, cfg: Config, seed: int, max_examples: int | Non
             if not path.is_file():
                 raise ConfigError(f"eval: --tasks: data file not found: {path}")
             groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
-            for ex in load_examples(path):
+            for ex in load_source(str(path)):
                 groups[(ex["task"], int(ex.get("difficulty") or 0))].append(ex)
             for (fam, level), examples in sorted(groups.items()):
-                out.append(RunTask(f"{fam}-l{level}", family(fam), [], examples[:max_examples]))
+                out.append(RunTask(f"{fam}-l{level}", task_family(fam, cfg), [], examples[:max_examples]))
         else:
             parts = item.split(":")
             if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
                 raise ConfigError(f"eval: --tasks: {item!r} is neither a .parquet file nor FAMILY:LEVEL:N")
             fam, level, n = parts[0], int(parts[1]), int(parts[2])
-            out.append(RunTask(f"{fam}-l{level}", family(fam), [], generate_examples(fam, level, n, seed + 1000 + level)))
+            examples = load_source({"level": level, "n": n, "seed": seed + 1000 + level}, task=fam)
+            out.append(RunTask(f"{fam}-l{level}", task_family(fam, cfg), [], examples))
     return out
 
 

@@ -16,8 +16,7 @@ from mtgrpo_jax.config import Config, ConfigError, TaskSourceCfg
 from mtgrpo_jax.data import DynamicSamplingSampler, RatioPreservingSampler, UniformSampler
 from mtgrpo_jax.models import ModelConfig, Transformer, load_pretrained, load_tokenizer, tiny_config
 from mtgrpo_jax.parallel import initialize_distributed, make_mesh, shard_model
-from mtgrpo_jax.tasks import load_examples, resolve_task
-from mtgrpo_jax.tasks.generate import generate_dataset
+from mtgrpo_jax.tasks import load_source, resolve_task
 
 
 def build_mesh(cfg: Config):
@@ -81,32 +80,35 @@ class RunTask:
     eval: list[dict] = field(default_factory=list)
 
 
-def _load_source(src: TaskSourceCfg, family_name: str, cache_dir: str, where: str) -> list[dict]:
-    if src.path is not None:
-        path = Path(src.path)
-        if not path.exists():
-            raise ConfigError(f"config error: {where}.path: data file not found: {path}")
-        examples = load_examples(path)
-        if src.level is not None:
-            examples = [e for e in examples if int(e.get("difficulty") or -1) == src.level]
-        if src.n is not None:
-            examples = examples[: src.n]
-    else:
-        # reasoning-gym generation, cached as parquet under data_dir. Process 0 writes, the others wait and
-        # then read its cache (or, where data_dir is not shared, generate the same seeded items themselves).
-        split = "test" if where.endswith(".eval") else "train"
-        out_dir = str(Path(cache_dir) / f"seed{src.seed}")
-        generate = lambda: generate_dataset([family_name], [src.level], src.n, out_dir, seed=src.seed,  # noqa: E731
-                                            split=split, progress=False)
-        if jax.process_index() == 0:
-            paths = generate()
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
+def task_family(name: str, cfg: Config):
+    """The Task a config names, with the run's prompt and demonstration styles."""
+    family = resolve_task(name)
+    if hasattr(family, "with_options"):
+        family = family.with_options(prompt_style=cfg.rollout.prompt_style,
+                                     demonstration_style=cfg.sft.demonstration_style)
+    return family
 
-            multihost_utils.sync_global_devices(f"data:{where}")
-            if jax.process_index() != 0:
-                paths = generate()
-        examples = load_examples(next(iter(paths.values())))[: src.n]
+
+def load_task_source(src: TaskSourceCfg, family: str, cache_dir: str, where: str) -> list[dict]:
+    """A task source's examples. Generated data is cached under data_dir: process 0 writes, the others wait
+    and then read its cache (or, where data_dir is not shared, generate the same seeded items themselves)."""
+    spec = src.model_dump(exclude_none=True, exclude_defaults=False)
+    split = "test" if where.endswith(".eval") else "train"
+
+    def load() -> list[dict]:
+        try:
+            return load_source(spec, task=family, cache_dir=cache_dir, split=split)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"config error: {where}: {err}") from None
+
+    if jax.process_index() == 0:
+        examples = load()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"data:{where}")
+        if jax.process_index() != 0:
+            examples = load()
     if not examples:
         raise ConfigError(f"config error: {where}: no examples")
     return examples
@@ -118,14 +120,11 @@ def build_tasks(cfg: Config) -> list[RunTask]:
     out = []
     for i, t in enumerate(cfg.tasks):
         try:
-            family = resolve_task(t.family)
-            if hasattr(family, "with_options"):
-                family = family.with_options(prompt_style=cfg.rollout.prompt_style,
-                                             demonstration_style=cfg.sft.demonstration_style)
+            family = task_family(t.family, cfg)
         except (KeyError, ValueError, ImportError) as err:
             raise ConfigError(f"config error: tasks.{i}.family: {err}") from None
-        train = _load_source(t.train, t.family, cfg.data_dir, f"tasks.{i}.train")
-        held_out = _load_source(t.eval, t.family, cfg.data_dir, f"tasks.{i}.eval") if t.eval is not None else []
+        train = load_task_source(t.train, t.family, cfg.data_dir, f"tasks.{i}.train")
+        held_out = load_task_source(t.eval, t.family, cfg.data_dir, f"tasks.{i}.eval") if t.eval is not None else []
         out.append(RunTask(t.name, family, train, held_out))
     return out
 
@@ -166,4 +165,4 @@ def improvement_mode(cfg: Config) -> str:
 
 
 __all__ = ["build_mesh", "build_model", "build_tasks", "build_sampler", "build_weight_optimizer", "improvement_mode",
-           "RunTask"]
+           "load_task_source", "task_family", "RunTask"]
