@@ -484,21 +484,16 @@ class WeightedSampler(DynamicSamplingSampler):
 
 _KINDS: dict[str, type[_Sampler]] = {
     "ratio_preserving": RatioPreservingSampler,
-    "rp": RatioPreservingSampler,
-    "mt_grpo": RatioPreservingSampler,
     "uniform": UniformSampler,
-    "grpo": UniformSampler,
+    "plain": UniformSampler,  # the config's name for it
     "dynamic": DynamicSamplingSampler,
-    "dynamic_sampling": DynamicSamplingSampler,
-    "dapo": DynamicSamplingSampler,
     "weighted": WeightedSampler,
-    "weights_only": WeightedSampler,
 }
 
 
 def make_sampler(kind: str, num_tasks: int, batch_size: int, group_size: int = 1, **kwargs: Any) -> _Sampler:
-    """Build a sampler by name: ratio_preserving (rp, mt_grpo), uniform (grpo), dynamic
-    (dynamic_sampling, dapo) or weighted (weights_only). kwargs go to the class."""
+    """Build a sampler by name: ratio_preserving, uniform (plain), dynamic or weighted; kwargs go to the
+    class. The one way the trainer makes its sampler (`train.setup.build_sampler`)."""
     try:
         cls = _KINDS[kind]
     except KeyError:

@@ -15,7 +15,7 @@ STD_ESTIMATORS = ("unbiased", "biased")
 ZERO_GRADIENT_MODES = ("strict", "lenient")
 
 
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
 
@@ -37,8 +37,8 @@ def group_advantages(rewards, estimator: str = "grpo", std: str = "unbiased", ep
     ``std`` and ``eps`` only matter for ``"grpo"``. Integer or boolean rewards are promoted to
     float32. G must be at least 2: a single completion has no group to compare against.
     """
-    _choice("estimator", estimator, ADVANTAGE_ESTIMATORS)
-    _choice("std", std, STD_ESTIMATORS)
+    check_choice("estimator", estimator, ADVANTAGE_ESTIMATORS)
+    check_choice("std", std, STD_ESTIMATORS)
     rewards = jnp.asarray(rewards)
     if rewards.ndim != 2:
         raise ValueError(f"rewards must be [P, G] (prompts x completions), got shape {rewards.shape}")
@@ -69,7 +69,7 @@ def zero_gradient_mask(rewards_or_correct, mode: str = "strict"):
       are all exactly equal, i.e. exactly the groups whose advantages are all 0. Groups holding a
       non-finite reward are dropped as well: their advantages would be NaN and poison the update.
     """
-    _choice("mode", mode, ZERO_GRADIENT_MODES)
+    check_choice("mode", mode, ZERO_GRADIENT_MODES)
     x = jnp.asarray(rewards_or_correct)
     if x.ndim != 2:
         raise ValueError(f"rewards_or_correct must be [P, G], got shape {x.shape}")

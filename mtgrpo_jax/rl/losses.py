@@ -33,13 +33,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mtgrpo_jax.rl.advantages import check_choice
+
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
-
-
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
 
 
 def _is_concrete_number(x) -> bool:
@@ -54,7 +51,7 @@ def kl_penalty(logp, ref_logp, estimator: str = "k3"):
     k3 = u - log u - 1 = exp(-d) + d - 1 (unbiased, >= 0; the paper's f_KL, verl's ``low_var_kl``
     without its clamp). Gradients w.r.t. logp: 1, d and 1 - u.
     """
-    _choice("kl_estimator", estimator, KL_ESTIMATORS)
+    check_choice("kl_estimator", estimator, KL_ESTIMATORS)
     d = logp - ref_logp
     if estimator == "k1":
         return d
@@ -85,7 +82,7 @@ def _token_terms(logp, old_logp, advantages, mask, *, eps_low, eps_high, ref_log
             raise ValueError(f"{name} must have the shape of logp {shape}, got {jnp.shape(arr)}")
     if jnp.shape(advantages) != shape[:1]:
         raise ValueError(f"advantages must be [N] = {shape[:1]}, got shape {jnp.shape(advantages)}")
-    _choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     if _is_concrete_number(eps_low) and not 0.0 <= eps_low < 1.0:
         raise ValueError(f"eps_low={eps_low} must lie in [0, 1)")
     if _is_concrete_number(eps_high) and eps_high < 0.0:
@@ -131,7 +128,7 @@ def _token_terms(logp, old_logp, advantages, mask, *, eps_low, eps_high, ref_log
 
 def _row_terms(per_token, mask, aggregation: str, max_length):
     """(value_i, count_i) per row so that the aggregate is sum(value) / sum(count)."""
-    _choice("aggregation", aggregation, AGGREGATIONS)
+    check_choice("aggregation", aggregation, AGGREGATIONS)
     dtype = per_token.dtype
     row_sum = jnp.sum(jnp.where(mask, per_token, 0.0), axis=1)
     row_tokens = jnp.sum(mask, axis=1).astype(dtype)

@@ -44,6 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from mtgrpo_jax import parallel
 from mtgrpo_jax.models import KVCache
 from mtgrpo_jax.rollout import decode, sampling
+from mtgrpo_jax.rollout.packing import pack_left_padded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +101,11 @@ class Buckets:
 
     @staticmethod
     def pick(values: tuple[int, ...], size: int) -> int:
-        return next(v for v in values if v >= size)
+        """The smallest of the (sorted) `values` that holds `size`."""
+        for v in values:
+            if v >= size:
+                return v
+        raise ValueError(f"{size} exceeds the largest bucket {values[-1]}")
 
 
 @dataclasses.dataclass
@@ -278,11 +283,7 @@ class Sampler:
         stop_mask = np.zeros((self.config.vocab_size,), bool)
         stop_mask[stop_ids] = True
 
-        ids_all = np.full((len(prompts), p_bucket), self.pad_token_id, np.int32)
-        mask_all = np.zeros((len(prompts), p_bucket), bool)
-        for i, p in enumerate(prompts):
-            ids_all[i, p_bucket - len(p):] = p
-            mask_all[i, p_bucket - len(p):] = True
+        ids_all, mask_all = pack_left_padded(prompts, p_bucket, self.pad_token_id)
 
         state = self._serving_state()
         outs, steps = [], 0
@@ -321,10 +322,6 @@ class Sampler:
             prompt_ids=ids_all, prompt_mask=mask_all, prompt_lengths=mask_all.sum(1).astype(np.int32),
             prompt_index=np.repeat(np.arange(len(prompts), dtype=np.int32), n), n=n,
             num_truncated=truncated, num_decode_steps=steps)
-
-    def release_cache(self) -> None:
-        """Frees the preallocated decode cache (the next call allocates a fresh one)."""
-        self._cache = None
 
     # ------------------------------------------------------------------ host-side helpers
     def _check_prompts(self, prompt_ids) -> list[list[int]]:

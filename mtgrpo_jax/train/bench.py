@@ -26,6 +26,7 @@ import numpy as np
 
 from mtgrpo_jax.config import ConfigError, load_config
 from mtgrpo_jax.train.cli import METHODS_DIR
+from mtgrpo_jax.train.metrics import peak_memory_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 PHASES = ("sampling", "rollout", "scoring", "update", "improvement", "weights")
@@ -80,6 +81,7 @@ def run_method(config: str | None, method: str, overrides: list[str], steps: int
         out["update_flops_per_s"] = out["update_flops"] / max(out["time/update"], 1e-9)
         out["model_params"] = trainer.model.config.num_params()
         out["dtype"] = cfg.model.dtype
+        out["peak_memory_bytes"] = peak_memory_bytes()  # so far in this process: the largest method's steps
         return out
 
 

@@ -84,10 +84,14 @@ def sft_main(argv: list[str], prog: str = "mtgrpo sft") -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"mtgrpo sft: {err}", file=sys.stderr)
         return 2
+    from flax import nnx
+
     from mtgrpo_jax.models import save_pretrained
     from mtgrpo_jax.train.sft import run_sft
 
-    record = run_sft(trainer)
+    trainer.params, record = run_sft(cfg, trainer.tasks, trainer.policy, trainer.graphdef, trainer.params,
+                                     trainer.batch_sharding)
+    nnx.update(trainer.model, trainer.params)
     out = Path(cfg.output_dir) / "hf_sft"
     save_pretrained(trainer.model, out)  # every process: the sharded parameters are gathered; process 0 writes
     if trainer.is_primary:

@@ -13,7 +13,7 @@ from flax import nnx
 
 from mtgrpo_jax import weighting
 from mtgrpo_jax.config import Config, ConfigError, TaskSourceCfg
-from mtgrpo_jax.data import DynamicSamplingSampler, RatioPreservingSampler, UniformSampler
+from mtgrpo_jax.data import make_sampler
 from mtgrpo_jax.models import ModelConfig, Transformer, load_pretrained, load_tokenizer, tiny_config
 from mtgrpo_jax.parallel import initialize_distributed, make_mesh, shard_model
 from mtgrpo_jax.tasks import load_source, resolve_task
@@ -129,17 +129,18 @@ def build_tasks(cfg: Config) -> list[RunTask]:
     return out
 
 
+# The sampler settings each config kind takes (the plain kinds draw tasks by the task weights).
+_SAMPLER_SETTINGS = {
+    "ratio_preserving": ("oversample", "resample_budget", "acceptance_cap", "rho_decay", "min_acceptance", "variant"),
+    "plain": ("follow_weights",),
+    "dynamic": ("oversample", "resample_budget", "follow_weights"),
+}
+
+
 def build_sampler(cfg: Config, num_tasks: int):
     s = cfg.sampler
-    if s.kind == "ratio_preserving":
-        return RatioPreservingSampler(num_tasks, s.batch_size, s.group_size, oversample=s.oversample,
-                                      resample_budget=s.resample_budget, acceptance_cap=s.acceptance_cap,
-                                      rho_decay=s.rho_decay, min_acceptance=s.min_acceptance, variant=s.variant,
-                                      seed=cfg.seed)
-    if s.kind == "plain":
-        return UniformSampler(num_tasks, s.batch_size, s.group_size, follow_weights=True, seed=cfg.seed)
-    return DynamicSamplingSampler(num_tasks, s.batch_size, s.group_size, oversample=s.oversample,
-                                  resample_budget=s.resample_budget, follow_weights=True, seed=cfg.seed)
+    settings = {name: getattr(s, name, True) for name in _SAMPLER_SETTINGS[s.kind]}  # follow_weights: always
+    return make_sampler(s.kind, num_tasks, s.batch_size, s.group_size, seed=cfg.seed, **settings)
 
 
 def build_weight_optimizer(cfg: Config, num_tasks: int):

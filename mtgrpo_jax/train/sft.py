@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import time
 
+import jax
 import numpy as np
 import optax
-from flax import nnx
 from tqdm.auto import tqdm
 
+from mtgrpo_jax.config import Config
 from mtgrpo_jax.parallel import host_to_global
-from mtgrpo_jax.train.batch import pick_bucket
+from mtgrpo_jax.rollout import Buckets
+from mtgrpo_jax.rollout.packing import pack_left_padded
 from mtgrpo_jax.train.update import init_opt_state, make_sft_update_fn
 
 
-def demonstration_rows(trainer) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids ending in the end-of-turn token) for each demonstrable train example."""
-    cfg = trainer.cfg.sft
-    policy = trainer.policy
+def demonstration_rows(tasks, policy, examples_per_task: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids ending in the end-of-turn token) for each demonstrable train example of
+    `tasks` (the run's tasks: name, family, train examples)."""
     rows = []
-    for task in trainer.tasks:
-        for ex in task.train[: cfg.examples_per_task]:
+    for task in tasks:
+        for ex in task.train[:examples_per_task]:
             text = task.family.demonstration(ex)
             if text is None:
                 continue
@@ -31,37 +32,35 @@ def demonstration_rows(trainer) -> list[tuple[list[int], list[int]]]:
     return rows
 
 
-def run_sft(trainer) -> dict:
-    cfg = trainer.cfg.sft
+def run_sft(cfg: Config, tasks, policy, graphdef, params, batch_sharding) -> tuple[object, dict]:
+    """`cfg.sft.steps` supervised steps on the tasks' demonstrations, from `params` (the model's nnx.Param
+    state, split with `graphdef`). Returns the new parameters and the metrics record."""
+    sft = cfg.sft
     t0 = time.perf_counter()
-    rows = demonstration_rows(trainer)
-    prompt_len = pick_bucket(max(len(p) for p, _ in rows), trainer.cfg.rollout.prompt_buckets)
+    rows = demonstration_rows(tasks, policy, sft.examples_per_task)
+    longest = max(len(p) for p, _ in rows)
+    try:
+        prompt_len = Buckets.pick(sorted(cfg.rollout.prompt_buckets), longest)
+    except ValueError:
+        raise ValueError(f"sft: a prompt of {longest} tokens exceeds the largest prompt bucket "
+                         f"{max(cfg.rollout.prompt_buckets)} (rollout.prompt_buckets)") from None
     completion_len = -(-max(len(c) for _, c in rows) // 16) * 16
     n = len(rows)
-    ids = np.full((n, prompt_len + completion_len), trainer.policy.pad_id, np.int32)
-    attn = np.zeros_like(ids, bool)
-    target = np.zeros((n, completion_len), bool)
-    for i, (p, c) in enumerate(rows):
-        c = c[:completion_len]
-        ids[i, prompt_len - len(p) : prompt_len] = p
-        ids[i, prompt_len : prompt_len + len(c)] = c
-        attn[i, prompt_len - len(p) : prompt_len + len(c)] = True
-        target[i, : len(c)] = True
-    tx = optax.adamw(cfg.learning_rate, b1=0.9, b2=0.99, weight_decay=cfg.weight_decay)
-    opt_state = init_opt_state(tx, trainer.params, trainer.mesh)
-    update = make_sft_update_fn(trainer.graphdef, tx, completion_len)
-    rng = np.random.default_rng([trainer.cfg.seed, 0x5F7])
+    ids, attn = pack_left_padded([p for p, _ in rows], prompt_len, policy.pad_id, [c for _, c in rows], completion_len)
+    target = attn[:, prompt_len:]
+    tx = optax.adamw(sft.learning_rate, b1=0.9, b2=0.99, weight_decay=sft.weight_decay)
+    opt_state = init_opt_state(tx, params, batch_sharding.mesh)
+    update = make_sft_update_fn(graphdef, tx, completion_len)
+    rng = np.random.default_rng([cfg.seed, 0x5F7])
     losses = []
-    bar = tqdm(range(cfg.steps), desc="sft warm start", disable=not (trainer.cfg.logging.console and trainer.is_primary))
-    params = trainer.params
+    show = cfg.logging.console and jax.process_index() == 0
+    bar = tqdm(range(sft.steps), desc="sft warm start", disable=not show)
     for _ in bar:
-        idx = rng.choice(n, size=cfg.batch_size, replace=n < cfg.batch_size)
-        b = host_to_global((ids[idx], attn[idx], target[idx]), trainer.batch_sharding)
+        idx = rng.choice(n, size=sft.batch_size, replace=n < sft.batch_size)
+        b = host_to_global((ids[idx], attn[idx], target[idx]), batch_sharding)
         params, opt_state, loss = update(params, opt_state, *b)
         losses.append(float(loss))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    trainer.params = params
-    nnx.update(trainer.model, params)
     tail = losses[-max(1, len(losses) // 10):]
-    return {"step": 0, "split": "sft", "sft/steps": cfg.steps, "sft/examples": n, "sft/loss_first": losses[0],
-            "sft/loss_last": float(np.mean(tail)), "time/sft": time.perf_counter() - t0}
+    return params, {"step": 0, "split": "sft", "sft/steps": sft.steps, "sft/examples": n, "sft/loss_first": losses[0],
+                    "sft/loss_last": float(np.mean(tail)), "time/sft": time.perf_counter() - t0}

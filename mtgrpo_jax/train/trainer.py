@@ -29,7 +29,8 @@ from mtgrpo_jax.parallel import BATCH_AXES, host_to_global, to_host
 from mtgrpo_jax.rl import group_advantages, zero_gradient_mask
 from mtgrpo_jax.tasks import score_batch
 from mtgrpo_jax.train import setup
-from mtgrpo_jax.train.batch import Group, build_batch, pick_bucket
+from mtgrpo_jax.rollout import Buckets
+from mtgrpo_jax.train.batch import Group, build_batch
 from mtgrpo_jax.train.checkpoint import Checkpointer
 from mtgrpo_jax.train.evaluate import evaluate_tasks
 from mtgrpo_jax.train.policy import Policy
@@ -205,7 +206,7 @@ class Trainer:
         result = self.sampler.sample(self.weights, lambda ids: self._generate_groups(list(ids), step, next(calls), stats))
         t_sampled = time.perf_counter()
         groups: list[Group] = list(result.groups)
-        prompt_len = pick_bucket(max([len(g.prompt_ids) for g in groups] or [1]), cfg.rollout.prompt_buckets)
+        prompt_len = Buckets.pick(sorted(cfg.rollout.prompt_buckets), max([len(g.prompt_ids) for g in groups] or [1]))
         batch_np, valid = build_batch(groups, num_rows=self.rows, prompt_len=prompt_len,
                                       completion_len=cfg.rollout.max_new_tokens, pad_id=self.policy.pad_id,
                                       rng=np.random.default_rng([cfg.seed, step]))
@@ -333,7 +334,9 @@ class Trainer:
         try:
             if not resumed:
                 if cfg.sft.steps > 0:
-                    sft_record = run_sft(self)
+                    self.params, sft_record = run_sft(cfg, self.tasks, self.policy, self.graphdef, self.params,
+                                                      self.batch_sharding)
+                    nnx.update(self.model, self.params)
                     self.log(writer, sft_record)
                 if cfg.train.eval_every >= 0:
                     self.log(writer, self.evaluate())
