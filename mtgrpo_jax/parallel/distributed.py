@@ -1,13 +1,12 @@
-"""`jax.distributed` initialisation for the three ways this code is launched:
+"""`jax.distributed` initialisation: only what `jax.distributed.initialize()` does not do itself.
 
-1. explicit: `coordinator_address`, `num_processes`, `process_id` (arguments, or the environment
-   variables JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, e.g. from
-   launch/local_multiprocess.sh or launch/slurm_gpu.sbatch);
-2. SLURM (multi-host GPU): derived from SLURM_NTASKS / SLURM_PROCID / SLURM_STEP_NODELIST;
-3. Cloud TPU pods: `jax.distributed.initialize()` discovers everything from the TPU metadata.
-
-A single process needs nothing, and calling this there is a no-op, so every entry point can call it
-unconditionally. It must run before anything touches a JAX backend (jax.devices(), arrays).
+JAX detects Cloud TPU pods, Open MPI (`mpirun`) and SLURM `srun` steps on its own; this module adds
+(1) a no-op for a single process, so every entry point can call it unconditionally (JAX would raise
+for want of a coordinator); (2) the explicit mode from JAX_NUM_PROCESSES / JAX_PROCESS_ID (JAX reads
+only JAX_COORDINATOR_ADDRESS), as launch/local_multiprocess.sh and launch/slurm_gpu.sbatch set them;
+(3) SLURM without a full `srun` environment or with one task: the first node of SLURM_STEP_NODELIST
+or SLURM_JOB_NODELIST, port 12355 + job id % 1000 (MTGRPO_COORDINATOR_PORT overrides), and nothing
+to join for a single task. It must run before anything touches a JAX backend (jax.devices(), arrays).
 """
 
 from __future__ import annotations
@@ -65,9 +64,13 @@ def resolve_distributed(coordinator_address: str | None = None, num_processes: i
         return {"coordinator_address": f"{expand_first_host(nodelist)}:{port}",
                 "num_processes": int(env["SLURM_NTASKS"]), "process_id": int(env["SLURM_PROCID"])}
 
+    # Clusters jax.distributed.initialize() reads itself: a TPU pod slice (from the TPU metadata server) and
+    # Open MPI (from the ORTE URI); one host or one rank has nothing to join.
     hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
     if len(hosts) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
-        return {}  # a TPU pod slice: jax reads the topology from the TPU metadata server
+        return {}
+    if "OMPI_MCA_orte_hnp_uri" in env and int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return {}
     return None
 
 

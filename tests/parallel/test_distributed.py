@@ -38,6 +38,9 @@ def test_resolve_launch_modes():
     assert resolve_distributed(env={**slurm, "SLURM_NTASKS": "1"}) is None  # one task: nothing to join
     assert resolve_distributed(env={"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}) == {}  # TPU pod: auto-detect
     assert resolve_distributed(env={"TPU_WORKER_HOSTNAMES": "t0"}) is None  # single-host TPU VM
+    ompi = {"OMPI_MCA_orte_hnp_uri": "1531576320.0;tcp://10.96.0.1:34911", "OMPI_COMM_WORLD_SIZE": "4"}
+    assert resolve_distributed(env=ompi) == {}  # mpirun: jax reads the ORTE URI itself
+    assert resolve_distributed(env={**ompi, "OMPI_COMM_WORLD_SIZE": "1"}) is None
     assert expand_first_host("a1,b2") == "a1" and expand_first_host("n[3,5-6]") == "n3"
     with pytest.raises(ValueError, match="missing process_id"):
         resolve_distributed("h:1", 2, env={})
