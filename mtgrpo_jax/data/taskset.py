@@ -7,7 +7,8 @@ draws per-task counts itself and pulls exactly that many prompts from each task'
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import grain
 

@@ -226,7 +226,7 @@ def run_size(name: str, *, prompts: int, prompt_len: int, n: int, new_tokens: in
         model = model32
         if dt != "float32":  # the same weights, rounded
             model = Transformer(cfg, rngs=nnx.Rngs(seed), dtype=jnp.dtype(dt), param_dtype=jnp.dtype(dt))
-            nnx.update(model, jax.tree.map(lambda x: x.astype(dt), nnx.state(model32)))
+            nnx.update(model, jax.tree.map(lambda x: x.astype(dt), nnx.state(model32)))  # noqa: B023 (called here)
         runners[dt] = _ours(model, prompt_ids, n, new_tokens, seed, cache_dtype)
         before[dt] = runners[dt][0](seed + 1)
         log(f"[{name}] {n_params / 1e6:.1f}M params; ours {dt} (before the reference): "

@@ -3,7 +3,7 @@ all prompts end at the same column and generation continues there, then the comp
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

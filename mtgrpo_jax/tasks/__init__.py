@@ -10,6 +10,7 @@ pure Python; or read with `datasets` from parquet / JSON / CSV files or the Hub)
 This package never imports models, rollout or training code.
 """
 
+from mtgrpo_jax.tasks.arithmetic import ArithmeticTask, arithmetic_item, parse_integer_answer
 from mtgrpo_jax.tasks.base import (
     PROMPT_PREFIX,
     PROMPT_STYLES,
@@ -19,7 +20,6 @@ from mtgrpo_jax.tasks.base import (
     Task,
     extract_boxed,
 )
-from mtgrpo_jax.tasks.arithmetic import ArithmeticTask, arithmetic_item, parse_integer_answer
 from mtgrpo_jax.tasks.countdown import CountdownTask, evaluate_expression, solve_countdown
 from mtgrpo_jax.tasks.generate import generate_dataset, generate_examples
 from mtgrpo_jax.tasks.loading import load_examples, load_source, row_to_example

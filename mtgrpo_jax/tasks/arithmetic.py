@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
-from typing import Any, ClassVar, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar
 
 from mtgrpo_jax.tasks.base import BaseTask, target_string
 

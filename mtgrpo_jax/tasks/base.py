@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, ClassVar, Iterator, Mapping, NamedTuple, Protocol, runtime_checkable
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 # The R1-Zero style frame of the released sets: `PROMPT_PREFIX + body + PROMPT_SUFFIX`, one user message.
 PROMPT_PREFIX = (
@@ -174,7 +175,7 @@ class BaseTask:
     def name(self) -> str:
         return self.family if self.difficulty is None else f"{self.family}-{self.difficulty}"
 
-    def with_options(self, **options: Any) -> "BaseTask":
+    def with_options(self, **options: Any) -> BaseTask:
         """A copy with some options changed (unknown names raise)."""
         fields = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(options) - fields)

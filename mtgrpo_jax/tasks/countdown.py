@@ -10,8 +10,9 @@ values are exact `Fraction`s, so `1/3*3` equals 1 and division by zero is simply
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 from mtgrpo_jax.tasks.base import answer_field, demonstration_text
 from mtgrpo_jax.tasks.reasoning_gym import ReasoningGymTask

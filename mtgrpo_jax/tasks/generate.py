@@ -21,7 +21,7 @@ import multiprocessing
 import os
 import re
 import sys
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from mtgrpo_jax.tasks.base import BaseTask
 
@@ -258,7 +258,7 @@ def generate_dataset(
         if _final_is_current(final, fp, per_level):
             continue
         rows_by_index: dict[int, dict] = {}
-        for start, stop, path in _cached_ranges(cache_dir):
+        for start, _, path in _cached_ranges(cache_dir):
             if start >= per_level:
                 continue
             for row in _read_rows(path):

@@ -24,8 +24,9 @@ from __future__ import annotations
 import glob
 import os
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from mtgrpo_jax.tasks.registry import canonical_task_name, get_task
 

@@ -4,7 +4,8 @@ whitespace trimmed, case-insensitive)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from mtgrpo_jax.tasks.base import BaseTask, target_string
 from mtgrpo_jax.tasks.reasoning_gym import ReasoningGymTask

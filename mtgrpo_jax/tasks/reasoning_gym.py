@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-from typing import Any, ClassVar, Iterator
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
 from mtgrpo_jax.tasks.base import BaseTask
 

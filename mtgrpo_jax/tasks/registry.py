@@ -12,14 +12,15 @@ import importlib
 import importlib.metadata
 import re
 import threading
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any
 
 from mtgrpo_jax.tasks.base import BaseTask, Task
 
 ENTRY_POINT_GROUP = "mtgrpo_jax.tasks"
 
 TaskFactory = Callable[..., Task]
-TaskLike = Union[Task, TaskFactory]
+TaskLike = Task | TaskFactory
 
 _registry: dict[str, TaskLike] = {}
 _aliases: dict[str, str] = {}

@@ -8,8 +8,8 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
-from mtgrpo_jax.tasks import generate_examples, get_task, load_examples
 from mtgrpo_jax.tasks import generate as gen
+from mtgrpo_jax.tasks import generate_examples, get_task, load_examples
 
 
 def _zebra_shape(question: str) -> tuple[int, int, str]:

@@ -10,8 +10,7 @@ from typing import ClassVar
 
 import pytest
 
-from mtgrpo_jax.tasks import BaseTask, Task, get_task, list_tasks, register_task, resolve_task
-from mtgrpo_jax.tasks import registry
+from mtgrpo_jax.tasks import BaseTask, Task, get_task, list_tasks, register_task, registry, resolve_task
 
 
 def test_builtins_and_aliases():

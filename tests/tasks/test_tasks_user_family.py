@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar
 
 import pytest
 

@@ -38,7 +38,7 @@ def _reference(groups, num_rows, prompt_len, completion_len, pad_id):
 
 def _groups(rng, n_groups, size, length):
     groups = []
-    for k in range(n_groups):
+    for _ in range(n_groups):
         lengths = rng.integers(0, length + 1, size)
         mask = np.arange(length)[None, :] < lengths[:, None]  # the rollout's masks are prefixes
         groups.append(Group(int(rng.integers(0, 3)), {}, rng.integers(1, 50, rng.integers(1, 7)).tolist(),
