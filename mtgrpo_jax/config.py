@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -34,6 +34,19 @@ class ModelCfg(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict)
     tokenizer: str | None = None  # None: the model directory's tokenizer, else the bundled tiny one
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    # Rematerialisation in the backward pass: "none", "block" (recompute each decoder block) or the name of a
+    # `jax.checkpoint_policies` policy applied per block (e.g. "dots_with_no_batch_dims_saveable").
+    remat: str = "none"
+    # Attention of the training / scoring forwards: "xla" (explicit scores), "splash" (Pallas TPU kernel),
+    # "cudnn" (GPU flash attention), "auto" (by platform: splash on TPU, cudnn on GPU, xla otherwise).
+    attention: Literal["auto", "xla", "splash", "cudnn"] = "auto"
+
+    @field_validator("remat")
+    @classmethod
+    def _known_remat(cls, value: str) -> str:
+        from mtgrpo_jax.models.transformer import remat_name  # jax is imported only when a config is checked
+
+        return remat_name(value)
 
 
 class MeshCfg(_Strict):
@@ -116,6 +129,10 @@ class LossCfg(_Strict):
     beta: float = Field(0.0, ge=0.0)  # KL coefficient; 0 means no reference model at all
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     entropy_coef: float = Field(0.0, ge=0.0)
+    # Token logprobs and entropy in rematerialised chunks, so float32 [rows, T, vocab] logits are never held:
+    # positions per chunk (0: the whole completion) and vocabulary slice per chunk (0: the whole vocabulary).
+    logprob_chunk: int = Field(0, ge=0)
+    vocab_chunk: int = Field(0, ge=0)
 
 
 class OptimCfg(_Strict):
