@@ -8,10 +8,10 @@ Why it is written this way:
   old-policy log-probability without the trainer knowing which filters the rollout used.
 - Sampling uses the inverse CDF with one uniform per row instead of Gumbel-max: Gumbel noise needs
   a random number and two logarithms per vocabulary entry, which on CPU costs more than the whole
-  decode step of a small model (about 250 ms for 512 x 32k with threefry). The CDF is searched in
+  decode step of a small model (`mtgrpo bench rollout` shows the step time). The CDF is searched in
   two levels (block sums, then one block), so it is one pass over the vocabulary plus small work.
 - Top-p needs the tokens sorted by probability; a full vocabulary sort per step is very slow on
-  XLA:CPU (seconds for 512 x 32k), so the top-p threshold is found exactly by bisection over the
+  XLA:CPU, so the top-p threshold is found exactly by bisection over the
   bit patterns of the (non-negative) float32 weights: 31 masked sums instead of a sort.
 """
 

@@ -25,6 +25,7 @@ from mtgrpo_jax.tasks.generate import generate_dataset, generate_examples
 from mtgrpo_jax.tasks.loading import load_examples, load_source, row_to_example
 from mtgrpo_jax.tasks.math_answer import MathTask, answers_equivalent, normalize_answer
 from mtgrpo_jax.tasks.puzzles import Arc1DTask, ZebraTask
+from mtgrpo_jax.tasks.reasoning_gym import ReasoningGymTask
 from mtgrpo_jax.tasks.registry import (
     ENTRY_POINT_GROUP,
     canonical_task_name,
@@ -45,6 +46,7 @@ __all__ = [
     "BaseTask",
     "CountdownTask",
     "MathTask",
+    "ReasoningGymTask",
     "Score",
     "ScoreStats",
     "Task",

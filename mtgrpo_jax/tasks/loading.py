@@ -85,13 +85,20 @@ def _read_rows(path: Any, split: str | None) -> list[tuple[str, list[dict[str, A
     if is_hub_id(path):
         return [(path, datasets.load_dataset(path, split=split or "train").to_list())]
     out = []
-    for file in _data_files(path):
-        builder = BUILDERS.get(Path(file).suffix.lower())
-        if builder is None:
-            raise ValueError(f"{file}: cannot read {Path(file).suffix or 'files without an ending'}; "
-                             f"readable: {', '.join(BUILDERS)}")
-        table = datasets.load_dataset(builder, data_files=file, split="train", keep_in_memory=True)
-        out.append((file, table.to_list()))
+    # A local file loads in a moment: no progress bar per file (a run's log would hold one per task source).
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        for file in _data_files(path):
+            builder = BUILDERS.get(Path(file).suffix.lower())
+            if builder is None:
+                raise ValueError(f"{file}: cannot read {Path(file).suffix or 'files without an ending'}; "
+                                 f"readable: {', '.join(BUILDERS)}")
+            table = datasets.load_dataset(builder, data_files=file, split="train", keep_in_memory=True)
+            out.append((file, table.to_list()))
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     return out
 
 

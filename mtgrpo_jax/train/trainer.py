@@ -1,6 +1,6 @@
 """The MT-GRPO trainer: one loop for every method (GRPO, DAPO, SEC, MT-GRPO and the ablations are presets).
 
-One step, as ../ARCHITECTURE.md draws it:
+One step, as ARCHITECTURE.md (the repository's root) draws it:
   sampler (ratio-preserving or plain) -> rollout -> scoring -> advantages + zero-gradient filter
   -> fixed-shape batch -> jitted, sharded policy update -> improvement I_k -> task-weight update -> metrics.
 
