@@ -34,6 +34,11 @@ class ModelCfg(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict)
     tokenizer: str | None = None  # None: the model directory's tokenizer, else the bundled tiny one
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    # Which prompts suit the checkpoint. base: the released R1-style transcript as raw text. instruct: the
+    # task's question as the user turn of the model's chat template. auto: instruct when the tokenizer has a
+    # chat template (some base checkpoints, Qwen2.5's among them, ship one: say `base` for those).
+    # `rollout.prompt_style` / `rollout.template` override either part. A run records the resolved values.
+    kind: Literal["auto", "base", "instruct"] = "auto"
 
 
 class MeshCfg(_Strict):
@@ -97,9 +102,13 @@ class RolloutCfg(_Strict):
     prompt_buckets: list[int] = Field(default_factory=lambda: [128, 256, 512])
     batch_buckets: list[int] = Field(default_factory=lambda: [4, 8, 16, 32, 64])  # prompts per rollout call
     truncate_prompts: bool = False  # True: keep the prompt's tail and count it, instead of an error
-    prompt_style: Literal["released", "compact"] = "released"
+    # released: the R1-style transcript around the task's question; question: the question alone (with its
+    # answer-format instruction); compact: a short question for tiny models. None: from model.kind.
+    prompt_style: Literal["released", "question", "compact"] | None = None
     # "chat": the tokenizer's chat template wraps the task's messages; "raw": their text joined as is.
-    template: Literal["chat", "raw"] = "chat"
+    # None: from model.kind (instruct: chat, base: raw).
+    template: Literal["chat", "raw"] | None = None
+    system_prompt: str | None = None  # a system turn before the question (chat template only); None: none
 
 
 class LossCfg(_Strict):
@@ -151,6 +160,8 @@ class TrainCfg(_Strict):
 
 class EvalCfg(_Strict):
     n: int = Field(8, ge=1)  # samples per prompt
+    # `mtgrpo eval`'s compute dtype. auto: float32 on CPU (where bfloat16 matmuls are slower), else model.dtype.
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     temperature: float = Field(1.0, ge=0.0)
     max_examples: int | None = Field(None, ge=1)  # per task; None: the whole held-out set
     max_new_tokens: int | None = Field(None, ge=1)  # None: rollout.max_new_tokens
