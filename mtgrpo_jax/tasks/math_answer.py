@@ -25,6 +25,7 @@ import select
 import subprocess
 import sys
 import threading
+import time
 from fractions import Fraction
 from typing import Any, ClassVar, Mapping
 
@@ -210,6 +211,13 @@ class MathVerifyPool:
                 self._retire(worker)
 
         threading.Thread(target=start, name="math-verify-start", daemon=True).start()
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Blocks until every worker has started (or `timeout_s` passed); whether they all did."""
+        deadline = time.monotonic() + timeout_s
+        while self._idle.qsize() < self.size and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self._idle.qsize() >= self.size
 
     def _retire(self, worker: _Worker) -> None:
         worker.kill()

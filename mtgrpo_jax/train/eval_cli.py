@@ -169,7 +169,6 @@ def main(argv: list[str], prog: str = "mtgrpo eval") -> int:
         from mtgrpo_jax.train.policy import Policy, resolve_prompts
 
         cfg, prompt_choice = resolve_prompts(cfg, tokenizer)
-        print(f"[mtgrpo] {prompt_choice.describe()}", file=sys.stderr, flush=True)
         tasks = _task_sets(args.tasks, cfg, args.seed, cfg.eval.max_examples)
         if args.tasks:  # the names a training run gives the same (family, level), the baseline's if not ours
             names = _run_task_names(cfg)
@@ -180,6 +179,7 @@ def main(argv: list[str], prog: str = "mtgrpo eval") -> int:
     except (ConfigError, ValueError, KeyError, FileNotFoundError) as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
+    print(f"[mtgrpo] {prompt_choice.describe()}", file=sys.stderr, flush=True)
 
     from mtgrpo_jax.train.evaluate import evaluate_tasks
 
