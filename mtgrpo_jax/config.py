@@ -47,6 +47,11 @@ class ModelCfg(_Strict):
         from mtgrpo_jax.models.transformer import remat_name  # jax is imported only when a config is checked
 
         return remat_name(value)
+    # Which prompts suit the checkpoint. base: the released R1-style transcript as raw text. instruct: the
+    # task's question as the user turn of the model's chat template. auto: instruct when the tokenizer has a
+    # chat template (some base checkpoints, Qwen2.5's among them, ship one: say `base` for those).
+    # `rollout.prompt_style` / `rollout.template` override either part. A run records the resolved values.
+    kind: Literal["auto", "base", "instruct"] = "auto"
 
 
 class MeshCfg(_Strict):
@@ -114,12 +119,17 @@ class RolloutCfg(_Strict):
     prompt_buckets: list[int] = Field(default_factory=lambda: [128, 256, 512])
     batch_buckets: list[int] = Field(default_factory=lambda: [4, 8, 16, 32, 64])  # prompts per rollout call
     truncate_prompts: bool = False  # True: keep the prompt's tail and count it, instead of an error
-    prompt_style: Literal["released", "compact"] = "released"
+    # released: the R1-style transcript around the task's question; question: the question alone (with its
+    # answer-format instruction); compact: a short question for tiny models. None: from model.kind.
+    prompt_style: Literal["released", "question", "compact"] | None = None
     # "chat": the tokenizer's chat template wraps the task's messages; "raw": their text joined as is.
     template: Literal["chat", "raw"] = "chat"
     # KV cache GiB per device one rollout call may hold; larger requests run in row chunks (a prompt's samples
     # kept together) with the same results. None: one call per largest batch bucket, as sized by the buckets.
     kv_cache_budget_gib: float | None = Field(None, gt=0.0)
+    # None: from model.kind (instruct: chat, base: raw).
+    template: Literal["chat", "raw"] | None = None
+    system_prompt: str | None = None  # a system turn before the question (chat template only); None: none
 
 
 class LossCfg(_Strict):
@@ -175,6 +185,8 @@ class TrainCfg(_Strict):
 
 class EvalCfg(_Strict):
     n: int = Field(8, ge=1)  # samples per prompt
+    # `mtgrpo eval`'s compute dtype. auto: float32 on CPU (where bfloat16 matmuls are slower), else model.dtype.
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     temperature: float = Field(1.0, ge=0.0)
     max_examples: int | None = Field(None, ge=1)  # per task; None: the whole held-out set
     max_new_tokens: int | None = Field(None, ge=1)  # None: rollout.max_new_tokens

@@ -23,7 +23,7 @@ PROMPT_PREFIX = (
 )
 PROMPT_SUFFIX = "\nAssistant: Let me solve this step by step."
 
-PROMPT_STYLES = ("released", "compact")
+PROMPT_STYLES = ("released", "question", "compact")
 DEMONSTRATION_STYLES = ("reasoning", "answer")
 COMPACT_BOX_INSTRUCTION = "Put the final answer in \\boxed{}."
 
@@ -139,8 +139,9 @@ class BaseTask:
 
     Options:
       difficulty: bind the task to one level (its name becomes `family-difficulty`); None = any.
-      prompt_style: "released" reproduces the released prompt text exactly; "compact" is the bare
-        question plus a box instruction, for tiny models.
+      prompt_style: "released" reproduces the released prompt text exactly (a base model's transcript);
+        "question" is the same question and instruction without the transcript (an instruct model's user
+        turn); "compact" is the bare question plus a box instruction, for tiny models.
       box_last_line_only: read the box on the completion's last line only (released-code parity).
       correct_reward / format_reward: the paper's 1.0 / 0.1.
       demonstration_style: "reasoning" (a <think> trace, then the boxed answer) or "answer" (the
@@ -193,6 +194,8 @@ class BaseTask:
     def prompt(self, example: Mapping[str, Any]) -> list[dict[str, str]]:
         if self.prompt_style == "compact":
             return compact_prompt(self.compact_body(example))
+        if self.prompt_style == "question":  # an instruct model's user turn: no transcript around it
+            return [{"role": "user", "content": self.prompt_body(example)}]
         return r1_prompt(self.prompt_body(example))
 
     # --- scoring ---------------------------------------------------------------------------------

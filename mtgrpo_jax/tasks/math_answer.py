@@ -1,16 +1,31 @@
-"""MATH-style boxed answers: equivalence after normalising the usual LaTeX noise.
+"""MATH-style boxed answers: equivalence in two tiers.
 
-A reasonable subset of the well-known MATH normalisation (fractions, \\left/\\right, \\text and units,
-dollars, degrees, percent, spacing, thousands separators, `x = 5`), plus exact numeric comparison of
-plain numbers and integer fractions (`5.0` equals `5`, `0.5` equals `\\frac{1}{2}`). Nothing is
-evaluated symbolically: numbers are parsed by a bounded regular expression, never by `Fraction(str)`
-(which would expand `1e999999999`) or sympy.
+1. The safe reader (always, in-process, microseconds): a reasonable subset of the well-known MATH
+   normalisation (fractions, \\left/\\right, \\text and units, dollars, degrees, percent, spacing,
+   thousands separators, `x = 5`), plus exact numeric comparison of plain numbers and integer fractions
+   (`5.0` equals `5`, `0.5` equals `\\frac{1}{2}`). Nothing is evaluated symbolically: numbers are parsed
+   by a bounded regular expression, never by `Fraction(str)` (which would expand `1e999999999`) or sympy.
+2. When the safe reader says "not equal": `math-verify` (HF's maintained LaTeX -> sympy equivalence:
+   set order, `\\sqrt{2}/2` vs `\\frac{\\sqrt{2}}{2}`, `2x+1` vs `1+2x`, `10^{3}` vs `1000`, units, ...).
+   Sympy on untrusted input can run for ever or eat memory (`9^{9^{9^9}}`), so it runs in a small pool of
+   separate worker processes (address space capped) with a time limit per answer; a worker that runs past
+   it is killed and replaced, and the answer keeps the safe reader's verdict. The pool starts on first use
+   in the background; until it is up, answers keep the safe reader's verdict too.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import json
+import os
+import queue
 import re
+import select
+import subprocess
+import sys
+import threading
+import time
 from fractions import Fraction
 from typing import Any, ClassVar, Mapping
 
@@ -124,7 +139,8 @@ def numeric_value(s: str) -> Fraction | None:
     return None
 
 
-def answers_equivalent(answer: str, reference: str) -> bool:
+def safe_equivalent(answer: str, reference: str) -> bool:
+    """The in-process reader alone (tier 1)."""
     a, b = normalize_answer(answer), normalize_answer(reference)
     if a is None or b is None:
         return False
@@ -134,9 +150,138 @@ def answers_equivalent(answer: str, reference: str) -> bool:
     return va is not None and vb is not None and va == vb
 
 
+# --------------------------------------------------------------------------- math-verify worker processes
+# Runs as `python -c`: imports math_verify only (not this package), caps its address space, then answers one
+# JSON request per line ([answer, reference] -> "1" equivalent, "0" not, "E" could not decide).
+_WORKER_SOURCE = r"""
+import json, resource, sys
+limit = int(sys.argv[1])
+if limit > 0:
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from math_verify import parse, verify
+print("ready", flush=True)
+for line in sys.stdin:
+    try:
+        answer, reference = json.loads(line)
+        gold = parse("\\boxed{" + reference + "}")
+        pred = parse("\\boxed{" + answer + "}")
+        verdict = "1" if gold and pred and verify(gold, pred) else "0"
+    except BaseException:
+        verdict = "E"
+    print(verdict, flush=True)
+"""
+WORKER_MEMORY_BYTES = 2 * 1024**3
+
+
+class _Worker:
+    def __init__(self, memory_bytes: int):
+        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER_SOURCE, str(memory_bytes)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+
+    def read_line(self, timeout_s: float | None) -> str | None:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        return self.proc.stdout.readline().strip() if ready else None
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+class MathVerifyPool:
+    """`size` math-verify worker processes. `equivalent(...)` is True / False, or None when no verdict came
+    in time (workers still starting or all busy, time limit passed, worker died, math-verify raised)."""
+
+    def __init__(self, size: int = 2, memory_bytes: int = WORKER_MEMORY_BYTES, startup_timeout_s: float = 120.0):
+        self.size, self.memory_bytes, self.startup_timeout_s = size, memory_bytes, startup_timeout_s
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._all: set[_Worker] = set()
+        self._lock = threading.Lock()
+        self.killed = 0  # workers killed for running past their time limit
+        for _ in range(size):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        def start():
+            worker = _Worker(self.memory_bytes)
+            with self._lock:
+                self._all.add(worker)
+            if worker.read_line(self.startup_timeout_s) == "ready":
+                self._idle.put(worker)
+            else:  # math-verify missing or broken: this slot stays empty, answers keep the safe verdict
+                self._retire(worker)
+
+        threading.Thread(target=start, name="math-verify-start", daemon=True).start()
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Blocks until every worker has started (or `timeout_s` passed); whether they all did."""
+        deadline = time.monotonic() + timeout_s
+        while self._idle.qsize() < self.size and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self._idle.qsize() >= self.size
+
+    def _retire(self, worker: _Worker) -> None:
+        worker.kill()
+        with self._lock:
+            self._all.discard(worker)
+
+    def equivalent(self, answer: str, reference: str, timeout_s: float) -> bool | None:
+        try:
+            worker = self._idle.get(timeout=timeout_s / 4)
+        except queue.Empty:
+            return None
+        try:
+            worker.proc.stdin.write(json.dumps([answer, reference]) + "\n")
+            worker.proc.stdin.flush()
+            verdict = worker.read_line(timeout_s)
+        except (OSError, ValueError):
+            verdict = None
+        if verdict in ("0", "1", "E"):
+            self._idle.put(worker)
+            return {"1": True, "0": False}.get(verdict)
+        self.killed += 1
+        self._retire(worker)
+        self._spawn()
+        return None
+
+    def close(self) -> None:
+        with self._lock:
+            workers = list(self._all)
+        for worker in workers:
+            self._retire(worker)
+
+
+_POOL: MathVerifyPool | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def math_verify_pool() -> MathVerifyPool:
+    """The process-wide pool, started on first use (MTGRPO_MATH_VERIFY_WORKERS workers, default 2)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = MathVerifyPool(size=max(1, int(os.environ.get("MTGRPO_MATH_VERIFY_WORKERS", "2"))))
+            atexit.register(_POOL.close)
+        return _POOL
+
+
+def answers_equivalent(answer: str, reference: str, *, use_math_verify: bool = True, timeout_s: float = 1.0) -> bool:
+    """The safe reader; where it says no, math-verify (time-limited, in a worker process) may say yes."""
+    if safe_equivalent(answer, reference):
+        return True
+    if not use_math_verify or not isinstance(answer, str) or not isinstance(reference, str) \
+            or len(answer) > MAX_ANSWER_CHARS or len(reference) > MAX_ANSWER_CHARS:
+        return False
+    return bool(math_verify_pool().equivalent(answer, reference, timeout_s))
+
+
 @dataclasses.dataclass
 class MathTask(BaseTask):
     """MATH-style problems with a boxed final answer (the released math parquet layout)."""
+
+    # Tier 2 of the answer check (see the module docstring); its time limit stays under the scorer's
+    # per-item limit (train.score_timeout_s, default 2 s) so a slow answer costs its reward, not the step's.
+    use_math_verify: bool = True
+    math_verify_timeout_s: float = 1.0
 
     family: ClassVar[str] = "math"
 
@@ -144,7 +289,8 @@ class MathTask(BaseTask):
         return f"{example['question']} Put your final answer within \\boxed{{}}. "
 
     def check(self, answer: str, example: Mapping[str, Any]) -> bool:
-        return answers_equivalent(answer, target_string(example))
+        return answers_equivalent(answer, target_string(example), use_math_verify=self.use_math_verify,
+                                  timeout_s=self.math_verify_timeout_s)
 
     def reference_answer(self, example: Mapping[str, Any]) -> str:
         return target_string(example).strip()

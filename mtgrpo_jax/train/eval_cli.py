@@ -24,11 +24,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--tasks", help="comma-separated: parquet files (verl layout, e.g. the paper's test sets; split "
                                    "into one task per family and difficulty), or FAMILY:LEVEL:N to generate N items; "
                                    "default: the run's held-out sets")
-    p.add_argument("--n", type=int, default=8, help="samples per prompt (the paper: 8)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (the paper: 1.0; 0 = greedy)")
-    p.add_argument("--pass-k", default="1", help="comma-separated k for unbiased pass@k")
-    p.add_argument("--max-examples", type=int, help="at most this many prompts per task")
-    p.add_argument("--max-new-tokens", type=int, help="default: the config's rollout.max_new_tokens")
+    # Each flag below is a shorthand for an `eval.*` override and, when absent, leaves the config's value alone.
+    p.add_argument("--n", type=int, help="samples per prompt (eval.n; default 8, the paper's)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (eval.temperature; default 1.0; 0 = greedy)")
+    p.add_argument("--pass-k", help="comma-separated k for unbiased pass@k (eval.pass_k; default 1)")
+    p.add_argument("--max-examples", type=int, help="at most this many prompts per task (eval.max_examples)")
+    p.add_argument("--max-new-tokens", type=int, help="eval.max_new_tokens; default: rollout.max_new_tokens")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"],
+                   help="eval.dtype; default auto: float32 on CPU, else the config's model.dtype")
     p.add_argument("--baseline", help="a run directory whose last evaluation is the baseline for the relative change")
     p.add_argument("--thresholds", default="0.3,0.5", help="worst-task accuracy thresholds for steps-to-threshold")
     p.add_argument("--seed", type=int, default=0)
@@ -37,10 +40,48 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
+_FLAG_KEYS = {"n": "eval.n", "temperature": "eval.temperature", "pass_k": "eval.pass_k",
+              "max_examples": "eval.max_examples", "max_new_tokens": "eval.max_new_tokens", "dtype": "eval.dtype"}
+
+
+def _flag_overrides(args) -> list[str]:
+    """The flags given, as the `eval.*` overrides they stand for (a flag beats the same dotted override)."""
+    out = []
+    for attr, key in _FLAG_KEYS.items():
+        value = getattr(args, attr)
+        if value is None:
+            continue
+        if attr == "pass_k":
+            value = "[" + ",".join(str(int(k)) for k in value.split(",") if k.strip()) + "]"
+        out.append(f"{key}={value}")
+    return out
+
+
 def _run_config(target: Path, overrides: list[str]) -> Config:
     if (target / "config.yaml").is_file():
         return load_config(target / "config.yaml", overrides)
     return from_dict(apply_overrides({}, overrides))
+
+
+def _run_task_names(cfg: Config) -> dict[tuple[str, int], str]:
+    """(family, level) -> the run's own name for that task, from its config's held-out (or train) sources."""
+    names: dict[tuple[str, int], str] = {}
+    for t in cfg.tasks:
+        for src in (t.eval, t.train):
+            if src is not None and src.level is not None:
+                names.setdefault((t.family, src.level), t.name)
+                break
+    return names
+
+
+def _align_names(tasks, names: dict[tuple[str, int], str]):
+    """Renames `FAMILY-lLEVEL` tasks (from --tasks) to a run's names for the same family and level, so a
+    baseline run's records and this evaluation's name the same thing alike."""
+    for t in tasks:
+        fam, sep, level = t.name.rpartition("-l")
+        if sep and level.isdigit() and (fam, int(level)) in names:
+            t.name = names[(fam, int(level))]
+    return tasks
 
 
 def _task_sets(spec: str | None, cfg: Config, seed: int, max_examples: int | None):
@@ -72,22 +113,36 @@ def _task_sets(spec: str | None, cfg: Config, seed: int, max_examples: int | Non
     return out
 
 
-def _load_policy(target: Path, cfg: Config):
+def eval_dtype(cfg: Config) -> str:
+    """eval.dtype, with auto meaning float32 on CPU (bfloat16 matmuls are slower there) and model.dtype elsewhere."""
+    if cfg.eval.dtype != "auto":
+        return cfg.eval.dtype
+    return "float32" if jax.default_backend() == "cpu" else cfg.model.dtype
+
+
+def _load_model(target: Path, cfg: Config):
+    """(model, tokenizer, mesh). The model directory's own tokenizer files, whichever are there, else
+    model.tokenizer (default: the bundled tiny one); a tokenizer that does not fit the model is refused."""
     from mtgrpo_jax.models import load_pretrained, load_tokenizer
+    from mtgrpo_jax.models.tokenizer import check_tokenizer_fits, has_tokenizer
     from mtgrpo_jax.parallel import make_mesh
-    from mtgrpo_jax.train.policy import Policy
     from mtgrpo_jax.train.setup import build_model
 
     mesh = make_mesh(data=1, fsdp=jax.device_count(), tensor=1)
+    dtype = eval_dtype(cfg)
     if str(target) == "tiny":
-        model, tokenizer = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(update={"init": "random"})}), mesh)
-    else:
-        model_dir = target / "hf_final" if (target / "hf_final").is_dir() else target
-        if not (model_dir / "config.json").is_file():
-            raise ConfigError(f"eval: {target} is neither a finished run directory (hf_final/) nor a model directory")
-        model = load_pretrained(str(model_dir), dtype=cfg.model.dtype, mesh=mesh)
-        tokenizer = load_tokenizer(str(model_dir) if (model_dir / "tokenizer_config.json").exists() else cfg.model.tokenizer)
-    return Policy(model, tokenizer, cfg.rollout, mesh)
+        model_cfg = cfg.model.model_copy(update={"init": "random", "dtype": dtype})
+        model, tokenizer = build_model(cfg.model_copy(update={"model": model_cfg}), mesh)
+        return model, tokenizer, mesh
+    model_dir = target / "hf_final" if (target / "hf_final").is_dir() else target
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"eval: {target} is neither a finished run directory (hf_final/) nor a model directory")
+    model = load_pretrained(str(model_dir), dtype=dtype, mesh=mesh)
+    tok_source = model_dir if has_tokenizer(model_dir) else cfg.model.tokenizer
+    tokenizer = load_tokenizer(tok_source)
+    check_tokenizer_fits(tokenizer, model.config.vocab_size,
+                         f"eval: tokenizer {tok_source or 'bundled tiny tokenizer'} for the model in {model_dir}")
+    return model, tokenizer, mesh
 
 
 def _last_eval_accuracies(run_dir: Path, names: list[str]) -> dict[str, float]:
@@ -104,27 +159,44 @@ def main(argv: list[str], prog: str = "mtgrpo eval") -> int:
         target = Path(args.target)
         if str(target) != "tiny" and not target.exists():
             raise ConfigError(f"eval: target not found: {target}")
-        cfg = _run_config(target, args.overrides)
-        ks = [int(k) for k in args.pass_k.split(",") if k]
+        cfg = _run_config(target, args.overrides + _flag_overrides(args))
         thresholds = [float(t) for t in args.thresholds.split(",") if t]
-        tasks = _task_sets(args.tasks, cfg, args.seed, args.max_examples)
-        policy = _load_policy(target, cfg)
-    except (ConfigError, ValueError, KeyError) as err:
+        model, tokenizer, mesh = _load_model(target, cfg)
+        from mtgrpo_jax.train.policy import Policy, resolve_prompts
+
+        cfg, prompt_choice = resolve_prompts(cfg, tokenizer)
+        tasks = _task_sets(args.tasks, cfg, args.seed, cfg.eval.max_examples)
+        if args.tasks:  # the names a training run gives the same (family, level), the baseline's if not ours
+            names = _run_task_names(cfg)
+            if args.baseline and (Path(args.baseline) / "config.yaml").is_file():
+                names = {**_run_task_names(load_config(Path(args.baseline) / "config.yaml")), **names}
+            tasks = _align_names(tasks, names)
+        policy = Policy(model, tokenizer, cfg.rollout, mesh)
+    except (ConfigError, ValueError, KeyError, FileNotFoundError) as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
+    print(f"[mtgrpo] {prompt_choice.describe()}", file=sys.stderr, flush=True)
 
     from mtgrpo_jax.train.evaluate import evaluate_tasks
 
-    eval_cfg = cfg.eval.model_copy(update=dict(n=args.n, temperature=args.temperature, max_examples=args.max_examples,
-                                               max_new_tokens=args.max_new_tokens, pass_k=ks))
-    record = evaluate_tasks(policy, tasks, eval_cfg, cfg.train, step=0, key=jax.random.key(args.seed))
-    result = {"target": str(target), "n": args.n, "temperature": args.temperature,
+    ks = list(cfg.eval.pass_k)
+    record = evaluate_tasks(policy, tasks, cfg.eval, cfg.train, step=0, key=jax.random.key(args.seed))
+    result = {"target": str(target), "n": cfg.eval.n, "temperature": cfg.eval.temperature, "dtype": eval_dtype(cfg),
+              "prompt_style": prompt_choice.as_dict(),
               "tasks": {t.name: {k.split("/")[-1]: v for k, v in record.items() if k.startswith(f"eval/{t.name}/")}
                         for t in tasks},
               "worst_accuracy": record.get("eval/worst_accuracy"), "mean_accuracy": record.get("eval/mean_accuracy")}
     accs = {t.name: record[f"eval/{t.name}/accuracy"] for t in tasks}
     if args.baseline:
-        base = _last_eval_accuracies(Path(args.baseline), list(accs))
+        try:
+            base = _last_eval_accuracies(Path(args.baseline), list(accs))
+        except ConfigError as err:
+            print(f"{prog}: {err}", file=sys.stderr)
+            return 2
+        if not base:
+            print(f"{prog}: --baseline {args.baseline}: its evaluations name none of the tasks {sorted(accs)}",
+                  file=sys.stderr)
+            return 2
         change = relative_change({k: accs[k] for k in base}, base)
         result["relative_change_vs_baseline"] = {"mean": change.mean, "per_task": change.per_task, "skipped": change.skipped}
     if (target / "metrics.jsonl").is_file():

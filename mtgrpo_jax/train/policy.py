@@ -1,28 +1,67 @@
 """The policy as the host loop sees it: model + tokenizer + rollout engine + prompt encoding.
 
-Shared by training, evaluation and `mtgrpo eval`, so all three build prompts and stop sequences the same way.
+Shared by training, evaluation and `mtgrpo eval`, so all three build prompts and stop sequences the same way:
+`resolve_prompts` picks the prompts that suit the checkpoint (base: the raw transcript; instruct: the question in
+the model's chat template), and `models.encode_prompt` is the one encoder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 import jax
 
-from mtgrpo_jax.config import RolloutCfg
+from mtgrpo_jax.config import Config, RolloutCfg
+from mtgrpo_jax.models.tokenizer import encode_prompt, has_chat_template
 from mtgrpo_jax.rollout import Sampler, SamplingParams
 
+# (task prompt style, template) each kind of checkpoint gets unless `rollout.*` says otherwise.
+PROMPTS_FOR_KIND = {"base": ("released", "raw"), "instruct": ("question", "chat")}
 
-def encode_prompt(tokenizer, messages: list[dict], template: str) -> list[int]:
-    """Token ids of a task's chat messages: the tokenizer's chat template when it has one (and `template`
-    is "chat"), else the messages' text joined."""
-    if template == "chat" and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if not isinstance(ids, list):  # newer transformers return a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
-    return tokenizer("\n".join(m["content"] for m in messages), add_special_tokens=False)["input_ids"]
+
+@dataclasses.dataclass(frozen=True)
+class PromptChoice:
+    kind: str  # "base" | "instruct"
+    reason: str  # why that kind
+    prompt_style: str
+    template: str
+    overridden: tuple[str, ...]  # the rollout.* keys that overrode the kind's default
+
+    def describe(self) -> str:
+        what = {("released", "raw"): "the released R1-style transcript as raw text",
+                ("question", "chat"): "the task's question as the user turn of the model's chat template"}
+        how = what.get((self.prompt_style, self.template),
+                       f"prompt_style {self.prompt_style!r} through template {self.template!r}")
+        extra = f"; overridden by {', '.join(self.overridden)}" if self.overridden else ""
+        return f"prompts: {self.kind} model ({self.reason}): {how}{extra}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_prompts(cfg: Config, tokenizer) -> tuple[Config, PromptChoice]:
+    """The prompt style a run uses, and the config with it written in (model.kind, rollout.prompt_style,
+    rollout.template no longer left to `auto` / None), so the saved config records what ran."""
+    declared = cfg.model.kind
+    if declared == "auto":
+        kind = "instruct" if has_chat_template(tokenizer) else "base"
+        reason = "the tokenizer has a chat template" if kind == "instruct" else "the tokenizer has no chat template"
+    else:
+        kind, reason = declared, f"model.kind={declared}"
+    style, template = PROMPTS_FOR_KIND[kind]
+    overridden = []
+    if cfg.rollout.prompt_style is not None and cfg.rollout.prompt_style != style:
+        style = cfg.rollout.prompt_style
+        overridden.append(f"rollout.prompt_style={style}")
+    if cfg.rollout.template is not None and cfg.rollout.template != template:
+        template = cfg.rollout.template
+        overridden.append(f"rollout.template={template}")
+    choice = PromptChoice(kind, reason, style, template, tuple(overridden))
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"kind": kind}),
+                                 "rollout": cfg.rollout.model_copy(update={"prompt_style": style, "template": template})})
+    return cfg, choice
 
 
 class Policy:
@@ -53,7 +92,10 @@ class Policy:
         key = (family.name, example.get("question", "") + json.dumps(example.get("answer"), sort_keys=True, default=str))
         ids = self._prompt_cache.get(key)
         if ids is None:
-            ids = encode_prompt(self.tokenizer, family.prompt(example), self.rollout_cfg.template)
+            messages = family.prompt(example)
+            if self.rollout_cfg.system_prompt is not None:
+                messages = [{"role": "system", "content": self.rollout_cfg.system_prompt}, *messages]
+            ids = encode_prompt(self.tokenizer, messages, self.rollout_cfg.template or "chat")
             self._prompt_cache[key] = ids
         return ids
 

@@ -15,6 +15,7 @@ from mtgrpo_jax import weighting
 from mtgrpo_jax.config import Config, ConfigError, TaskSourceCfg
 from mtgrpo_jax.data import make_sampler
 from mtgrpo_jax.models import ModelConfig, Transformer, load_pretrained, load_tokenizer, tiny_config
+from mtgrpo_jax.models.tokenizer import check_tokenizer_fits, has_tokenizer
 from mtgrpo_jax.parallel import initialize_distributed, make_mesh, shard_model
 from mtgrpo_jax.tasks import load_source, resolve_task
 
@@ -61,13 +62,13 @@ def build_model(cfg: Config, mesh) -> tuple[Transformer, Any]:
                             attention=mc.attention)
         model = shard_model(model, mesh)
     tok_path = mc.tokenizer
-    if tok_path is None and mc.path is not None and Path(mc.path).is_dir() and (Path(mc.path) / "tokenizer_config.json").exists():
+    if tok_path is None and has_tokenizer(mc.path):
         tok_path = mc.path
     tokenizer = load_tokenizer(tok_path)
-    if len(tokenizer) > model.config.vocab_size:
-        raise ConfigError(
-            f"config error: model.tokenizer: {len(tokenizer)} tokens do not fit the model's vocab_size {model.config.vocab_size}"
-        )
+    try:
+        check_tokenizer_fits(tokenizer, model.config.vocab_size, "config error: model.tokenizer")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return model, tokenizer
 
 

@@ -67,9 +67,11 @@ class Trainer:
         self.mesh = setup.build_mesh(cfg)
         self.run_dir = Path(cfg.output_dir)
         self.is_primary = jax.process_index() == 0
+        self.model, self.tokenizer = setup.build_model(cfg, self.mesh)
+        # The prompts that suit the checkpoint, decided once and written into the config the run saves.
+        self.cfg = cfg = self._resolve_prompts(cfg)
         self.tasks = setup.build_tasks(cfg)
         self.names = [t.name for t in self.tasks]
-        self.model, self.tokenizer = setup.build_model(cfg, self.mesh)
         self.policy = Policy(self.model, self.tokenizer, cfg.rollout, self.mesh)
         self.taskset = TaskSet({t.name: t.train for t in self.tasks}, seed=cfg.seed)
         s = cfg.sampler
@@ -117,6 +119,14 @@ class Trainer:
         self._in_loop = False
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
 
+    def _resolve_prompts(self, cfg: Config) -> Config:
+        from mtgrpo_jax.train.policy import resolve_prompts
+
+        cfg, self.prompt_choice = resolve_prompts(cfg, self.tokenizer)
+        if self.is_primary and cfg.logging.console:
+            print(f"[mtgrpo] {self.prompt_choice.describe()}", flush=True)
+        return cfg
+
     # ------------------------------------------------------------------------------------------------ state
     def _arrays(self) -> dict:
         # The task-weight state is tiny host-side math that every process repeats on its own first device;
@@ -136,10 +146,10 @@ class Trainer:
         self.checkpointer.save(self.step, self._arrays(), self._host_state())
 
     def maybe_restore(self) -> bool:
-        step = self.checkpointer.latest_step()
-        if step is None:
+        found = self.checkpointer.restore_latest(self._arrays(), log=lambda line: print(line, flush=True))
+        if found is None:
             return False
-        arrays, host = self.checkpointer.restore(step, self._arrays())
+        _, arrays, host = found
         self.params, self.opt_state = arrays["params"], arrays["opt_state"]
         self.weight_state = jax.tree.map(jnp.asarray, arrays["weight_state"])
         nnx.update(self.model, self.params)
@@ -220,11 +230,16 @@ class Trainer:
         if self.ref_params is not None:
             batch = batch._replace(ref_logp=self.logprob_fn(self.ref_params, batch.input_ids, batch.attention_mask))
         t_update = time.perf_counter()
-        before = objective_at_behaviour(self.settings, batch) if self.settings.improvement == "batch" else None
-        self.params, self.opt_state, upd, improvement = self.update_fn(self.params, self.opt_state, batch)
-        upd = to_host(upd)
+        empty = not valid.any()
+        if empty:  # nothing survived the filter: an update over padding would only cost time; skip and count it
+            upd, improvement = {}, None
+            print(f"[mtgrpo] step {step}: no valid rows after filtering; policy update skipped", flush=True)
+        else:
+            before = objective_at_behaviour(self.settings, batch) if self.settings.improvement == "batch" else None
+            self.params, self.opt_state, upd, improvement = self.update_fn(self.params, self.opt_state, batch)
+            upd = to_host(upd)
         t_improve = time.perf_counter()
-        if self.settings.improvement == "batch":
+        if self.settings.improvement == "batch" and not empty:
             improvement = self.objective_fn(self.params, batch) - before
         improvement = np.zeros(K, np.float32) if improvement is None else to_host(improvement)
         nnx.update(self.model, self.params)
@@ -289,6 +304,7 @@ class Trainer:
             "time/weights": t_end - t_weights,
             "time/step": t_end - t_start,
             "train/valid_rows": int(valid.sum()),
+            "train/empty_step": int(empty),
             "train/seq_len": prompt_len + cfg.rollout.max_new_tokens,
         })
         record.update(memory_metrics())

@@ -7,6 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from mtgrpo_jax.train.eval_cli import main
@@ -68,3 +70,72 @@ def test_eval_bad_input_is_one_line(tmp_path, capsys):
     assert "FAMILY:LEVEL:N" in err and len(err.splitlines()) == 1
     assert main(["tiny", "--tasks", str(tmp_path / "nope.parquet")]) == 2
     assert "data file not found" in capsys.readouterr().err
+
+
+# --- rough edges a real model dir hits ------------------------------------------------------------
+def _tiny_model_dir(path: Path, *, vocab_size: int | None = None, tokenizer_files=("tokenizer.json",),
+                    dtype="float32") -> Path:
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mtgrpo_jax.models import ModelConfig, Transformer, save_pretrained, tiny_config
+    from mtgrpo_jax.models.tokenizer import TINY_TOKENIZER_DIR
+
+    cfg = tiny_config()
+    if vocab_size is not None:
+        cfg = ModelConfig.from_hf({**cfg.to_hf_dict(), "vocab_size": vocab_size})
+    model = Transformer(cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
+    save_pretrained(model, path)
+    for name in tokenizer_files:
+        shutil.copy(TINY_TOKENIZER_DIR / name, path / name)
+    return path
+
+
+def test_eval_loads_a_lone_tokenizer_json_and_picks_float32_on_cpu(tmp_path):
+    from mtgrpo_jax.config import from_dict
+    from mtgrpo_jax.train.eval_cli import _load_model, eval_dtype
+
+    model_dir = _tiny_model_dir(tmp_path / "m", dtype="bfloat16")
+    cfg = from_dict({})
+    assert cfg.model.dtype == "bfloat16" and cfg.eval.dtype == "auto"
+    assert eval_dtype(cfg) == "float32"  # the tests run on CPU
+    model, tok, _ = _load_model(model_dir, cfg)
+    assert Path(tok.name_or_path) == model_dir  # the directory's own tokenizer.json, not the bundled one
+    assert model.param_dtype == np.dtype("float32")
+    told = from_dict({"eval": {"dtype": "bfloat16"}})
+    assert eval_dtype(told) == "bfloat16" and _load_model(model_dir, told)[0].param_dtype == jnp.bfloat16
+
+
+def test_eval_refuses_a_tokenizer_that_does_not_fit_the_model(tmp_path, capsys):
+    model_dir = _tiny_model_dir(tmp_path / "m", vocab_size=1024)  # the tokenizer has 2048 tokens
+    assert main([str(model_dir), "--tasks", "countdown:1:2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "2048 tokens do not fit the model's vocab_size 1024" in err and len(err.splitlines()) == 1
+
+
+def test_eval_flags_do_not_override_config_unless_given_and_names_line_up_with_runs(tmp_path, capsys):
+    from mtgrpo_jax.config import from_dict, save_config
+
+    # A finished run trained on countdown level 1 under its own name, with an evaluation history.
+    run = tmp_path / "run"
+    _tiny_model_dir(run / "hf_final", tokenizer_files=("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"))
+    task = {"name": "countdown-easy", "family": "countdown", "train": {"level": 1, "n": 4},
+            "eval": {"path": str(RELEASED / "test_countdown.parquet"), "level": 1}}
+    save_config(from_dict({"tasks": [task], "eval": {"n": 3, "max_examples": 1},
+                           "rollout": {"max_new_tokens": 4, "prompt_style": "compact", "prompt_buckets": [128],
+                                       "batch_buckets": [8]}}), run / "config.yaml")
+    _write_history(run, [(0, 0.0, {"countdown-easy": 0.0})])
+    subset = tmp_path / "countdown.parquet"
+    shutil.copy(RELEASED / "test_countdown.parquet", subset)
+
+    assert main([str(run), "--tasks", str(subset), "--baseline", str(run), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["n"] == 3  # eval.n from the run's config: no flag default overrides it
+    assert "countdown-easy" in out["tasks"] and "countdown-l1" not in out["tasks"]  # the run's name for level 1
+    assert "countdown-l2" in out["tasks"]  # levels the run never trained keep the generic name
+    assert list(out["relative_change_vs_baseline"]["per_task"]) == ["countdown-easy"]
+
+    assert main([str(run), "--tasks", str(subset), "--n", "2", "--json", "eval.n=5"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 2  # a given flag wins
+    assert main([str(run), "--tasks", str(subset), "--json", "eval.n=5"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 5
