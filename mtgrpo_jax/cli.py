@@ -15,6 +15,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "generate"): ("mtgrpo_jax.tasks.generate:main", "generate and cache task data as parquet"),
     ("bench", "rollout"): ("mtgrpo_jax.rollout.bench:main", "rollout tokens/s against transformers"),
     ("bench", "step"): ("mtgrpo_jax.train.bench:main", "training step time by phase, MFU"),
+    ("plan",): ("mtgrpo_jax.train.plan_cli:main", "compile a step for a TPU slice ahead of time: memory, FLOPs, step time"),
     ("report",): ("mtgrpo_jax.report:main", "plots and comparison tables from run directories"),
 }
 
