@@ -360,7 +360,7 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
     try:
         mesh = make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor, devices=devices)
     except ValueError as err:
-        raise PlanError(f"mesh: {err} of {topo.name} ({topo.libtpu_name})") from None
+        raise PlanError(f"{err} of the slice {topo.name} ({topo.libtpu_name})") from None
     mc = model_config(cfg)
     model = abstract_model(cfg, mc)
     graphdef, params, _rest = nnx.split(model, nnx.Param, ...)

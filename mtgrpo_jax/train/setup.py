@@ -33,7 +33,8 @@ def build_mesh(cfg: Config):
         raise ConfigError(f"config error: mesh: {err}") from None
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = cfg.sampler.batch_size * cfg.sampler.group_size
-    micro_rows = rows // (cfg.optim.mini_batches * cfg.optim.micro_batches)
+    micro = 1 if cfg.optim.micro_batches == "auto" else cfg.optim.micro_batches  # auto: resolved by the trainer
+    micro_rows = rows // (cfg.optim.mini_batches * micro)
     if micro_rows % batch_devices:
         raise ConfigError(
             f"config error: sampler.batch_size: micro-batches of {micro_rows} rows do not divide over the mesh's "

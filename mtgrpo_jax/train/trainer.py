@@ -32,6 +32,7 @@ from mtgrpo_jax.train import setup
 from mtgrpo_jax.train.batch import Group, build_batch, pick_bucket
 from mtgrpo_jax.train.checkpoint import Checkpointer
 from mtgrpo_jax.train.evaluate import evaluate_tasks
+from mtgrpo_jax.train.plan import resolve_micro_batches
 from mtgrpo_jax.train.policy import Policy
 from mtgrpo_jax.train.metrics import MetricsWriter, memory_metrics
 from mtgrpo_jax.train.sft import run_sft
@@ -82,9 +83,11 @@ class Trainer:
         self.tx = make_optimizer(o.learning_rate, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
                                  grad_clip=o.grad_clip, warmup_steps=o.warmup_steps)
         self.opt_state = init_opt_state(self.tx, self.params, self.mesh)
+        # "auto": the fewest micro-batches whose update fits the devices' memory (see train.plan).
+        self.micro_batches = resolve_micro_batches(cfg, self.mesh, self.graphdef, self.params, self.tx)
         self.settings = UpdateSettings(
             mini_batches=o.mini_batches,
-            micro_batches=o.micro_batches,
+            micro_batches=self.micro_batches,
             completion_len=cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature,
             eps_low=cfg.loss.eps_low,
@@ -98,7 +101,7 @@ class Trainer:
             improvement=setup.improvement_mode(cfg),
         )
         self.rows = s.batch_size * s.group_size
-        self.micro_rows = self.rows // (o.mini_batches * o.micro_batches)
+        self.micro_rows = self.rows // (o.mini_batches * self.micro_batches)
         batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
         constrain = lambda b: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), b)
         self.update_fn = make_update_fn(self.graphdef, self.tx, self.settings, constrain)
