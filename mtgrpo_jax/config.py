@@ -112,6 +112,10 @@ class LossCfg(_Strict):
     beta: float = Field(0.0, ge=0.0)  # KL coefficient; 0 means no reference model at all
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     entropy_coef: float = Field(0.0, ge=0.0)
+    # Token logprobs and entropy in rematerialised chunks, so float32 [rows, T, vocab] logits are never held:
+    # positions per chunk (0: the whole completion) and vocabulary slice per chunk (0: the whole vocabulary).
+    logprob_chunk: int = Field(0, ge=0)
+    vocab_chunk: int = Field(0, ge=0)
 
 
 class OptimCfg(_Strict):

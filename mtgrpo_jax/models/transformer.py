@@ -206,6 +206,13 @@ class Transformer(nnx.Module):
             out = jnp.einsum("bth,hv->btv", hidden, w, preferred_element_type=jnp.float32)
         return shard_activation(out, ("batch", None, "vocab"))
 
+    def head_matrix(self) -> jax.Array:
+        """The LM head as one `[H, V]` matrix in the activation dtype (the tied embedding transposed), so
+        callers can apply it in slices (`mtgrpo_jax.rl.token_logprobs_from_hidden`) instead of via `logits`."""
+        if self.config.tie_word_embeddings:
+            return self.embed[...].astype(self.dtype).T
+        return self.lm_head[...].astype(self.dtype)
+
     def init_cache(self, batch_size: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
         cfg = self.config
         shape = (cfg.num_hidden_layers, batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)

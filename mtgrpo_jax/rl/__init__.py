@@ -11,7 +11,7 @@ from mtgrpo_jax.rl.advantages import (
     group_advantages,
     zero_gradient_mask,
 )
-from mtgrpo_jax.rl.logprobs import token_logprobs_from_logits
+from mtgrpo_jax.rl.logprobs import token_logprobs_from_hidden, token_logprobs_from_logits
 from mtgrpo_jax.rl.losses import (
     AGGREGATIONS,
     KL_ESTIMATORS,
@@ -34,6 +34,7 @@ __all__ = [
     "per_task_objective",
     "policy_loss",
     "recombine_task_objectives",
+    "token_logprobs_from_hidden",
     "token_logprobs_from_logits",
     "zero_gradient_mask",
 ]

@@ -1,14 +1,12 @@
-"""Token log-probabilities (and entropies) from logits, in float32.
+"""Token log-probabilities (and entropies) in float32, from logits or straight from hidden states.
 
-The plain path writes ``log_softmax`` over the whole ``[..., V]`` logits upcast to float32, and XLA
-normally fuses that upcast into the reductions. The chunked path (``chunk_size``) walks the vocabulary
-in slices with an online log-sum-exp, upcasting one slice at a time and rematerialising it in the
-backward pass, so it does not rely on fusion to keep float32 copies of the logits out of memory.
-Measured on CPU (jax 0.10.2, logits [4, 256, 32768], XLA temp buffers, forward / backward):
-float32 logits, plain 0 / 0 MiB (256 MiB backward with entropy), chunk 4096: 16-32 / 48 MiB;
-bfloat16 logits (the CPU backend upcasts bf16 wholesale), plain 128 / 256-512 MiB, chunked 144-160 /
-288-304 MiB. So it is no default: reach for it when a profile on the accelerator shows the plain path
-materialising float32 copies of the logits.
+`token_logprobs_from_logits` takes `[..., V]` logits; its ``chunk_size`` walks the vocabulary in slices
+with an online log-sum-exp, rematerialising each slice in the backward pass.
+
+`token_logprobs_from_hidden` is what the training programs use at scale: it takes the final hidden states
+and the LM head matrix and chunks the head matmul itself, over positions and over the vocabulary, each
+chunk under `jax.checkpoint`, so float32 `[rows, T, V]` logits never exist (at a 152k vocabulary they
+are 2.5 GB a row at 4k tokens). Both agree with the plain computation to float32 rounding.
 """
 
 from __future__ import annotations
@@ -93,3 +91,81 @@ def token_logprobs_from_logits(logits, tokens, temperature: float = 1.0, *, chun
     if not return_entropy:
         return logp
     return logp, lse - t / s
+
+
+def _head_stats(h, head, tokens, temperature, vocab_chunk: int):
+    """(max, sum exp, sum exp * x, target logit) of x = h @ head / temperature over the vocabulary, for one
+    block of positions h [..., c, H]; the vocabulary is walked in `vocab_chunk` slices (0: in one piece),
+    each slice's float32 logits recomputed in the backward pass instead of stored."""
+    vocab = head.shape[-1]
+    width = vocab if vocab_chunk <= 0 or vocab_chunk >= vocab else vocab_chunk
+
+    def piece(start, size):
+        @jax.checkpoint
+        def stats(start):
+            w = jax.lax.dynamic_slice_in_dim(head, start, size, axis=-1)
+            x = jnp.einsum("...h,hv->...v", h, w, preferred_element_type=jnp.float32) / temperature
+            mx, s, t = _lse_stats(x)
+            # The target logit, picked from the slice that holds it (so it is the same number as the lse's).
+            local = tokens - start
+            hit = (local >= 0) & (local < size)
+            pick = jnp.take_along_axis(x, jnp.clip(local, 0, size - 1)[..., None], axis=-1)[..., 0]
+            return (mx, s, t), jnp.where(hit, pick, 0.0)
+        return stats(start)
+
+    n_full = vocab // width
+    carry, target = piece(0, width)
+    if n_full > 1:
+        def body(c, i):
+            stats, tgt = piece(i * width, width)
+            return (_merge(c[0], stats), c[1] + tgt), None
+        (carry, target), _ = jax.lax.scan(body, (carry, target), jnp.arange(1, n_full))
+    if vocab % width:
+        stats, tgt = piece(n_full * width, vocab % width)
+        carry, target = _merge(carry, stats), target + tgt
+    return carry, target
+
+
+def token_logprobs_from_hidden(hidden, head, tokens, temperature: float = 1.0, *, seq_chunk: int = 0,
+                               vocab_chunk: int = 0, return_entropy: bool = False):
+    """log softmax(hidden @ head / temperature)[tokens] in float32 without holding `[rows, T, V]` logits.
+
+    hidden `[N, T, H]` (the model's final-norm hidden states at the positions that predict `tokens`),
+    head `[H, V]` (the LM head as a matrix, activation dtype), tokens int `[N, T]`. The positions are cut
+    into blocks of `seq_chunk` (0: all T at once) and the vocabulary into slices of `vocab_chunk` (0:
+    whole); neither needs to divide its axis. Each block's logits exist only inside its own
+    `jax.checkpoint`: the forward keeps three float32 numbers per position and the backward recomputes
+    the logits of one block (and one slice) at a time. Values and gradients equal the full computation
+    to float32 rounding. With `return_entropy=True` also returns the per-position entropy.
+    """
+    hidden, tokens = jnp.asarray(hidden), jnp.asarray(tokens)
+    if hidden.ndim != 3 or tokens.shape != hidden.shape[:2] or head.ndim != 2 or head.shape[0] != hidden.shape[2]:
+        raise ValueError(f"expected hidden [N, T, H], head [H, V], tokens [N, T]: got hidden {hidden.shape}, "
+                         f"head {jnp.shape(head)}, tokens {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    for name, value in (("seq_chunk", seq_chunk), ("vocab_chunk", vocab_chunk)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}={value!r} must be an int >= 0 (0: no chunking)")
+    if isinstance(temperature, (int, float)) and temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    tokens = tokens.astype(jnp.int32)
+    n, t, _ = hidden.shape
+
+    def block(h, tok):
+        (mx, s, tsum), target = _head_stats(h, head, tok, temperature, vocab_chunk)
+        lse = mx + jnp.log(s)
+        return target - lse, lse - tsum / s
+
+    if seq_chunk <= 0 or seq_chunk >= t:
+        logp, entropy = block(hidden, tokens)
+    else:
+        blocks = -(-t // seq_chunk)
+        pad = blocks * seq_chunk - t  # a padded tail block: zero hidden states, token 0, sliced off below
+        h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(n, blocks, seq_chunk, -1).swapaxes(0, 1)
+        tok = jnp.pad(tokens, ((0, 0), (0, pad))).reshape(n, blocks, seq_chunk).swapaxes(0, 1)
+        one = jax.checkpoint(block)
+        _, (logp, entropy) = jax.lax.scan(lambda c, xs: (c, one(*xs)), None, (h, tok))
+        logp = logp.swapaxes(0, 1).reshape(n, -1)[:, :t]
+        entropy = entropy.swapaxes(0, 1).reshape(n, -1)[:, :t]
+    return (logp, entropy) if return_entropy else logp

@@ -99,6 +99,8 @@ class Trainer:
             entropy_coef=cfg.loss.entropy_coef,
             num_tasks=len(self.tasks),
             improvement=setup.improvement_mode(cfg),
+            logprob_chunk=cfg.loss.logprob_chunk,
+            vocab_chunk=cfg.loss.vocab_chunk,
         )
         self.rows = s.batch_size * s.group_size
         self.micro_rows = self.rows // (o.mini_batches * self.micro_batches)
@@ -107,7 +109,8 @@ class Trainer:
         self.update_fn = make_update_fn(self.graphdef, self.tx, self.settings, constrain)
         chunks = self.rows // self.micro_rows
         self.objective_fn = make_objective_fn(self.graphdef, self.settings, chunks)
-        self.logprob_fn = make_logprob_fn(self.graphdef, self.settings.completion_len, self.settings.temperature, chunks)
+        self.logprob_fn = make_logprob_fn(self.graphdef, self.settings.completion_len, self.settings.temperature, chunks,
+                                          seq_chunk=cfg.loss.logprob_chunk, vocab_chunk=cfg.loss.vocab_chunk)
         self.ref_params = jax.tree.map(jnp.copy, self.params) if cfg.loss.beta > 0 else None
         self.batch_sharding = batch_sharding
         self.history: list[dict] = []

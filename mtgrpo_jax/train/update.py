@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mtgrpo_jax.rl import per_task_objective, policy_loss
+from mtgrpo_jax.rl import per_task_objective, policy_loss, token_logprobs_from_hidden
 
 
 class Batch(NamedTuple):
@@ -35,14 +35,21 @@ class Batch(NamedTuple):
     ref_logp: jax.Array  # [N, T] float32 (zeros when beta == 0)
 
 
-def completion_logprobs(model, input_ids, attention_mask, completion_len: int, temperature: float):
-    """float32 log pi(token) / temperature-scaled, and the entropy, at each completion position: [N, T]."""
+def completion_logprobs(model, input_ids, attention_mask, completion_len: int, temperature: float, *,
+                        seq_chunk: int = 0, vocab_chunk: int = 0):
+    """float32 log pi(token) / temperature-scaled, and the entropy, at each completion position: [N, T].
+
+    `seq_chunk` / `vocab_chunk` (config `loss.logprob_chunk` / `loss.vocab_chunk`; 0 = whole) compute the LM
+    head and the softmax in rematerialised chunks, so float32 `[N, T, V]` logits are never held."""
     positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
     hidden = model.trunk(input_ids, positions=positions, attention_mask=attention_mask)
     total = input_ids.shape[1]
     start = total - completion_len
     # Position p predicts token p + 1: the completion tokens are predicted by positions start-1 .. total-2.
     h = hidden[:, start - 1 : total - 1]
+    if seq_chunk or vocab_chunk:
+        return token_logprobs_from_hidden(h, model.head_matrix(), input_ids[:, start:], temperature,
+                                          seq_chunk=seq_chunk, vocab_chunk=vocab_chunk, return_entropy=True)
     logits = model.logits(h).astype(jnp.float32) / temperature
     logp_all = jax.nn.log_softmax(logits, axis=-1)
     targets = input_ids[:, start:]
@@ -68,6 +75,8 @@ class UpdateSettings(NamedTuple):
     num_tasks: int
     # "none" | "batch" (one forward after the update) | "minibatch_sum" (released code: per mini-batch deltas)
     improvement: str
+    logprob_chunk: int = 0  # loss.logprob_chunk: positions per chunk of the LM head + softmax (0: whole)
+    vocab_chunk: int = 0  # loss.vocab_chunk: vocabulary slice per chunk (0: whole)
 
 
 def _split(batch: Batch, parts: int) -> Batch:
@@ -92,7 +101,8 @@ def make_update_fn(graphdef, tx: optax.GradientTransformation, s: UpdateSettings
 
     def loss_fn(params, mb: Batch):
         model = nnx.merge(graphdef, params)
-        logp, entropy = completion_logprobs(model, mb.input_ids, mb.attention_mask, s.completion_len, s.temperature)
+        logp, entropy = completion_logprobs(model, mb.input_ids, mb.attention_mask, s.completion_len, s.temperature,
+                                     **_chunks(s))
         loss, metrics = policy_loss(
             logp,
             mb.old_logp,
@@ -136,7 +146,8 @@ def make_update_fn(graphdef, tx: optax.GradientTransformation, s: UpdateSettings
             flat = lambda x: x.reshape((-1,) + x.shape[2:])
             before = _objective(s, flat(logp), mb)
             model = nnx.merge(graphdef, params)
-            after_logp, _ = completion_logprobs(model, mb.input_ids, mb.attention_mask, s.completion_len, s.temperature)
+            after_logp, _ = completion_logprobs(model, mb.input_ids, mb.attention_mask, s.completion_len, s.temperature,
+                                     **_chunks(s))
             out["improvement"] = _objective(s, after_logp, mb) - before
         return (params, opt_state), out
 
@@ -151,15 +162,22 @@ def make_update_fn(graphdef, tx: optax.GradientTransformation, s: UpdateSettings
     return jax.jit(update, donate_argnums=(0, 1))
 
 
-def make_logprob_fn(graphdef, completion_len: int, temperature: float, chunks: int = 1):
-    """logprobs(params, input_ids, attention_mask) -> [N, T] float32, computed in `chunks` row-chunks."""
+def _chunks(s: UpdateSettings) -> dict:
+    return dict(seq_chunk=s.logprob_chunk, vocab_chunk=s.vocab_chunk)
+
+
+def make_logprob_fn(graphdef, completion_len: int, temperature: float, chunks: int = 1, *, seq_chunk: int = 0,
+                    vocab_chunk: int = 0):
+    """logprobs(params, input_ids, attention_mask) -> [N, T] float32, computed in `chunks` row-chunks (and,
+    within a row-chunk, in `seq_chunk` x `vocab_chunk` pieces of the LM head, see `completion_logprobs`)."""
 
     def fn(params, input_ids, attention_mask):
         model = nnx.merge(graphdef, params)
 
         def one(_, xs):
             ids, mask = xs
-            logp, _ = completion_logprobs(model, ids, mask, completion_len, temperature)
+            logp, _ = completion_logprobs(model, ids, mask, completion_len, temperature, seq_chunk=seq_chunk,
+                                          vocab_chunk=vocab_chunk)
             return None, logp
 
         n = input_ids.shape[0]
@@ -171,7 +189,7 @@ def make_logprob_fn(graphdef, completion_len: int, temperature: float, chunks: i
 
 def make_objective_fn(graphdef, s: UpdateSettings, chunks: int = 1):
     """objective(params, batch) -> per-task GRPO objective [K] of the policy `params` on the batch."""
-    logprobs = make_logprob_fn(graphdef, s.completion_len, s.temperature, chunks)
+    logprobs = make_logprob_fn(graphdef, s.completion_len, s.temperature, chunks, **_chunks(s))
 
     def fn(params, batch: Batch):
         return _objective(s, logprobs(params, batch.input_ids, batch.attention_mask), batch)
@@ -184,12 +202,14 @@ def objective_at_behaviour(s: UpdateSettings, batch: Batch):
     return _objective(s, batch.old_logp, batch)
 
 
-def make_sft_update_fn(graphdef, tx: optax.GradientTransformation, completion_len: int):
+def make_sft_update_fn(graphdef, tx: optax.GradientTransformation, completion_len: int, *, seq_chunk: int = 0,
+                       vocab_chunk: int = 0):
     """Supervised warm start: token-mean cross-entropy of the demonstration tokens."""
 
     def loss_fn(params, input_ids, attention_mask, target_mask):
         model = nnx.merge(graphdef, params)
-        logp, _ = completion_logprobs(model, input_ids, attention_mask, completion_len, 1.0)
+        logp, _ = completion_logprobs(model, input_ids, attention_mask, completion_len, 1.0, seq_chunk=seq_chunk,
+                                      vocab_chunk=vocab_chunk)
         m = target_mask.astype(jnp.float32)
         return -jnp.sum(logp * m) / jnp.maximum(jnp.sum(m), 1.0)
 
