@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 
 
@@ -123,6 +124,9 @@ def topology_devices(topology: Topology):
     except ImportError:
         raise TopologyError(f"topology {topology.name!r}: compiling for TPU needs libtpu; install the tpu extra "
                             f"(pip install -c constraints.txt -e '.[tpu]')") from None
+    # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) for the process that drives the TPUs; a
+    # compile-only client drives none, so several planners (and test workers) may load it at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.libtpu_name)
     except Exception as err:  # libtpu's errors are long multi-line status strings

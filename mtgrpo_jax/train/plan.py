@@ -262,7 +262,8 @@ def update_settings(cfg: Config, micro_batches: int) -> UpdateSettings:
         completion_len=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, eps_low=cfg.loss.eps_low,
         eps_high=cfg.loss.eps_high, dual_clip=cfg.loss.dual_clip, aggregation=cfg.loss.aggregation,
         beta=cfg.loss.beta, kl_estimator=cfg.loss.kl_estimator, entropy_coef=cfg.loss.entropy_coef,
-        num_tasks=max(1, len(cfg.tasks)), improvement=setup.improvement_mode(cfg))
+        num_tasks=max(1, len(cfg.tasks)), improvement=setup.improvement_mode(cfg),
+        logprob_chunk=cfg.loss.logprob_chunk, vocab_chunk=cfg.loss.vocab_chunk)
 
 
 def prompts_per_round(cfg: Config) -> int:
@@ -327,11 +328,11 @@ def _knob(cfg: Config, program: str, mesh, micro_batches: int) -> str:
         if budget is not None:
             return f"lower rollout.kv_cache_budget_gib (now {budget})"
         return f"set rollout.kv_cache_budget_gib, or lower the largest rollout.batch_buckets (now {max(cfg.rollout.batch_buckets)})"
+    if not cfg.loss.logprob_chunk:
+        return "set loss.logprob_chunk (e.g. 512)"
     remat = getattr(cfg.model, "remat", None)
     if remat in (None, "none", False):
         return "set model.remat=block"
-    if getattr(cfg.loss, "logprob_chunk", None) in (None, 0):
-        return "set loss.logprob_chunk (e.g. 512)"
     if program == "sft_step":
         return f"lower sft.batch_size (now {cfg.sft.batch_size})"
     counts = valid_micro_batches(cfg, mesh)
@@ -399,7 +400,8 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
     ids, mask = batch.input_ids, batch.attention_mask
     if (cfg.optim.recompute_old_logprobs and wanted("old_logprobs")) or (cfg.loss.beta > 0 and wanted("reference_logprobs")):
         say("compiling the logprob forward ...")
-        fn = make_logprob_fn(graphdef, completion_len, cfg.rollout.temperature, chunks)
+        fn = make_logprob_fn(graphdef, completion_len, cfg.rollout.temperature, chunks,
+                             seq_chunk=cfg.loss.logprob_chunk, vocab_chunk=cfg.loss.vocab_chunk)
         c = _try_compile(fn, params, ids, mask)
         if cfg.optim.recompute_old_logprobs and wanted("old_logprobs"):
             add("old_logprobs", c, calls=1, scale=chunks)
@@ -420,7 +422,8 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
         sft_state = abstract_opt_state(sft_tx, params, mesh)
         total = prompt_len + completion_len
         sd = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh)  # noqa: E731
-        c = _try_compile(make_sft_update_fn(graphdef, sft_tx, completion_len), params, sft_state,
+        c = _try_compile(make_sft_update_fn(graphdef, sft_tx, completion_len, seq_chunk=cfg.loss.logprob_chunk,
+                                            vocab_chunk=cfg.loss.vocab_chunk), params, sft_state,
                          sd((sft_rows, total), jnp.int32), sd((sft_rows, total), jnp.bool_),
                          sd((sft_rows, completion_len), jnp.bool_))
         add("sft_step", c, calls=0)
