@@ -205,10 +205,22 @@ def peak_bytes(memory) -> int:
                + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
 
 
+def device_bytes(tree) -> int:
+    """Bytes one device holds of a pytree of sharded ShapeDtypeStructs."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return int(total)
+
+
 def _report(name: str, c: _Compiled, topo: Topology, *, calls: float, scale: float = 1.0,
-            flops: float | None = None, bytes_accessed: float | None = None, knob: str = "") -> ProgramPlan:
+            flops: float | None = None, bytes_accessed: float | None = None, knob: str = "",
+            resident: int = 0) -> ProgramPlan:
+    """`resident`: bytes per device that stay allocated while the program runs without being among its
+    arguments (the optimizer state during rollout, ...); they count against HBM like its own."""
     m = c.memory
-    peak = peak_bytes(m)
+    peak = peak_bytes(m) + resident
     f = (c.flops if flops is None else flops) * scale
     b = (c.bytes_accessed if bytes_accessed is None else bytes_accessed) * scale
     roofline = max(f / topo.chip.peak_flops, b / topo.chip.hbm_bandwidth)
@@ -379,6 +391,10 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
     settings = update_settings(cfg, micro)
     chunks = o.mini_batches * micro
     programs: dict[str, ProgramPlan] = {}
+    # What stays in HBM for the whole run besides each program's own arguments: the policy's parameters
+    # and optimizer state (train layout) and, with a KL term, the reference parameters.
+    p_bytes, o_bytes = device_bytes(params), device_bytes(opt_state)
+    ref_bytes = p_bytes if cfg.loss.beta > 0 else 0
 
     def add(name, compiled, **kw):
         p = _report(name, compiled, topo, **kw)
@@ -394,7 +410,7 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
         roll = rollout_programs(cfg, model, mesh, topo, prompts_per_round(cfg), say,
                                 with_loop=wanted("rollout_decode"))
     for name, (compiled, kw) in roll.items():
-        add(name, compiled, **{**kw, "calls": kw["calls"] * rollout_rounds})
+        add(name, compiled, **{**kw, "calls": kw["calls"] * rollout_rounds}, resident=p_bytes + o_bytes + ref_bytes)
 
     constrain = lambda b: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sh), b)  # noqa: E731
     ids, mask = batch.input_ids, batch.attention_mask
@@ -404,17 +420,17 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
                              seq_chunk=cfg.loss.logprob_chunk, vocab_chunk=cfg.loss.vocab_chunk)
         c = _try_compile(fn, params, ids, mask)
         if cfg.optim.recompute_old_logprobs and wanted("old_logprobs"):
-            add("old_logprobs", c, calls=1, scale=chunks)
+            add("old_logprobs", c, calls=1, scale=chunks, resident=o_bytes + ref_bytes)
         if cfg.loss.beta > 0 and wanted("reference_logprobs"):
-            add("reference_logprobs", c, calls=1, scale=chunks)
+            add("reference_logprobs", c, calls=1, scale=chunks, resident=p_bytes + o_bytes)
     if wanted("policy_update"):
         say("compiling the policy update ...")
         c = _try_compile(make_update_fn(graphdef, tx, settings, constrain), params, opt_state, batch)
-        add("policy_update", c, calls=1, scale=chunks)
+        add("policy_update", c, calls=1, scale=chunks, resident=ref_bytes)
     if settings.improvement == "batch" and wanted("improvement"):
         say("compiling the improvement forward ...")
         c = _try_compile(make_objective_fn(graphdef, settings, chunks), params, batch)
-        add("improvement", c, calls=1, scale=chunks)
+        add("improvement", c, calls=1, scale=chunks, resident=o_bytes + ref_bytes)
     if cfg.sft.steps > 0 and wanted("sft_step"):
         say("compiling the SFT step ...")
         sft_tx = optax.adamw(cfg.sft.learning_rate, b1=0.9, b2=0.99, weight_decay=cfg.sft.weight_decay)
@@ -426,7 +442,7 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
                                             vocab_chunk=cfg.loss.vocab_chunk), params, sft_state,
                          sd((sft_rows, total), jnp.int32), sd((sft_rows, total), jnp.bool_),
                          sd((sft_rows, completion_len), jnp.bool_))
-        add("sft_step", c, calls=0)
+        add("sft_step", c, calls=0, resident=o_bytes + ref_bytes)
 
     step = sum(p.roofline_s * p.calls_per_step for p in programs.values())
     rollout = sum(p.roofline_s * p.calls_per_step for n, p in programs.items() if n.startswith("rollout"))
