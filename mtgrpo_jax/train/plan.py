@@ -456,8 +456,9 @@ def rollout_chunk_prompts(cfg: Config, prompts: int, mc: ModelConfig, mesh) -> i
 
 def rollout_programs(cfg: Config, model, mesh, topo: Topology, prompts: int, say, with_loop: bool = True) -> dict:
     """The rollout `Sampler`'s program for one chunk of prompts (prefill + decode loop: its memory is the
-    real peak) and its prefill alone. The decode loop's cost is the whole program's less the prefill's,
-    once per step (XLA counts a loop body once), times `max_new_tokens - 1` steps."""
+    real peak) and what it does before the loop alone (the prefill, the prompts' k/v in the decode
+    layout, the loop's weights). The decode loop's cost is the whole program's less that part's, once
+    per step (XLA counts a loop body once), times `max_new_tokens - 1` steps."""
     from mtgrpo_jax.rollout import Sampler
     from mtgrpo_jax.rollout import decode
     from mtgrpo_jax.rollout.sampler import Buckets
@@ -494,7 +495,11 @@ def rollout_programs(cfg: Config, model, mesh, topo: Topology, prompts: int, say
         positions = jnp.maximum(jnp.cumsum(prompt_mask.astype(jnp.int32), axis=1) - 1, 0)
         cache = mdl.init_cache(prompt_ids.shape[0], prompt_ids.shape[1], dtype=dtype)
         last, cache = decode.prefill_last_logits(mdl, prompt_ids, positions, cache, prompt_mask)
-        return last, decode.prefix_from_model_cache(cache, prompt_mask, dtype)
+        if sampler.decode_impl != "fast":
+            return last, cache
+        # Everything the sampler's program does before its decode loop: the prompts' k/v in the decode
+        # layout and the per-layer weights the loop reads.
+        return last, decode.prefix_from_model_cache(cache, prompt_mask, dtype), decode.prepare_weights(mdl)
 
     pre = _try_compile(jax.jit(prefill), state, ids, mask, mesh=mesh)
     if not with_loop:
@@ -584,10 +589,32 @@ def resolve_micro_batches(cfg: Config, mesh, graphdef, params, tx, *, opt_state=
         out = _try_compile(make_update_fn(graphdef, tx, update_settings(cfg, c), constrain), params, opt_state, batch)
         return peak_bytes(out.memory)
 
+    return choose_micro_batches(counts, per_mini, limit, peak)
+
+
+def choose_micro_batches(counts: list[int], per_mini: int, limit: float, peak: Callable[[int], int]) -> int:
+    """The fewest micro-batches (from `counts`, fewest first) whose `peak(count)` is within `limit`.
+
+    Compiling is slow, so it does not try them all: the peaks of the smallest micro-batch and of one twice
+    its rows give a line (temporaries grow linearly in rows); the largest micro-batch the line admits is
+    tried first, then smaller ones until one fits. When even the smallest does not fit it is returned
+    (the plan then reports the program as not fitting)."""
     smallest = counts[-1]  # most micro-batches: the smallest micro-batch
     p1 = peak(smallest)
     if p1 > limit or len(counts) == 1:
         return smallest
+    r1 = per_mini // smallest
+    bigger = [c for c in counts if per_mini // c == 2 * r1]
+    if not bigger:
+        return smallest
+    p2 = peak(bigger[0])
+    slope = max((p2 - p1) / r1, 1.0)
+    best_rows = r1 + (limit - p1) / slope
+    known = {smallest: p1, bigger[0]: p2}
+    for c in [c for c in counts if per_mini // c <= best_rows]:  # fewest micro-batches first
+        if (known[c] if c in known else peak(c)) <= limit:
+            return c
+    return smallest
     r1 = per_mini // smallest
     bigger = [c for c in counts if per_mini // c == 2 * r1]
     if not bigger:

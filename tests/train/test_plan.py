@@ -128,3 +128,26 @@ def test_micro_batches_auto_on_cpu_keeps_logits_under_a_gib():
     assert all(logits(c) > plan_mod.CPU_LOGITS_BUDGET_BYTES for c in fewer)  # the fewest that fit
     assert plan_mod.resolve_micro_batches(load_config(None, ["optim.micro_batches=2"]), mesh, graphdef, params,
                                           None) == 2
+
+
+@pytest.mark.parametrize("extra", [0.0, 0.3])
+def test_micro_batch_search_finds_the_fewest_that_fit_in_few_compiles(extra):
+    per_mini, devices = 576, 4
+    counts = [c for c in range(1, per_mini + 1) if per_mini % c == 0 and (per_mini // c) % devices == 0]
+    calls = []
+
+    def true_peak(c):  # linear in the micro-batch's rows, plus (extra > 0) a super-linear term the line misses
+        rows = per_mini // c
+        return int(10e9 + 1.2e9 * rows + extra * 1e7 * rows**2)
+
+    def peak(c):
+        calls.append(c)
+        return true_peak(c)
+
+    limit = 90e9
+    got = plan_mod.choose_micro_batches(counts, per_mini, limit, peak)
+    best = next(c for c in counts if true_peak(c) <= limit)
+    assert got == best
+    assert len(set(calls) - {best}) <= 5  # a handful of compiles, not one per candidate
+    calls.clear()
+    assert plan_mod.choose_micro_batches(counts, per_mini, 1e9, peak) == counts[-1]  # nothing fits: the smallest
