@@ -121,8 +121,14 @@ def model_config(cfg: Config) -> ModelConfig:
 
 
 def model_options(cfg: Config) -> dict:
-    """Keyword arguments of `Transformer` that the config sets beyond the dtypes (as `setup.build_model`)."""
-    return {}
+    """Keyword arguments of `Transformer` that the config sets beyond the dtypes, as `setup.build_model`
+    passes them. The plan is always for a TPU, so `model.attention: auto` is resolved to what it picks
+    there (the splash kernel), not to what the host tracing the program (a CPU) would pick."""
+    fields = type(cfg.model).model_fields
+    out = {key: getattr(cfg.model, key) for key in ("remat", "attention") if key in fields}
+    if out.get("attention") == "auto":
+        out["attention"] = "splash"
+    return out
 
 
 def abstract_model(cfg: Config, mc: ModelConfig) -> Transformer:
