@@ -34,6 +34,19 @@ class ModelCfg(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict)
     tokenizer: str | None = None  # None: the model directory's tokenizer, else the bundled tiny one
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    # Rematerialisation in the backward pass: "none", "block" (recompute each decoder block) or the name of a
+    # `jax.checkpoint_policies` policy applied per block (e.g. "dots_with_no_batch_dims_saveable").
+    remat: str = "none"
+    # Attention of the training / scoring forwards: "xla" (explicit scores), "splash" (Pallas TPU kernel),
+    # "cudnn" (GPU flash attention), "auto" (by platform: splash on TPU, cudnn on GPU, xla otherwise).
+    attention: Literal["auto", "xla", "splash", "cudnn"] = "auto"
+
+    @field_validator("remat")
+    @classmethod
+    def _known_remat(cls, value: str) -> str:
+        from mtgrpo_jax.models.transformer import remat_name  # jax is imported only when a config is checked
+
+        return remat_name(value)
 
 
 class MeshCfg(_Strict):

@@ -3,7 +3,8 @@
 The contract other rooms code against (see each object's docstring)::
 
     cfg = ModelConfig(...) / ModelConfig.from_hf(path_or_dict) / tiny_config()
-    model = Transformer(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    model = Transformer(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                        remat="none" | "block" | <jax.checkpoint_policies name>, attention="auto" | "xla" | "splash" | "cudnn")
     logits = model(input_ids, positions=None, attention_mask=None)          # float32 [B, T, V]
     hidden = model.trunk(input_ids, positions=..., attention_mask=...)      # [B, T, H]
     logits = model.logits(hidden)                                          # float32 [B, T, V]
@@ -19,7 +20,9 @@ idx + arange(T), so pass them explicitly for left-padded batches.
 from mtgrpo_jax.models.config import ModelConfig, tiny_config
 from mtgrpo_jax.models.hf_io import load_pretrained, save_pretrained
 from mtgrpo_jax.models.tokenizer import apply_chat_template, load_tokenizer
-from mtgrpo_jax.models.transformer import KVCache, Transformer
+from mtgrpo_jax.models.attention import ATTENTION_IMPLEMENTATIONS, causal_attention, resolve_attention
+from mtgrpo_jax.models.transformer import REMAT_CHOICES, KVCache, Transformer, remat_name
 
 __all__ = ["ModelConfig", "Transformer", "KVCache", "load_pretrained", "save_pretrained", "load_tokenizer",
-           "apply_chat_template", "tiny_config"]
+           "apply_chat_template", "tiny_config", "ATTENTION_IMPLEMENTATIONS", "causal_attention", "resolve_attention",
+           "REMAT_CHOICES", "remat_name"]

@@ -153,18 +153,21 @@ def _as_dtype(dtype: str | Any) -> np.dtype:
 
 
 def load_pretrained(path_or_repo_id: str | os.PathLike, *, dtype: str | Any = "bfloat16", mesh: jax.sharding.Mesh | None = None,
-                    layout: str = "train", param_dtype: str | Any | None = None) -> Transformer:
+                    layout: str = "train", param_dtype: str | Any | None = None, remat: bool | str = "none",
+                    attention: str = "auto") -> Transformer:
     """Builds a `Transformer` from an HF checkpoint (local dir or Hub repo id).
 
     `dtype` is the activation dtype and, unless `param_dtype` says otherwise (e.g. float32 master
     weights for training with bf16 compute), the parameter dtype. With `mesh`, parameters are created
-    directly in `layout` ("train" or "serve", see `mtgrpo_jax.parallel`); without, on the default device."""
+    directly in `layout` ("train" or "serve", see `mtgrpo_jax.parallel`); without, on the default device.
+    `remat` and `attention` are the `Transformer`'s."""
     dtype = _as_dtype(dtype)
     param_dtype = dtype if param_dtype is None else _as_dtype(param_dtype)
     ckpt = resolve_checkpoint(path_or_repo_id)
     cfg = ModelConfig.from_hf(ckpt)
     files = _weight_files(ckpt)
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
+                                               remat=remat, attention=attention))
     graphdef, state = nnx.split(model)
     shardings = None
     if mesh is not None:

@@ -23,20 +23,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mtgrpo_jax.models.attention import attend, causal_attention, resolve_attention
 from mtgrpo_jax.models.config import ModelConfig
+from mtgrpo_jax.parallel.sharding import divisible_spec, mesh_axis_sizes
 
 # Activation axis name -> mesh axes. Constraints are applied only when a mesh with these axis names
 # is active (`jax.set_mesh`), so the same module runs unsharded on one device.
 ACTIVATION_AXES = {"batch": ("data", "fsdp"), "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
-
-_MASK_VALUE = float(np.finfo(np.float32).min)  # finite, so fully masked (pad) rows give no NaN
-
 
 class KVCache(NamedTuple):
     """Keys and values of every layer, `[L, B, S, Hkv, D]` each (a pytree, donate it under jit)."""
 
     k: jax.Array
     v: jax.Array
+
+
+def activation_spec(shape: tuple[int, ...], axes: tuple[str | None, ...], mesh) -> jax.sharding.PartitionSpec:
+    """PartitionSpec of an activation by its axis names on `mesh` (see `parallel.divisible_spec`)."""
+    return divisible_spec(shape, [ACTIVATION_AXES.get(name) if name else None for name in axes], mesh_axis_sizes(mesh))
 
 
 def shard_activation(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
@@ -47,20 +51,10 @@ def shard_activation(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    spec = []
-    for dim, name in zip(x.shape, axes):
-        mesh_axes = ACTIVATION_AXES.get(name) if name else None
-        if mesh_axes is None:
-            spec.append(None)
-            continue
-        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
-        mesh_axes = tuple(a for a in mesh_axes if a in sizes and sizes[a] > 1)
-        n = math.prod(sizes[a] for a in mesh_axes)
-        spec.append(mesh_axes if mesh_axes and dim % n == 0 else None)
+    spec = activation_spec(x.shape, axes, mesh)
     if all(s is None for s in spec):
         return x
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def _replicated(x: jax.Array) -> jax.Array:
@@ -108,20 +102,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q `[B, T, Nq, D]`, k/v `[B, S, Nkv, D]`, mask bool `[B, T, S]`.
-
-    Query heads are grouped onto their kv head by a reshape, so k/v are never repeated in memory."""
-    b, t, nq, d = q.shape
-    nkv = k.shape[2]
-    q = q.reshape(b, t, nkv, nq // nkv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, nq, d)
-
-
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Param:
     if init == "normal":  # HF initializer_range 0.02, so random-init models look like HF's
         value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
@@ -130,6 +110,32 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Para
     else:
         value = jnp.zeros(shape, jnp.float32)
     return nnx.Param(value.astype(dtype), logical_axes=tuple(axes))
+
+
+# `jax.checkpoint_policies` entries that are policies themselves (the others are factories needing names).
+_POLICY_NAMES = ("nothing_saveable", "everything_saveable", "dots_saveable", "checkpoint_dots",
+                 "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
+REMAT_CHOICES = ("none", "block") + tuple(n for n in _POLICY_NAMES if hasattr(jax.checkpoint_policies, n))
+
+
+def remat_name(remat: bool | str) -> str:
+    """Validates a rematerialisation setting: "none", "block" (recompute each decoder block in the backward
+    pass, saving only its input), or a `jax.checkpoint_policies` name (checkpoint each block under that
+    policy, e.g. "dots_with_no_batch_dims_saveable" keeps the weight matmuls' outputs). True/False mean
+    "block"/"none"."""
+    if isinstance(remat, bool):
+        return "block" if remat else "none"
+    if remat not in REMAT_CHOICES:
+        raise ValueError(f"unknown remat {remat!r} (known: {', '.join(REMAT_CHOICES)})")
+    return remat
+
+
+def _remat(fn, remat: bool | str):
+    name = remat_name(remat)
+    if name == "none":
+        return fn
+    policy = None if name == "block" else getattr(jax.checkpoint_policies, name)
+    return jax.checkpoint(fn, policy=policy)
 
 
 class DecoderLayers(nnx.Module):
@@ -165,14 +171,19 @@ class DecoderLayers(nnx.Module):
 class Transformer(nnx.Module):
     """Decoder-only LM. See `mtgrpo_jax/models/__init__.py` for the call contract.
 
-    `remat=True` recomputes each block in the backward pass (activation memory O(1) in depth)."""
+    `remat` ("none", "block" or a `jax.checkpoint_policies` name, see `remat_name`) rematerialises each
+    block in the backward pass (activation memory O(1) in depth). `attention` picks the uncached forward's
+    attention implementation ("auto", "xla", "splash", "cudnn"; see `mtgrpo_jax.models.attention`); the
+    cached path (rollout prefill and decode) always uses explicit scores over the cache."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                 remat: bool = False):
+                 remat: bool | str = "none", attention: str = "auto"):
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
         self.param_dtype = jnp.dtype(param_dtype)
-        self.remat = remat
+        self.remat = remat_name(remat)
+        resolve_attention(attention)  # validates the name now; "auto" is resolved when traced
+        self.attention = attention
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
         self.layers = DecoderLayers(cfg, rngs=rngs, param_dtype=param_dtype)
         self.final_norm = _param(rngs, (cfg.hidden_size,), ("norm",), param_dtype, "ones")
@@ -227,8 +238,7 @@ class Transformer(nnx.Module):
             attention_mask = jnp.ones((b, t), bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
             if positions is None:
                 positions = jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
-            causal = jnp.tril(jnp.ones((t, t), bool))
-            mask = causal[None] & attention_mask[:, None, :]  # [B, T, T]
+            mask = attention_mask  # [B, T]: causal attention over the valid positions
         else:
             if kv_mask is None and attention_mask is not None:
                 raise ValueError("with a cache, pass kv_mask (valid cache slots, [B, S]) instead of attention_mask")
@@ -248,7 +258,7 @@ class Transformer(nnx.Module):
         x = jnp.take(_replicated(self.embed[...]), input_ids, axis=0).astype(self.dtype)
         x = shard_activation(x, ("batch", None, None))
         weights = self.layers.weights()
-        block = jax.checkpoint(self._block) if self.remat else self._block
+        block = _remat(self._block, self.remat)
 
         if cache is None:
             def step(x, w):
@@ -271,7 +281,8 @@ class Transformer(nnx.Module):
 
     def _block(self, w, x, cos, sin, mask, kv, layer, cache_index):
         """One pre-norm decoder block. With `kv` (the full stacked cache) the new k/v are written at
-        slots [cache_index, cache_index + T) of `layer` and attention reads that layer's slots."""
+        slots [cache_index, cache_index + T) of `layer` and attention reads that layer's slots under
+        `mask` [B, T, S]; without, `mask` is the valid positions [B, T] and attention is causal."""
         cfg, dt = self.config, self.dtype
         w = {k: v.astype(dt) for k, v in w.items()}
         h = rms_norm(x, w["input_norm"], cfg.rms_norm_eps)
@@ -297,10 +308,9 @@ class Transformer(nnx.Module):
             k_ctx = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
             v_ctx = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
             kv = (k_all, v_all)
-        else:
-            k_ctx, v_ctx = k, v
-
-        attn = attend(q, k_ctx, v_ctx, mask)
+            attn = attend(q, k_ctx, v_ctx, mask)
+        else:  # no cache: `mask` is the [B, T] valid positions, attention is causal
+            attn = causal_attention(q, k, v, mask, self.attention)
         out = jnp.einsum("btnd,ndh->bth", attn, w["o_proj"])
         if cfg.o_proj_bias:
             out = out + w["o_bias"]

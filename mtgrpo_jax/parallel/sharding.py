@@ -15,7 +15,7 @@ failing: correctness first, and such small dims are cheap to replicate.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -30,6 +30,31 @@ LAYOUTS: dict[str, dict[str, str | tuple[str, ...]]] = {
 }
 
 
+def divisible_spec(shape: Sequence[int], dim_axes: Sequence[str | Sequence[str] | None],
+                   axis_sizes: Mapping[str, int]) -> P:
+    """The one rule for placing an array on a mesh: dimension i goes over the mesh axes `dim_axes[i]` (a
+    name, a tuple of names or None) when their product divides it, and stays replicated otherwise (e.g. 2
+    kv heads on tensor=4, or a batch of 1 in a decode step): odd shapes keep working instead of failing on
+    a divisibility error, and such small dimensions are cheap to replicate. Axes of size 1, axes the mesh
+    lacks and axes an earlier dimension already uses are dropped."""
+    used: set[str] = set()
+    spec = []
+    for dim, axes in zip(shape, dim_axes):
+        axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        axes = tuple(a for a in axes if axis_sizes.get(a, 1) > 1 and a not in used)
+        if axes and dim % math.prod(axis_sizes[a] for a in axes) == 0:
+            used.update(axes)
+            spec.append(axes[0] if len(axes) == 1 else axes)
+        else:
+            spec.append(None)
+    return P(*spec)
+
+
+def mesh_axis_sizes(mesh) -> dict[str, int]:
+    """{axis name: size} of a concrete or abstract mesh."""
+    return dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+
 def logical_to_spec(logical_axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
                     layout: str = "train") -> P:
     """PartitionSpec for one array with the given logical axes under `layout` on `mesh`."""
@@ -38,19 +63,7 @@ def logical_to_spec(logical_axes: tuple[str | None, ...], shape: tuple[int, ...]
     if len(logical_axes) != len(shape):
         raise ValueError(f"logical axes {logical_axes} do not match shape {shape}")
     rules = LAYOUTS[layout]
-    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
-    used: set[str] = set()
-    spec = []
-    for dim, name in zip(shape, logical_axes):
-        axes = rules.get(name) if name else None
-        axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-        axes = tuple(a for a in axes if sizes.get(a, 1) > 1 and a not in used)
-        if axes and dim % math.prod(sizes[a] for a in axes) == 0:
-            used.update(axes)
-            spec.append(axes[0] if len(axes) == 1 else axes)
-        else:
-            spec.append(None)
-    return P(*spec)
+    return divisible_spec(shape, [rules.get(name) if name else None for name in logical_axes], mesh_axis_sizes(mesh))
 
 
 def _variable_spec(var: nnx.Variable, mesh: Mesh, layout: str) -> P:

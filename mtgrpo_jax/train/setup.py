@@ -51,7 +51,7 @@ def build_model(cfg: Config, mesh) -> tuple[Transformer, Any]:
     mc = cfg.model
     dtype = jnp.bfloat16 if mc.dtype == "bfloat16" else jnp.float32
     if mc.init == "pretrained" and mc.path is not None:
-        model = load_pretrained(mc.path, dtype=mc.dtype, mesh=mesh)
+        model = load_pretrained(mc.path, dtype=mc.dtype, mesh=mesh, remat=mc.remat, attention=mc.attention)
     else:
         base = ModelConfig.from_hf(mc.path) if mc.path is not None else tiny_config()
         if mc.overrides:
@@ -59,7 +59,8 @@ def build_model(cfg: Config, mesh) -> tuple[Transformer, Any]:
                 base = ModelConfig.from_hf({**base.to_hf_dict(), **mc.overrides})
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"config error: model.overrides: {err}") from None
-        model = Transformer(base, rngs=nnx.Rngs(cfg.seed), dtype=dtype, param_dtype=dtype)
+        model = Transformer(base, rngs=nnx.Rngs(cfg.seed), dtype=dtype, param_dtype=dtype, remat=mc.remat,
+                            attention=mc.attention)
         model = shard_model(model, mesh)
     tok_path = mc.tokenizer
     if tok_path is None and mc.path is not None and Path(mc.path).is_dir() and (Path(mc.path) / "tokenizer_config.json").exists():
