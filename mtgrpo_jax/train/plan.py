@@ -424,18 +424,18 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
         say("compiling the logprob forward ...")
         fn = make_logprob_fn(graphdef, completion_len, cfg.rollout.temperature, chunks,
                              seq_chunk=cfg.loss.logprob_chunk, vocab_chunk=cfg.loss.vocab_chunk)
-        c = _try_compile(fn, params, ids, mask)
+        c = _try_compile(fn, params, ids, mask, mesh=mesh)
         if cfg.optim.recompute_old_logprobs and wanted("old_logprobs"):
             add("old_logprobs", c, calls=1, scale=chunks, resident=o_bytes + ref_bytes)
         if cfg.loss.beta > 0 and wanted("reference_logprobs"):
             add("reference_logprobs", c, calls=1, scale=chunks, resident=p_bytes + o_bytes)
     if wanted("policy_update"):
         say("compiling the policy update ...")
-        c = _try_compile(make_update_fn(graphdef, tx, settings, constrain), params, opt_state, batch)
+        c = _try_compile(make_update_fn(graphdef, tx, settings, constrain), params, opt_state, batch, mesh=mesh)
         add("policy_update", c, calls=1, scale=chunks, resident=ref_bytes)
     if settings.improvement == "batch" and wanted("improvement"):
         say("compiling the improvement forward ...")
-        c = _try_compile(make_objective_fn(graphdef, settings, chunks), params, batch)
+        c = _try_compile(make_objective_fn(graphdef, settings, chunks), params, batch, mesh=mesh)
         add("improvement", c, calls=1, scale=chunks, resident=o_bytes + ref_bytes)
     if cfg.sft.steps > 0 and wanted("sft_step"):
         say("compiling the SFT step ...")
@@ -447,7 +447,7 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
         c = _try_compile(make_sft_update_fn(graphdef, sft_tx, completion_len, seq_chunk=cfg.loss.logprob_chunk,
                                             vocab_chunk=cfg.loss.vocab_chunk), params, sft_state,
                          sd((sft_rows, total), jnp.int32), sd((sft_rows, total), jnp.bool_),
-                         sd((sft_rows, completion_len), jnp.bool_))
+                         sd((sft_rows, completion_len), jnp.bool_), mesh=mesh)
         add("sft_step", c, calls=0, resident=o_bytes + ref_bytes)
 
     step = sum(p.roofline_s * p.calls_per_step for p in programs.values())
@@ -592,7 +592,8 @@ def resolve_micro_batches(cfg: Config, mesh, graphdef, params, tx, *, opt_state=
 
     def peak(c: int) -> int:
         say(f"micro_batches=auto: compiling the update with {c} micro-batches of {per_mini // c} rows ...")
-        out = _try_compile(make_update_fn(graphdef, tx, update_settings(cfg, c), constrain), params, opt_state, batch)
+        out = _try_compile(make_update_fn(graphdef, tx, update_settings(cfg, c), constrain), params, opt_state, batch,
+                           mesh=mesh)
         return peak_bytes(out.memory)
 
     return choose_micro_batches(counts, per_mini, limit, peak)

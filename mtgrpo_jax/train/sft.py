@@ -10,6 +10,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from mtgrpo_jax.parallel import host_to_global
+from mtgrpo_jax.parallel.mesh import on_mesh
 from mtgrpo_jax.train.batch import pick_bucket
 from mtgrpo_jax.train.update import init_opt_state, make_sft_update_fn
 
@@ -49,8 +50,9 @@ def run_sft(trainer) -> dict:
         target[i, : len(c)] = True
     tx = optax.adamw(cfg.learning_rate, b1=0.9, b2=0.99, weight_decay=cfg.weight_decay)
     opt_state = init_opt_state(tx, trainer.params, trainer.mesh)
-    update = make_sft_update_fn(trainer.graphdef, tx, completion_len, seq_chunk=trainer.cfg.loss.logprob_chunk,
-                                vocab_chunk=trainer.cfg.loss.vocab_chunk)
+    update = on_mesh(trainer.mesh, make_sft_update_fn(trainer.graphdef, tx, completion_len,
+                                                      seq_chunk=trainer.cfg.loss.logprob_chunk,
+                                                      vocab_chunk=trainer.cfg.loss.vocab_chunk))
     rng = np.random.default_rng([trainer.cfg.seed, 0x5F7])
     losses = []
     bar = tqdm(range(cfg.steps), desc="sft warm start", disable=not (trainer.cfg.logging.console and trainer.is_primary))

@@ -26,6 +26,7 @@ from mtgrpo_jax.config import Config, save_config
 from mtgrpo_jax.data import TaskSet
 from mtgrpo_jax.models import save_pretrained
 from mtgrpo_jax.parallel import BATCH_AXES, host_to_global, to_host
+from mtgrpo_jax.parallel.mesh import on_mesh
 from mtgrpo_jax.rl import group_advantages, zero_gradient_mask
 from mtgrpo_jax.tasks import score_batch
 from mtgrpo_jax.train import setup
@@ -111,6 +112,9 @@ class Trainer:
         self.objective_fn = make_objective_fn(self.graphdef, self.settings, chunks)
         self.logprob_fn = make_logprob_fn(self.graphdef, self.settings.completion_len, self.settings.temperature, chunks,
                                           seq_chunk=cfg.loss.logprob_chunk, vocab_chunk=cfg.loss.vocab_chunk)
+        # The step's programs run (and `mtgrpo plan` compiles them) with the mesh active.
+        self.update_fn, self.objective_fn, self.logprob_fn = (on_mesh(self.mesh, f) for f in (
+            self.update_fn, self.objective_fn, self.logprob_fn))
         self.ref_params = jax.tree.map(jnp.copy, self.params) if cfg.loss.beta > 0 else None
         self.batch_sharding = batch_sharding
         self.history: list[dict] = []
