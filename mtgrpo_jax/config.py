@@ -113,6 +113,9 @@ class RolloutCfg(_Strict):
     prompt_style: Literal["released", "compact"] = "released"
     # "chat": the tokenizer's chat template wraps the task's messages; "raw": their text joined as is.
     template: Literal["chat", "raw"] = "chat"
+    # KV cache GiB per device one rollout call may hold; larger requests run in row chunks (a prompt's samples
+    # kept together) with the same results. None: one call per largest batch bucket, as sized by the buckets.
+    kv_cache_budget_gib: float | None = Field(None, gt=0.0)
 
 
 class LossCfg(_Strict):

@@ -150,6 +150,35 @@ def to_serve_layout(state, mesh: jax.sharding.Mesh):
     return moved, time.perf_counter() - start
 
 
+def kv_cache_bytes_per_row(cfg, positions: int, dtype) -> int:
+    """Bytes of one row's KV cache over `positions` slots: layers x kv heads x head_dim x positions x
+    dtype size x 2 (keys and values)."""
+    return (cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * int(positions)
+            * jnp.dtype(dtype).itemsize * 2)
+
+
+def rollout_chunk_rows(cfg, budget_gib: float, *, positions: int, n: int, dtype, batch_sizes: Sequence[int] | None = None,
+                       shards: int = 1) -> int:
+    """Rows (= prompts x n: a prompt's n samples are never split) per rollout call whose KV cache fits
+    `budget_gib` GiB per device, the cache being split over `shards` devices (the mesh's data x fsdp, times
+    tensor when it divides the kv heads). With `batch_sizes` (the sampler's batch buckets, in prompts) the
+    prompt count is the largest bucket that fits, since a call's cache is allocated for its bucket.
+
+    Raises ValueError when not even one prompt (or the smallest bucket) fits."""
+    if not budget_gib > 0:
+        raise ValueError(f"kv_cache_budget_gib must be > 0, got {budget_gib!r}")
+    per_prompt = kv_cache_bytes_per_row(cfg, positions, dtype) * int(n) / max(int(shards), 1)
+    prompts = int(budget_gib * 2**30 // per_prompt)
+    if batch_sizes is not None:
+        fitting = [b for b in sorted(batch_sizes) if b <= prompts]
+        prompts = fitting[-1] if fitting else 0
+    if prompts < 1:
+        smallest = min(batch_sizes) if batch_sizes else 1
+        raise ValueError(f"kv_cache_budget_gib={budget_gib} holds no rollout call: {smallest} prompt(s) x n={n} "
+                         f"samples x {positions} positions need {smallest * per_prompt / 2**30:.3g} GiB per device")
+    return prompts * int(n)
+
+
 def _is_shape(x) -> bool:
     return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
 
@@ -193,11 +222,16 @@ class Sampler:
         `rollout.decode`); None on accelerators, where many small dots per step would cost more
         launches than they save.
       max_phases: the most decode loops one program holds (each is compiled; default 4).
+      kv_cache_budget_gib: KV cache GiB per device one call may hold (None: no limit). Requests run in
+        chunks of the largest batch bucket whose cache (rows x (prompt bucket + max_new_tokens)
+        positions, see `rollout_chunk_rows`) fits; a prompt's n samples stay in one chunk, and since
+        each row's randomness is keyed by its row number the results equal one big call's.
     """
 
     def __init__(self, model, tokenizer=None, buckets: Buckets | dict | None = None, mesh=None, *,
                  cache_dtype=None, truncate_prompts: bool = False, pad_token_id: int | None = None,
-                 decode_impl: str = "auto", attention_block: int | str | None = "auto", max_phases: int = 4):
+                 decode_impl: str = "auto", attention_block: int | str | None = "auto", max_phases: int = 4,
+                 kv_cache_budget_gib: float | None = None):
         if buckets is None:
             buckets = Buckets()
         elif isinstance(buckets, dict):
@@ -216,6 +250,9 @@ class Sampler:
             raise ValueError(f"attention_block must be a positive integer, None or 'auto', got {attention_block!r}")
         if not isinstance(max_phases, (int, np.integer)) or max_phases <= 0:
             raise ValueError(f"max_phases must be a positive integer, got {max_phases!r}")
+        if kv_cache_budget_gib is not None and not kv_cache_budget_gib > 0:
+            raise ValueError(f"kv_cache_budget_gib must be > 0 or None, got {kv_cache_budget_gib!r}")
+        self.kv_cache_budget_gib = kv_cache_budget_gib
         self.attention_block = None if attention_block is None else int(attention_block)
         self.max_phases = int(max_phases)
         self.model = model
@@ -270,6 +307,10 @@ class Sampler:
         n, m = int(params.n), int(params.max_new_tokens)
         p_bucket = Buckets.pick(self.buckets.prompt_lengths, max(len(p) for p in prompts))
         max_batch = self.buckets.batch_sizes[-1]
+        if self.kv_cache_budget_gib is not None:
+            max_batch = rollout_chunk_rows(self.config, self.kv_cache_budget_gib, positions=p_bucket + m, n=n,
+                                           dtype=self.cache_dtype, batch_sizes=self.buckets.batch_sizes,
+                                           shards=self._cache_shards()) // n
         stop_ids = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids)))
         bad = [t for t in stop_ids if not 0 <= t < self.config.vocab_size]
         if bad:
@@ -355,6 +396,14 @@ class Sampler:
                              f"({limit}); add a bucket or construct the Sampler with truncate_prompts=True")
         self.num_truncated_prompts += len(long)
         return [p[-limit:] if len(p) > limit else p for p in prompts], len(long)
+
+    def _cache_shards(self) -> int:
+        """Devices one decode cache is split over: rows over data x fsdp, kv heads over tensor when divisible."""
+        if self.mesh is None:
+            return 1
+        sizes = parallel.mesh_axis_sizes(self.mesh)
+        spec = parallel.divisible_spec((0, self.config.num_key_value_heads), (parallel.BATCH_AXES, "tensor"), sizes)
+        return math.prod(sizes[a] for part in spec if part for a in ((part,) if isinstance(part, str) else part))
 
     def _serving_state(self):
         state = nnx.state(self.model)

@@ -37,6 +37,7 @@ class Policy:
             buckets=dict(prompt_lengths=rollout_cfg.prompt_buckets, batch_sizes=rollout_cfg.batch_buckets),
             mesh=mesh,
             truncate_prompts=rollout_cfg.truncate_prompts,
+            kv_cache_budget_gib=rollout_cfg.kv_cache_budget_gib,
         )
         ids = set(model.config.eos_token_ids)
         for tok in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")):
