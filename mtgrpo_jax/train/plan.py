@@ -455,9 +455,22 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
     return Plan(topo, len(devices), programs, step, rollout / step if step else 0.0, micro)
 
 
-def rollout_chunk_prompts(cfg: Config, prompts: int, mc: ModelConfig, mesh) -> int:
-    """Prompts per rollout program: the sampler runs a round in chunks of its largest batch bucket."""
-    return min(max(cfg.rollout.batch_buckets), prompts)
+def rollout_chunk_prompts(cfg: Config, prompts: int, sampler, prompt_len: int) -> int:
+    """Prompts per rollout program, as `Sampler.generate` cuts a round: chunks of the largest batch bucket,
+    or, with `rollout.kv_cache_budget_gib`, of the largest bucket whose KV cache fits the budget."""
+    from mtgrpo_jax.rollout import rollout_chunk_rows
+
+    n, m = cfg.sampler.group_size, cfg.rollout.max_new_tokens
+    per_call = max(sampler.buckets.batch_sizes)
+    budget = cfg.rollout.kv_cache_budget_gib
+    if budget is not None:
+        try:
+            per_call = rollout_chunk_rows(sampler.config, budget, positions=prompt_len + m, n=n,
+                                          dtype=sampler.cache_dtype, batch_sizes=sampler.buckets.batch_sizes,
+                                          shards=sampler._cache_shards()) // n
+        except ValueError as err:
+            raise PlanError(f"rollout.kv_cache_budget_gib: {err}") from None
+    return min(per_call, prompts)
 
 
 def rollout_programs(cfg: Config, model, mesh, topo: Topology, prompts: int, say, with_loop: bool = True) -> dict:
@@ -472,11 +485,13 @@ def rollout_programs(cfg: Config, model, mesh, topo: Topology, prompts: int, say
     r = cfg.rollout
     n, m = cfg.sampler.group_size, r.max_new_tokens
     p = max(r.prompt_buckets)
-    per_chunk = rollout_chunk_prompts(cfg, prompts, model.config, mesh)
-    b = Buckets.pick(tuple(sorted(r.batch_buckets)), per_chunk) if per_chunk <= max(r.batch_buckets) else per_chunk
-    chunks = math.ceil(prompts / per_chunk)
+    # As `train.policy.Policy` builds it.
     sampler = Sampler(model, None, buckets=dict(prompt_lengths=r.prompt_buckets, batch_sizes=r.batch_buckets),
-                      mesh=mesh, truncate_prompts=r.truncate_prompts, pad_token_id=0)
+                      mesh=mesh, truncate_prompts=r.truncate_prompts, pad_token_id=0,
+                      kv_cache_budget_gib=r.kv_cache_budget_gib)
+    per_chunk = rollout_chunk_prompts(cfg, prompts, sampler, p)
+    b = Buckets.pick(sampler.buckets.batch_sizes, per_chunk)
+    chunks = math.ceil(prompts / per_chunk)
     state = sharded_abstract_state(nnx.state(model), mesh, "serve")
     rep = NamedSharding(mesh, P())
     rows = b * n
