@@ -52,7 +52,7 @@ class ModelCfg(_Strict):
 class MeshCfg(_Strict):
     data: int = Field(1, ge=1)
     fsdp: int = Field(-1, ge=-1)  # -1: all devices left over
-    tensor: int = Field(1, ge=1)
+    tensor: int = Field(1, ge=-1)  # -1 (with fsdp fixed): all devices left over, e.g. fsdp 4 x tensor 2 on 8 chips
 
 
 class DistributedCfg(_Strict):
