@@ -55,7 +55,7 @@ def main(argv: list[str], prog: str = "mtgrpo plan") -> int:
 
     try:
         cfg = resolve_config(args)
-        say = None if args.json else (lambda msg: print(f"[plan] {msg}", file=sys.stderr, flush=True))
+        say = lambda msg: print(f"[plan] {msg}", file=sys.stderr, flush=True)  # noqa: E731 - stdout stays the result
         result = plan(cfg, args.topology, rollout_rounds=args.rollout_rounds, progress=say,
                       only=set(args.only.split(",")) if args.only else None)
     except (ConfigError, TopologyError, PlanError) as err:
