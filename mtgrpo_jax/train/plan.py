@@ -342,14 +342,13 @@ class Plan:
 def _knob(cfg: Config, program: str, mesh, micro_batches: int) -> str:
     """The one config change most likely to make `program` fit, given what is already switched on."""
     if program.startswith("rollout"):
-        budget = getattr(cfg.rollout, "kv_cache_budget_gib", None)
+        budget = cfg.rollout.kv_cache_budget_gib
         if budget is not None:
             return f"lower rollout.kv_cache_budget_gib (now {budget})"
         return f"set rollout.kv_cache_budget_gib, or lower the largest rollout.batch_buckets (now {max(cfg.rollout.batch_buckets)})"
     if not cfg.loss.logprob_chunk:
         return "set loss.logprob_chunk (e.g. 512)"
-    remat = getattr(cfg.model, "remat", None)
-    if remat in (None, "none", False):
+    if cfg.model.remat == "none":
         return "set model.remat=block"
     if program == "sft_step":
         return f"lower sft.batch_size (now {cfg.sft.batch_size})"
@@ -380,6 +379,7 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
         mesh = make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor, devices=devices)
     except ValueError as err:
         raise PlanError(f"{err} of the slice {topo.name} ({topo.libtpu_name})") from None
+    setup.check_mesh(cfg, mesh)
     mc = model_config(cfg)
     model = abstract_model(cfg, mc)
     graphdef, params, _rest = nnx.split(model, nnx.Param, ...)

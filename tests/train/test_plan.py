@@ -80,6 +80,7 @@ def test_plan_that_cannot_fit_exits_1_naming_program_and_knob(tiny_config, capsy
     (["--topology", "v5e-4", "mesh.data=8", "mesh.fsdp=1"], "8 devices does not match the 4 available devices of "
                                                             "the slice v5e-4"),
     (["--topology", "v5e-4", "--only", "everything"], "unknown program 'everything'"),
+    (["--topology", "v5e-4", "rollout.batch_buckets=[2,4]"], "rollout.batch_buckets: [2] are not multiples"),
 ])
 def test_bad_inputs_are_one_line_errors(tiny_config, capsys, argv, words):
     if "v5e-4" in argv:
