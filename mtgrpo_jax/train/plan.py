@@ -11,7 +11,17 @@ and bytes accessed per device.
 XLA's cost analysis counts a loop body once, whatever its trip count: the update's scan over
 mini-batches x micro-batches, the chunked logprob scans and the decode `while_loop` are scaled here by
 their trip counts, so each program's `flops`, `bytes_accessed` and `roofline_s` are for one call of it.
-The decode loop is priced at `max_new_tokens - 1` steps (every row running to the limit: an upper bound).
+The decode loop is priced at `max_new_tokens - 1` steps (every row running to the limit: an upper bound),
+each reading the whole static KV cache as the compiled program does.
+
+Which programs: the rollout prefill (with everything before the decode loop) and the rollout program
+(prefill + decode loop) for one chunk of a sampler round; the old-logprob forward when
+`optim.recompute_old_logprobs`; the reference forward when `loss.beta > 0`; the policy update (all
+mini-batches x micro-batches of a step); the improvement forward when the task weighting needs it
+(`improvement_mode == "batch"`; the released variant's per-mini-batch improvement is inside the update);
+the SFT step when `sft.steps > 0` (completions at `max_new_tokens`, an upper bound; not part of a step).
+Each program's peak also counts what stays resident while it runs (the policy's parameters and
+optimizer state, the reference parameters).
 """
 
 from __future__ import annotations
