@@ -16,6 +16,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "rollout"): ("mtgrpo_jax.rollout.bench:main", "rollout tokens/s against transformers"),
     ("bench", "step"): ("mtgrpo_jax.train.bench:main", "training step time by phase, MFU"),
     ("convert",): ("mtgrpo_jax.models.gguf:main", "convert a GGUF model (Llama, Qwen2) to the Hugging Face layout"),
+    ("plan",): ("mtgrpo_jax.train.plan_cli:main", "compile a step for a TPU slice ahead of time: memory, FLOPs, step time"),
     ("report",): ("mtgrpo_jax.report:main", "plots and comparison tables from run directories"),
 }
 

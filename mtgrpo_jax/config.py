@@ -57,7 +57,7 @@ class ModelCfg(_Strict):
 class MeshCfg(_Strict):
     data: int = Field(1, ge=1)
     fsdp: int = Field(-1, ge=-1)  # -1: all devices left over
-    tensor: int = Field(1, ge=1)
+    tensor: int = Field(1, ge=-1)  # -1 (with fsdp fixed): all devices left over, e.g. fsdp 4 x tensor 2 on 8 chips
 
 
 class DistributedCfg(_Strict):
@@ -156,8 +156,18 @@ class OptimCfg(_Strict):
     grad_clip: float | None = Field(1.0, gt=0.0)
     warmup_steps: int = Field(0, ge=0)
     mini_batches: int = Field(4, ge=1)  # optimizer steps per training step (the paper: 4)
-    micro_batches: int = Field(1, ge=1)  # gradient accumulation inside each mini-batch
+    # Gradient accumulation inside each mini-batch. "auto": the fewest micro-batches whose update program fits
+    # the device's memory (compiled and measured at start-up; on CPU, float32 logits under 1 GiB per device;
+    # see mtgrpo_jax.train.plan.resolve_micro_batches).
+    micro_batches: int | Literal["auto"] = 1
     recompute_old_logprobs: bool = False  # False: the sampler's logprobs serve as old-policy logprobs
+
+    @field_validator("micro_batches", mode="before")
+    @classmethod
+    def _micro_batches(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError("must be a positive integer or 'auto'")
 
 
 class WeightingCfg(_Strict):
@@ -242,7 +252,8 @@ class Config(_Strict):
             if w is None or len(w) != k or min(w) < 0 or sum(w) <= 0:
                 raise ValueError(f"weighting.weights: static weights need {k} non-negative numbers with a positive sum")
         rows = self.sampler.batch_size * self.sampler.group_size
-        per_update = self.optim.mini_batches * self.optim.micro_batches
+        micro = 1 if self.optim.micro_batches == "auto" else self.optim.micro_batches
+        per_update = self.optim.mini_batches * micro
         if rows % per_update:
             raise ValueError(
                 f"sampler.batch_size: {self.sampler.batch_size} groups x {self.sampler.group_size} rollouts = {rows} rows "

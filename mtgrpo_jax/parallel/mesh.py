@@ -54,3 +54,17 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices: Sequen
 
 def _describe(sizes: dict[str, int]) -> str:
     return " x ".join(f"{k}={v}" for k, v in sizes.items())
+
+
+def on_mesh(mesh: Mesh, fn):
+    """`fn` (a jitted program) called with `mesh` active (`jax.set_mesh`), so what it traces sees the mesh:
+    the model's activation sharding constraints and the splash-attention kernel's `shard_map` over the batch
+    and head axes. (Without an active mesh a Pallas kernel is one unpartitionable call over the global
+    arrays.)"""
+
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    call.__wrapped__ = fn
+    return call

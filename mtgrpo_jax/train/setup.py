@@ -31,9 +31,16 @@ def build_mesh(cfg: Config):
         mesh = make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor)
     except ValueError as err:
         raise ConfigError(f"config error: mesh: {err}") from None
+    check_mesh(cfg, mesh)
+    return mesh
+
+
+def check_mesh(cfg: Config, mesh) -> None:
+    """The batch shapes the config asks for divide over the mesh's batch devices (also `mtgrpo plan`'s check)."""
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = cfg.sampler.batch_size * cfg.sampler.group_size
-    micro_rows = rows // (cfg.optim.mini_batches * cfg.optim.micro_batches)
+    micro = 1 if cfg.optim.micro_batches == "auto" else cfg.optim.micro_batches  # auto: resolved by the trainer
+    micro_rows = rows // (cfg.optim.mini_batches * micro)
     if micro_rows % batch_devices:
         raise ConfigError(
             f"config error: sampler.batch_size: micro-batches of {micro_rows} rows do not divide over the mesh's "
@@ -43,7 +50,6 @@ def build_mesh(cfg: Config):
     if bad:
         raise ConfigError(f"config error: rollout.batch_buckets: {bad} are not multiples of the mesh's data x fsdp = "
                           f"{batch_devices} devices")
-    return mesh
 
 
 def build_model(cfg: Config, mesh) -> tuple[Transformer, Any]:
@@ -167,5 +173,5 @@ def improvement_mode(cfg: Config) -> str:
     return "minibatch_sum" if cfg.weighting.released_parity else "batch"
 
 
-__all__ = ["build_mesh", "build_model", "build_tasks", "build_sampler", "build_weight_optimizer", "improvement_mode",
-           "load_task_source", "task_family", "RunTask"]
+__all__ = ["build_mesh", "check_mesh", "build_model", "build_tasks", "build_sampler", "build_weight_optimizer",
+           "improvement_mode", "load_task_source", "task_family", "RunTask"]

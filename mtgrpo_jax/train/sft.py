@@ -13,6 +13,7 @@ from mtgrpo_jax.config import Config
 from mtgrpo_jax.parallel import host_to_global
 from mtgrpo_jax.rollout import Buckets
 from mtgrpo_jax.rollout.packing import pack_left_padded
+from mtgrpo_jax.parallel.mesh import on_mesh
 from mtgrpo_jax.train.update import init_opt_state, make_sft_update_fn
 
 
@@ -50,8 +51,8 @@ def run_sft(cfg: Config, tasks, policy, graphdef, params, batch_sharding) -> tup
     target = attn[:, prompt_len:]
     tx = optax.adamw(sft.learning_rate, b1=0.9, b2=0.99, weight_decay=sft.weight_decay)
     opt_state = init_opt_state(tx, params, batch_sharding.mesh)
-    update = make_sft_update_fn(graphdef, tx, completion_len, seq_chunk=cfg.loss.logprob_chunk,
-                                vocab_chunk=cfg.loss.vocab_chunk)
+    update = on_mesh(batch_sharding.mesh, make_sft_update_fn(graphdef, tx, completion_len, seq_chunk=cfg.loss.logprob_chunk,
+                                                              vocab_chunk=cfg.loss.vocab_chunk))
     rng = np.random.default_rng([cfg.seed, 0x5F7])
     losses = []
     show = cfg.logging.console and jax.process_index() == 0

@@ -26,6 +26,7 @@ from mtgrpo_jax.config import Config, save_config
 from mtgrpo_jax.data import TaskSet
 from mtgrpo_jax.models import save_pretrained
 from mtgrpo_jax.parallel import BATCH_AXES, host_to_global, to_host
+from mtgrpo_jax.parallel.mesh import on_mesh
 from mtgrpo_jax.rl import group_advantages, zero_gradient_mask
 from mtgrpo_jax.tasks import score_batch
 from mtgrpo_jax.train import setup
@@ -33,6 +34,7 @@ from mtgrpo_jax.rollout import Buckets
 from mtgrpo_jax.train.batch import Group, build_batch
 from mtgrpo_jax.train.checkpoint import Checkpointer
 from mtgrpo_jax.train.evaluate import evaluate_tasks
+from mtgrpo_jax.train.plan import resolve_micro_batches
 from mtgrpo_jax.train.policy import Policy
 from mtgrpo_jax.train.metrics import MetricsWriter, memory_metrics
 from mtgrpo_jax.train.sft import run_sft
@@ -85,9 +87,11 @@ class Trainer:
         self.tx = make_optimizer(o.learning_rate, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
                                  grad_clip=o.grad_clip, warmup_steps=o.warmup_steps)
         self.opt_state = init_opt_state(self.tx, self.params, self.mesh)
+        # "auto": the fewest micro-batches whose update fits the devices' memory (see train.plan).
+        self.micro_batches = resolve_micro_batches(cfg, self.mesh, self.graphdef, self.params, self.tx)
         self.settings = UpdateSettings(
             mini_batches=o.mini_batches,
-            micro_batches=o.micro_batches,
+            micro_batches=self.micro_batches,
             completion_len=cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature,
             eps_low=cfg.loss.eps_low,
@@ -103,7 +107,7 @@ class Trainer:
             vocab_chunk=cfg.loss.vocab_chunk,
         )
         self.rows = s.batch_size * s.group_size
-        self.micro_rows = self.rows // (o.mini_batches * o.micro_batches)
+        self.micro_rows = self.rows // (o.mini_batches * self.micro_batches)
         batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
         constrain = lambda b: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), b)
         self.update_fn = make_update_fn(self.graphdef, self.tx, self.settings, constrain)
@@ -111,6 +115,9 @@ class Trainer:
         self.objective_fn = make_objective_fn(self.graphdef, self.settings, chunks)
         self.logprob_fn = make_logprob_fn(self.graphdef, self.settings.completion_len, self.settings.temperature, chunks,
                                           seq_chunk=cfg.loss.logprob_chunk, vocab_chunk=cfg.loss.vocab_chunk)
+        # The step's programs run (and `mtgrpo plan` compiles them) with the mesh active.
+        self.update_fn, self.objective_fn, self.logprob_fn = (on_mesh(self.mesh, f) for f in (
+            self.update_fn, self.objective_fn, self.logprob_fn))
         self.ref_params = jax.tree.map(jnp.copy, self.params) if cfg.loss.beta > 0 else None
         self.batch_sharding = batch_sharding
         self.history: list[dict] = []

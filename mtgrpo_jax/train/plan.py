@@ -1,0 +1,661 @@
+"""`mtgrpo plan`: compile every program a training step runs, for a named TPU slice, ahead of time.
+
+Nothing here reads weights or needs a TPU: the model is built with `nnx.eval_shape` (shapes and dtypes
+only), its parameters get the shardings the trainer gives them on the config's mesh laid over the slice's
+devices (libtpu describes them: `parallel.topology`), and each program is the trainer's own jitted
+function (`make_update_fn`, `make_logprob_fn`, `make_objective_fn`, `make_sft_update_fn`, the rollout
+`Sampler`'s program) lowered with abstract arguments at the config's real shapes and compiled by libtpu.
+The compiled program's `memory_analysis()` says what it needs per device and `cost_analysis()` its FLOPs
+and bytes accessed per device.
+
+XLA's cost analysis counts a loop body once, whatever its trip count: the update's scan over
+mini-batches x micro-batches, the chunked logprob scans and the decode `while_loop` are scaled here by
+their trip counts, so each program's `flops`, `bytes_accessed` and `roofline_s` are for one call of it.
+The decode loop is priced at `max_new_tokens - 1` steps (every row running to the limit: an upper bound),
+each reading the whole static KV cache as the compiled program does.
+
+Which programs: the rollout prefill (with everything before the decode loop) and the rollout program
+(prefill + decode loop) for one chunk of a sampler round; the old-logprob forward when
+`optim.recompute_old_logprobs`; the reference forward when `loss.beta > 0`; the policy update (all
+mini-batches x micro-batches of a step); the improvement forward when the task weighting needs it
+(`improvement_mode == "batch"`; the released variant's per-mini-batch improvement is inside the update);
+the SFT step when `sft.steps > 0` (completions at `max_new_tokens`, an upper bound; not part of a step).
+Each program's peak also counts what stays resident while it runs (the policy's parameters and
+optimizer state, the reference parameters).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mtgrpo_jax.config import Config, ConfigError
+from mtgrpo_jax.models import ModelConfig, Transformer, tiny_config
+from mtgrpo_jax.parallel import BATCH_AXES, make_mesh, state_shardings
+from mtgrpo_jax.parallel.topology import Topology, TopologyError, resolve_topology, topology_devices
+from mtgrpo_jax.train import setup
+from mtgrpo_jax.train.update import (Batch, UpdateSettings, make_logprob_fn, make_objective_fn, make_optimizer,
+                                     make_sft_update_fn, make_update_fn)
+
+
+class PlanError(ValueError):
+    """The plan cannot be made (bad topology, unknown model, mesh mismatch); the message is one line."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model configs without a hub: the config.json values of the models the paper and its users train.
+
+_QWEN25 = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu", rms_norm_eps=1e-6,
+               rope_theta=1000000.0, bos_token_id=151643, eos_token_id=151643, use_sliding_window=False)
+_QWEN3 = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_act="silu", rms_norm_eps=1e-6,
+              rope_theta=1000000.0, bos_token_id=151643, eos_token_id=151645, head_dim=128, vocab_size=151936,
+              attention_bias=False, max_position_embeddings=40960, use_sliding_window=False)
+_LLAMA3 = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", rms_norm_eps=1e-5,
+               rope_theta=500000.0, bos_token_id=128000, vocab_size=128256, attention_bias=False, mlp_bias=False,
+               hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, tie_word_embeddings=False)
+_LLAMA31_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+
+KNOWN_MODELS: dict[str, dict[str, Any]] = {
+    "Qwen/Qwen2.5-0.5B": dict(_QWEN25, vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                              num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
+                              max_position_embeddings=32768),
+    "Qwen/Qwen2.5-1.5B": dict(_QWEN25, vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                              num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
+                              max_position_embeddings=131072),
+    "Qwen/Qwen2.5-3B": dict(_QWEN25, vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                            num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True,
+                            max_position_embeddings=32768),
+    "Qwen/Qwen2.5-7B": dict(_QWEN25, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                            num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
+                            max_position_embeddings=131072),
+    "Qwen/Qwen3-0.6B": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                            num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
+    "Qwen/Qwen3-1.7B": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                            num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
+    "Qwen/Qwen3-4B": dict(_QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                          num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+    "Qwen/Qwen3-8B": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                          num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    "meta-llama/Meta-Llama-3-8B": dict(_LLAMA3, eos_token_id=128001, max_position_embeddings=8192),
+    "meta-llama/Llama-3.1-8B": dict(_LLAMA3, eos_token_id=128001, max_position_embeddings=131072,
+                                    rope_scaling=_LLAMA31_ROPE),
+}
+# Instruct variants share the architecture; only the end-of-turn token differs.
+for _name in ("0.5B", "1.5B", "3B", "7B"):
+    KNOWN_MODELS[f"Qwen/Qwen2.5-{_name}-Instruct"] = dict(KNOWN_MODELS[f"Qwen/Qwen2.5-{_name}"], eos_token_id=151645,
+                                                          max_position_embeddings=32768)
+KNOWN_MODELS["meta-llama/Meta-Llama-3-8B-Instruct"] = dict(KNOWN_MODELS["meta-llama/Meta-Llama-3-8B"],
+                                                           eos_token_id=[128001, 128009])
+KNOWN_MODELS["meta-llama/Llama-3.1-8B-Instruct"] = dict(KNOWN_MODELS["meta-llama/Llama-3.1-8B"],
+                                                        eos_token_id=[128001, 128008, 128009])
+KNOWN_MODELS["meta-llama/Meta-Llama-3.1-8B"] = KNOWN_MODELS["meta-llama/Llama-3.1-8B"]
+KNOWN_MODELS["meta-llama/Meta-Llama-3.1-8B-Instruct"] = KNOWN_MODELS["meta-llama/Llama-3.1-8B-Instruct"]
+
+
+def model_config(cfg: Config) -> ModelConfig:
+    """The run's ModelConfig without reading weights: `config.json` of a local `model.path`, else the
+    known-model table (a hub may be unreachable), else the bundled tiny config when `path` is None;
+    `model.overrides` on top, as the trainer applies them."""
+    path = cfg.model.path
+    if path is None:
+        base = tiny_config()
+    elif Path(path).is_dir():
+        try:
+            base = ModelConfig.from_hf(path)
+        except (FileNotFoundError, ValueError, KeyError) as err:
+            raise PlanError(f"model.path: {err}") from None
+    else:
+        known = {k.lower(): v for k, v in KNOWN_MODELS.items()}
+        if path.lower() not in known:
+            raise PlanError(f"model.path: unknown model {path!r}: not a local directory with config.json and not one "
+                            f"of the known configs ({', '.join(sorted(k for k in KNOWN_MODELS if 'Instruct' not in k))})")
+        base = ModelConfig.from_hf(known[path.lower()])
+    if cfg.model.overrides:
+        try:
+            base = ModelConfig.from_hf({**base.to_hf_dict(), **cfg.model.overrides})
+        except (TypeError, ValueError, KeyError) as err:
+            raise PlanError(f"model.overrides: {err}") from None
+    return base
+
+
+def model_options(cfg: Config) -> dict:
+    """Keyword arguments of `Transformer` that the config sets beyond the dtypes, as `setup.build_model`
+    passes them. The plan is always for a TPU, so `model.attention: auto` is resolved to what it picks
+    there (the splash kernel), not to what the host tracing the program (a CPU) would pick."""
+    fields = type(cfg.model).model_fields
+    out = {key: getattr(cfg.model, key) for key in ("remat", "attention") if key in fields}
+    if out.get("attention") == "auto":
+        out["attention"] = "splash"
+    return out
+
+
+def abstract_model(cfg: Config, mc: ModelConfig) -> Transformer:
+    """The run's Transformer with abstract (ShapeDtypeStruct) parameters: built as the trainer builds it."""
+    dtype = jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32
+    options = model_options(cfg)
+    return nnx.eval_shape(lambda: Transformer(mc, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype, **options))
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def sharded_abstract_state(state: nnx.State, mesh, layout: str) -> nnx.State:
+    return _abstract(state, state_shardings(state, mesh, layout))
+
+
+def abstract_opt_state(tx: optax.GradientTransformation, params, mesh):
+    """The optimizer state's shapes with the shardings `update.init_opt_state` gives them."""
+    replicated = NamedSharding(mesh, P())
+    shapes = jax.eval_shape(tx.init, params)
+    shardings = optax.tree_map_params(tx, lambda _, s: s, shapes, jax.tree.map(lambda x: x.sharding, params),
+                                      transform_non_params=lambda _: replicated)
+    return _abstract(shapes, shardings)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compiling and measuring one program
+
+
+@dataclasses.dataclass
+class ProgramPlan:
+    name: str
+    argument_bytes: int
+    output_bytes: int
+    temp_bytes: int
+    peak_bytes: int
+    flops: float
+    bytes_accessed: float
+    roofline_s: float
+    fits: bool
+    compile_s: float
+    calls_per_step: float  # how often one training step runs it (0: not part of a step, e.g. SFT)
+    knob: str = ""  # what to change when it does not fit
+
+    def as_json(self) -> dict:
+        keys = ("argument_bytes", "output_bytes", "temp_bytes", "peak_bytes", "flops", "bytes_accessed", "roofline_s",
+                "fits", "compile_s", "calls_per_step")
+        return {k: getattr(self, k) for k in keys}
+
+
+@dataclasses.dataclass
+class _Compiled:
+    memory: Any
+    flops: float
+    bytes_accessed: float
+    compile_s: float
+
+
+def compile_program(fn, *args, mesh=None, **kwargs) -> _Compiled:
+    """Lowers and compiles a jitted `fn` at abstract `args` (under `mesh` when the caller runs it so)."""
+    start = time.perf_counter()
+    if mesh is not None:
+        with jax.set_mesh(mesh):
+            compiled = fn.lower(*args, **kwargs).compile()
+    else:
+        compiled = fn.lower(*args, **kwargs).compile()
+    elapsed = time.perf_counter() - start
+    cost = compiled.cost_analysis() or {}
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per device program
+        cost = cost[0] if cost else {}
+    return _Compiled(compiled.memory_analysis(), float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
+                     elapsed)
+
+
+def peak_bytes(memory) -> int:
+    """What the program holds at once per device: arguments + outputs (less what is donated into them)
+    + temporaries + the program itself."""
+    return int(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+               + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+
+
+def device_bytes(tree) -> int:
+    """Bytes one device holds of a pytree of sharded ShapeDtypeStructs."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+        total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    return int(total)
+
+
+def _report(name: str, c: _Compiled, topo: Topology, *, calls: float, scale: float = 1.0,
+            flops: float | None = None, bytes_accessed: float | None = None, knob: str = "",
+            resident: int = 0) -> ProgramPlan:
+    """`resident`: bytes per device that stay allocated while the program runs without being among its
+    arguments (the optimizer state during rollout, ...); they count against HBM like its own."""
+    m = c.memory
+    peak = peak_bytes(m) + resident
+    f = (c.flops if flops is None else flops) * scale
+    b = (c.bytes_accessed if bytes_accessed is None else bytes_accessed) * scale
+    roofline = max(f / topo.chip.peak_flops, b / topo.chip.hbm_bandwidth)
+    return ProgramPlan(name, int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.temp_size_in_bytes),
+                       peak, f, b, roofline, peak <= topo.chip.hbm_bytes, c.compile_s, calls, knob)
+
+
+def _is_oom(err: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(err) or "Ran out of memory" in str(err)
+
+
+def _oom_bytes(err: Exception) -> int:
+    """The requirement a RESOURCE_EXHAUSTED compile error states ("... required ... (245.7G) exceeds ...")."""
+    import re
+
+    m = re.search(r"\((\d+(?:\.\d+)?)([KMGT])\) exceeds", str(err))
+    if not m:
+        return 0
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2)))
+
+
+class _Unfit:
+    """What a program that the compiler refused for memory looks like in the report."""
+
+    def __init__(self, needed: int, compile_s: float):
+        self.memory = type("M", (), dict(argument_size_in_bytes=0, output_size_in_bytes=0, alias_size_in_bytes=0,
+                                          temp_size_in_bytes=needed, generated_code_size_in_bytes=0))()
+        self.flops = 0.0
+        self.bytes_accessed = 0.0
+        self.compile_s = compile_s
+
+
+def _try_compile(fn, *args, mesh=None, **kwargs):
+    start = time.perf_counter()
+    try:
+        return compile_program(fn, *args, mesh=mesh, **kwargs)
+    except Exception as err:  # noqa: BLE001 - only out-of-memory is a plan result; the rest propagate
+        if not _is_oom(err):
+            raise
+        return _Unfit(_oom_bytes(err), time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The step's geometry
+
+
+def update_settings(cfg: Config, micro_batches: int) -> UpdateSettings:
+    """The trainer's UpdateSettings for `cfg` (one place, so plan and trainer compile the same program)."""
+    return UpdateSettings(
+        mini_batches=cfg.optim.mini_batches, micro_batches=micro_batches,
+        completion_len=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, eps_low=cfg.loss.eps_low,
+        eps_high=cfg.loss.eps_high, dual_clip=cfg.loss.dual_clip, aggregation=cfg.loss.aggregation,
+        beta=cfg.loss.beta, kl_estimator=cfg.loss.kl_estimator, entropy_coef=cfg.loss.entropy_coef,
+        num_tasks=max(1, len(cfg.tasks)), improvement=setup.improvement_mode(cfg),
+        logprob_chunk=cfg.loss.logprob_chunk, vocab_chunk=cfg.loss.vocab_chunk)
+
+
+def prompts_per_round(cfg: Config) -> int:
+    """Prompts one sampler round asks the rollout for: round(M_os x B) for the oversampling samplers, B
+    for the plain one."""
+    s = cfg.sampler
+    if s.kind == "plain":
+        return s.batch_size
+    return max(1, int(round(s.oversample * s.batch_size)))
+
+
+def abstract_batch(rows: int, prompt_len: int, completion_len: int, sharding) -> Batch:
+    total = prompt_len + completion_len
+    sd = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
+    return Batch(input_ids=sd((rows, total), jnp.int32), attention_mask=sd((rows, total), jnp.bool_),
+                 completion_mask=sd((rows, completion_len), jnp.bool_),
+                 old_logp=sd((rows, completion_len), jnp.float32), advantages=sd((rows,), jnp.float32),
+                 task_ids=sd((rows,), jnp.int32), ref_logp=sd((rows, completion_len), jnp.float32))
+
+
+def batch_devices(mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def valid_micro_batches(cfg: Config, mesh) -> list[int]:
+    """Micro-batch counts that split each mini-batch into equal micro-batches whose rows divide over
+    the mesh's batch devices, fewest (largest micro-batches) first."""
+    rows = cfg.sampler.batch_size * cfg.sampler.group_size
+    per_mini = rows // cfg.optim.mini_batches
+    devices = batch_devices(mesh)
+    return [c for c in range(1, per_mini + 1) if per_mini % c == 0 and (per_mini // c) % devices == 0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The programs
+
+
+@dataclasses.dataclass
+class Plan:
+    topology: Topology
+    devices: int
+    programs: dict[str, ProgramPlan]
+    step_time_estimate_s: float
+    rollout_share: float
+    micro_batches: int
+
+    @property
+    def fits(self) -> bool:
+        return all(p.fits for p in self.programs.values())
+
+    def as_json(self) -> dict:
+        return {"topology": self.topology.libtpu_name, "devices": self.devices,
+                "hbm_bytes_per_device": self.topology.chip.hbm_bytes, "fits": self.fits,
+                "step_time_estimate_s": self.step_time_estimate_s,
+                "programs": {name: p.as_json() for name, p in self.programs.items()}}
+
+
+def _knob(cfg: Config, program: str, mesh, micro_batches: int) -> str:
+    """The one config change most likely to make `program` fit, given what is already switched on."""
+    if program.startswith("rollout"):
+        budget = cfg.rollout.kv_cache_budget_gib
+        if budget is not None:
+            return f"lower rollout.kv_cache_budget_gib (now {budget})"
+        return f"set rollout.kv_cache_budget_gib, or lower the largest rollout.batch_buckets (now {max(cfg.rollout.batch_buckets)})"
+    if not cfg.loss.logprob_chunk:
+        return "set loss.logprob_chunk (e.g. 512)"
+    if cfg.model.remat == "none":
+        return "set model.remat=block"
+    if program == "sft_step":
+        return f"lower sft.batch_size (now {cfg.sft.batch_size})"
+    counts = valid_micro_batches(cfg, mesh)
+    more = [c for c in counts if c > micro_batches]
+    if more:
+        return f"raise optim.micro_batches (now {micro_batches}; next valid {more[0]})"
+    return "raise mesh.tensor or use a larger slice (one row per device already)"
+
+
+PROGRAMS = ("rollout_prefill", "rollout_decode", "old_logprobs", "reference_logprobs", "policy_update", "improvement",
+            "sft_step")
+
+
+def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only: set[str] | None = None,
+         progress: Callable[[str], None] | None = None) -> Plan:
+    """Compiles the step's programs for `topology` at `cfg`'s shapes and returns their costs (`only`: just
+    these programs, by name; the step estimate then covers only them)."""
+    say = progress or (lambda _: None)
+    bad = sorted(set(only or ()) - set(PROGRAMS))
+    if bad:
+        raise PlanError(f"--only: unknown program {bad[0]!r} (programs: {', '.join(PROGRAMS)})")
+    wanted = lambda name: only is None or name in only  # noqa: E731
+    topo = topology if isinstance(topology, Topology) else resolve_topology(topology)
+    devices = topology_devices(topo)
+    m = cfg.mesh
+    try:
+        mesh = make_mesh(data=m.data, fsdp=m.fsdp, tensor=m.tensor, devices=devices)
+    except ValueError as err:
+        raise PlanError(f"{err} of the slice {topo.name} ({topo.libtpu_name})") from None
+    setup.check_mesh(cfg, mesh)
+    mc = model_config(cfg)
+    model = abstract_model(cfg, mc)
+    graphdef, params, _rest = nnx.split(model, nnx.Param, ...)
+    params = sharded_abstract_state(params, mesh, "train")
+    o = cfg.optim
+    tx = make_optimizer(o.learning_rate, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
+                        warmup_steps=o.warmup_steps)
+    opt_state = abstract_opt_state(tx, params, mesh)
+    rows = cfg.sampler.batch_size * cfg.sampler.group_size
+    prompt_len, completion_len = max(cfg.rollout.prompt_buckets), cfg.rollout.max_new_tokens
+    batch_sh = NamedSharding(mesh, P(BATCH_AXES))
+    batch = abstract_batch(rows, prompt_len, completion_len, batch_sh)
+    micro = resolve_micro_batches(cfg, mesh, graphdef, params, tx, opt_state=opt_state, hbm_bytes=topo.chip.hbm_bytes,
+                                  progress=say)
+    settings = update_settings(cfg, micro)
+    chunks = o.mini_batches * micro
+    programs: dict[str, ProgramPlan] = {}
+    # What stays in HBM for the whole run besides each program's own arguments: the policy's parameters
+    # and optimizer state (train layout) and, with a KL term, the reference parameters.
+    p_bytes, o_bytes = device_bytes(params), device_bytes(opt_state)
+    ref_bytes = p_bytes if cfg.loss.beta > 0 else 0
+
+    def add(name, compiled, **kw):
+        p = _report(name, compiled, topo, **kw)
+        if not p.fits:
+            p.knob = _knob(cfg, name, mesh, micro)
+        programs[name] = p
+        say(f"{name}: peak {p.peak_bytes / 2**30:.2f} GiB / {topo.chip.hbm_bytes / 2**30:.2f} GiB, "
+            f"compiled in {p.compile_s:.1f} s")
+
+    # Rollout: the sampler's program for one chunk of prompts, and its prefill alone (to split the cost).
+    roll = {}
+    if wanted("rollout_prefill") or wanted("rollout_decode"):
+        roll = rollout_programs(cfg, model, mesh, topo, prompts_per_round(cfg), say,
+                                with_loop=wanted("rollout_decode"))
+    for name, (compiled, kw) in roll.items():
+        add(name, compiled, **{**kw, "calls": kw["calls"] * rollout_rounds}, resident=p_bytes + o_bytes + ref_bytes)
+
+    constrain = lambda b: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sh), b)  # noqa: E731
+    ids, mask = batch.input_ids, batch.attention_mask
+    if (cfg.optim.recompute_old_logprobs and wanted("old_logprobs")) or (cfg.loss.beta > 0 and wanted("reference_logprobs")):
+        say("compiling the logprob forward ...")
+        fn = make_logprob_fn(graphdef, completion_len, cfg.rollout.temperature, chunks,
+                             seq_chunk=cfg.loss.logprob_chunk, vocab_chunk=cfg.loss.vocab_chunk)
+        c = _try_compile(fn, params, ids, mask, mesh=mesh)
+        if cfg.optim.recompute_old_logprobs and wanted("old_logprobs"):
+            add("old_logprobs", c, calls=1, scale=chunks, resident=o_bytes + ref_bytes)
+        if cfg.loss.beta > 0 and wanted("reference_logprobs"):
+            add("reference_logprobs", c, calls=1, scale=chunks, resident=p_bytes + o_bytes)
+    if wanted("policy_update"):
+        say("compiling the policy update ...")
+        c = _try_compile(make_update_fn(graphdef, tx, settings, constrain), params, opt_state, batch, mesh=mesh)
+        add("policy_update", c, calls=1, scale=chunks, resident=ref_bytes)
+    if settings.improvement == "batch" and wanted("improvement"):
+        say("compiling the improvement forward ...")
+        c = _try_compile(make_objective_fn(graphdef, settings, chunks), params, batch, mesh=mesh)
+        add("improvement", c, calls=1, scale=chunks, resident=o_bytes + ref_bytes)
+    if cfg.sft.steps > 0 and wanted("sft_step"):
+        say("compiling the SFT step ...")
+        sft_tx = optax.adamw(cfg.sft.learning_rate, b1=0.9, b2=0.99, weight_decay=cfg.sft.weight_decay)
+        sft_rows = cfg.sft.batch_size
+        sft_state = abstract_opt_state(sft_tx, params, mesh)
+        total = prompt_len + completion_len
+        sd = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh)  # noqa: E731
+        c = _try_compile(make_sft_update_fn(graphdef, sft_tx, completion_len, seq_chunk=cfg.loss.logprob_chunk,
+                                            vocab_chunk=cfg.loss.vocab_chunk), params, sft_state,
+                         sd((sft_rows, total), jnp.int32), sd((sft_rows, total), jnp.bool_),
+                         sd((sft_rows, completion_len), jnp.bool_), mesh=mesh)
+        add("sft_step", c, calls=0, resident=o_bytes + ref_bytes)
+
+    step = sum(p.roofline_s * p.calls_per_step for p in programs.values())
+    rollout = sum(p.roofline_s * p.calls_per_step for n, p in programs.items() if n.startswith("rollout"))
+    return Plan(topo, len(devices), programs, step, rollout / step if step else 0.0, micro)
+
+
+def rollout_chunk_prompts(cfg: Config, prompts: int, sampler, prompt_len: int) -> int:
+    """Prompts per rollout program, as `Sampler.generate` cuts a round: chunks of the largest batch bucket,
+    or, with `rollout.kv_cache_budget_gib`, of the largest bucket whose KV cache fits the budget."""
+    from mtgrpo_jax.rollout import rollout_chunk_rows
+
+    n, m = cfg.sampler.group_size, cfg.rollout.max_new_tokens
+    per_call = max(sampler.buckets.batch_sizes)
+    budget = cfg.rollout.kv_cache_budget_gib
+    if budget is not None:
+        try:
+            per_call = rollout_chunk_rows(sampler.config, budget, positions=prompt_len + m, n=n,
+                                          dtype=sampler.cache_dtype, batch_sizes=sampler.buckets.batch_sizes,
+                                          shards=sampler._cache_shards()) // n
+        except ValueError as err:
+            raise PlanError(f"rollout.kv_cache_budget_gib: {err}") from None
+    return min(per_call, prompts)
+
+
+def rollout_programs(cfg: Config, model, mesh, topo: Topology, prompts: int, say, with_loop: bool = True) -> dict:
+    """The rollout `Sampler`'s program for one chunk of prompts (prefill + decode loop: its memory is the
+    real peak) and what it does before the loop alone (the prefill, the prompts' k/v in the decode
+    layout, the loop's weights). The decode loop's cost is the whole program's less that part's, once
+    per step (XLA counts a loop body once), times `max_new_tokens - 1` steps."""
+    from mtgrpo_jax.rollout import Sampler
+    from mtgrpo_jax.rollout import decode
+    from mtgrpo_jax.rollout.sampler import Buckets
+
+    r = cfg.rollout
+    n, m = cfg.sampler.group_size, r.max_new_tokens
+    p = max(r.prompt_buckets)
+    # As `train.policy.Policy` builds it.
+    sampler = Sampler(model, None, buckets=dict(prompt_lengths=r.prompt_buckets, batch_sizes=r.batch_buckets),
+                      mesh=mesh, truncate_prompts=r.truncate_prompts, pad_token_id=0,
+                      kv_cache_budget_gib=r.kv_cache_budget_gib)
+    per_chunk = rollout_chunk_prompts(cfg, prompts, sampler, p)
+    b = Buckets.pick(sampler.buckets.batch_sizes, per_chunk)
+    chunks = math.ceil(prompts / per_chunk)
+    state = sharded_abstract_state(nnx.state(model), mesh, "serve")
+    rep = NamedSharding(mesh, P())
+    rows = b * n
+    shapes, shardings = sampler._cache_layout(rows, p, m)
+    is_shape = lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x)  # noqa: E731
+    cache = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, sampler.cache_dtype, sharding=sh), shapes, shardings,
+                         is_leaf=is_shape)
+    batch_sh = NamedSharding(mesh, P(sampler._sharding(2, 0, b).spec[0], None))
+    ids = jax.ShapeDtypeStruct((b, p), jnp.int32, sharding=batch_sh)
+    mask = jax.ShapeDtypeStruct((b, p), jnp.bool_, sharding=batch_sh)
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
+    scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=rep)  # noqa: E731
+    stop = jax.ShapeDtypeStruct((model.config.vocab_size,), jnp.bool_, sharding=rep)
+    greedy = r.temperature == 0.0
+
+    say(f"compiling the rollout prefill ({b} prompts x {p} tokens) ...")
+    graphdef = nnx.graphdef(model)
+    dtype = sampler.cache_dtype
+
+    def prefill(state, prompt_ids, prompt_mask):
+        mdl = nnx.merge(graphdef, state)
+        positions = jnp.maximum(jnp.cumsum(prompt_mask.astype(jnp.int32), axis=1) - 1, 0)
+        cache = mdl.init_cache(prompt_ids.shape[0], prompt_ids.shape[1], dtype=dtype)
+        last, cache = decode.prefill_last_logits(mdl, prompt_ids, positions, cache, prompt_mask)
+        if sampler.decode_impl != "fast":
+            return last, cache
+        # Everything the sampler's program does before its decode loop: the prompts' k/v in the decode
+        # layout and the per-layer weights the loop reads.
+        return last, decode.prefix_from_model_cache(cache, prompt_mask, dtype), decode.prepare_weights(mdl)
+
+    pre = _try_compile(jax.jit(prefill), state, ids, mask, mesh=mesh)
+    if not with_loop:
+        return {"rollout_prefill": (pre, dict(calls=chunks))}
+    say(f"compiling the rollout program ({rows} rows, {m} new tokens) ...")
+    full = _try_compile(sampler._program, state, cache, ids, mask, key, scalar(jnp.int32), scalar(jnp.int32),
+                        scalar(jnp.float32), scalar(jnp.float32), stop, mesh=mesh, n=n, max_new_tokens=m,
+                        greedy=greedy, top_k=int(r.top_k), use_top_p=r.top_p < 1.0)
+    steps = max(m - 1, 0)
+    loop_flops = max(full.flops - pre.flops, 0.0) * steps
+    loop_bytes = max(full.bytes_accessed - pre.bytes_accessed, 0.0) * steps
+    return {
+        "rollout_prefill": (pre, dict(calls=chunks)),
+        "rollout_decode": (full, dict(calls=chunks, flops=loop_flops, bytes_accessed=loop_bytes)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# optim.micro_batches = "auto"
+
+
+def _device_hbm(mesh) -> int | None:
+    """Bytes a program may use on the mesh's devices: the TPU table for a libtpu topology, else the
+    runtime's own limit (GPU, TPU host); None on CPU."""
+    device = mesh.devices.flat[0]
+    if device.platform == "cpu":
+        return None
+    try:
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"])
+    except Exception:  # noqa: BLE001 - compile-only (topology) devices have no runtime stats
+        pass
+    kind = device.device_kind.lower()
+    from mtgrpo_jax.parallel.topology import CHIPS
+
+    for gen, name in (("v6e", "v6"), ("v5e", "v5 lite"), ("v5p", "v5"), ("v4", "v4")):
+        if name in kind:
+            return CHIPS[gen].hbm_bytes
+    return None
+
+
+CPU_LOGITS_BUDGET_BYTES = 1 << 30
+
+
+def resolve_micro_batches(cfg: Config, mesh, graphdef, params, tx, *, opt_state=None, hbm_bytes: int | None = None,
+                          headroom: float = 0.9, progress: Callable[[str], None] | None = None) -> int:
+    """`optim.micro_batches` as a number. An int is returned as is. For "auto":
+
+    - on an accelerator (or a libtpu topology): the fewest micro-batches (largest micro-batch) whose
+      compiled update program fits `headroom` of the device's HBM. The update's temporaries grow about
+      linearly in the micro-batch's rows, so two compiles (the smallest and twice the smallest
+      micro-batch) predict the largest that fits; that one is compiled to confirm, stepping down on a miss.
+    - on CPU (host memory, no compiler limit): the fewest micro-batches whose float32 logits
+      `[rows per device, prompt + completion, vocab]`, the dominant temporary, stay under 1 GiB.
+    """
+    value = cfg.optim.micro_batches
+    if value != "auto":
+        return int(value)
+    counts = valid_micro_batches(cfg, mesh)
+    if not counts:
+        raise ConfigError(f"config error: optim.micro_batches: no micro-batch count divides a mini-batch of "
+                          f"{cfg.sampler.batch_size * cfg.sampler.group_size // cfg.optim.mini_batches} rows over "
+                          f"{batch_devices(mesh)} batch devices")
+    say = progress or (lambda _: None)
+    rows = cfg.sampler.batch_size * cfg.sampler.group_size
+    per_mini = rows // cfg.optim.mini_batches
+    devices = batch_devices(mesh)
+    seq = max(cfg.rollout.prompt_buckets) + cfg.rollout.max_new_tokens
+    hbm = hbm_bytes if hbm_bytes is not None else _device_hbm(mesh)
+    if hbm is None:
+        vocab = int(params["embed"].shape[0])
+        for c in counts:
+            if (per_mini // c // devices) * seq * vocab * 4 <= CPU_LOGITS_BUDGET_BYTES:
+                return c
+        return counts[-1]
+    if opt_state is None:
+        opt_state = abstract_opt_state(tx, params, mesh)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
+    batch_sh = NamedSharding(mesh, P(BATCH_AXES))
+    batch = abstract_batch(rows, max(cfg.rollout.prompt_buckets), cfg.rollout.max_new_tokens, batch_sh)
+    constrain = lambda b: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sh), b)  # noqa: E731
+    limit = headroom * hbm
+
+    def peak(c: int) -> int:
+        say(f"micro_batches=auto: compiling the update with {c} micro-batches of {per_mini // c} rows ...")
+        out = _try_compile(make_update_fn(graphdef, tx, update_settings(cfg, c), constrain), params, opt_state, batch,
+                           mesh=mesh)
+        return peak_bytes(out.memory)
+
+    return choose_micro_batches(counts, per_mini, limit, peak)
+
+
+def choose_micro_batches(counts: list[int], per_mini: int, limit: float, peak: Callable[[int], int]) -> int:
+    """The fewest micro-batches (from `counts`, fewest first) whose `peak(count)` is within `limit`.
+
+    Compiling is slow, so it does not try them all: the peaks of the smallest micro-batch and of one twice
+    its rows give a line (temporaries grow linearly in rows); the largest micro-batch the line admits is
+    tried first, then smaller ones until one fits. When even the smallest does not fit it is returned
+    (the plan then reports the program as not fitting)."""
+    smallest = counts[-1]  # most micro-batches: the smallest micro-batch
+    p1 = peak(smallest)
+    if p1 > limit or len(counts) == 1:
+        return smallest
+    r1 = per_mini // smallest
+    bigger = [c for c in counts if per_mini // c == 2 * r1]
+    if not bigger:
+        return smallest
+    p2 = peak(bigger[0])
+    slope = max((p2 - p1) / r1, 1.0)
+    best_rows = r1 + (limit - p1) / slope
+    known = {smallest: p1, bigger[0]: p2}
+    for c in [c for c in counts if per_mini // c <= best_rows]:  # fewest micro-batches first
+        if (known[c] if c in known else peak(c)) <= limit:
+            return c
+    return smallest
+    r1 = per_mini // smallest
+    bigger = [c for c in counts if per_mini // c == 2 * r1]
+    if not bigger:
+        return smallest
+    p2 = peak(bigger[0])
+    slope = max((p2 - p1) / r1, 1.0)
+    best_rows = r1 + (limit - p1) / slope
+    known = {smallest: p1, bigger[0]: p2}
+    for c in [c for c in counts if per_mini // c <= best_rows]:  # fewest micro-batches first
+        if (known[c] if c in known else peak(c)) <= limit:
+            return c
+    return smallest

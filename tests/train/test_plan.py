@@ -1,0 +1,154 @@
+"""`mtgrpo plan`: the step's programs compiled ahead of time for a TPU slice (libtpu, no TPU), its one-line
+errors, the known-model table and `optim.micro_batches: auto`."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from mtgrpo_jax.cli import main
+from mtgrpo_jax.config import load_config
+from mtgrpo_jax.models import ModelConfig
+from mtgrpo_jax.train import plan as plan_mod
+
+TINY = {
+    "model": {"init": "random", "overrides": {"num_hidden_layers": 1, "vocab_size": 512}},
+    "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
+    "tasks": [{"name": "countdown", "family": "countdown", "train": {"level": 1, "n": 8}}],
+    "sampler": {"kind": "ratio_preserving", "batch_size": 4, "group_size": 4, "oversample": 2.0},
+    "rollout": {"max_new_tokens": 32, "prompt_buckets": [64], "batch_buckets": [4, 8]},
+    "optim": {"mini_batches": 2, "micro_batches": 2},
+    "weighting": {"kind": "mt_grpo"},
+}
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return str(path)
+
+
+def _run(capsys, *argv):
+    code = main(["plan", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("mtgrpo plan:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_tiny_plan_compiles_rollout_update_and_improvement_for_v5e(tiny_config, capsys):
+    pytest.importorskip("libtpu")
+    code, out, err = _run(capsys, "--config", tiny_config, "--topology", "v5e:2x2", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result) == {"topology", "devices", "hbm_bytes_per_device", "fits", "step_time_estimate_s", "programs"}
+    assert (result["topology"], result["devices"], result["fits"]) == ("v5e:2x2", 4, True)
+    assert set(result["programs"]) == {"rollout_prefill", "rollout_decode", "policy_update", "improvement"}
+    for name, p in result["programs"].items():
+        assert p["fits"] and 0 < p["peak_bytes"] < result["hbm_bytes_per_device"], name
+        assert p["peak_bytes"] >= p["argument_bytes"] and p["flops"] > 0 and p["roofline_s"] > 0, name
+    # The update holds the parameters and the AdamW moments (bf16 params, so 3 x 2 bytes per parameter at
+    # least), split over the 4 chips by FSDP.
+    n_params = plan_mod.model_config(load_config(tiny_config)).num_params()
+    assert result["programs"]["policy_update"]["argument_bytes"] >= 3 * 2 * n_params / 4 * 0.9
+    total = sum(p["roofline_s"] * p["calls_per_step"] for p in result["programs"].values())
+    assert result["step_time_estimate_s"] == pytest.approx(total)
+
+
+def test_plan_that_cannot_fit_exits_1_naming_program_and_knob(tiny_config, capsys):
+    pytest.importorskip("libtpu")
+    # 4096 prompts of 4096 tokens in one prefill: [B, H, P, P] attention scores alone are about a terabyte.
+    code, out, err = _run(capsys, "--config", tiny_config, "--topology", "v5e-4", "--only", "rollout_prefill",
+                          "sampler.batch_size=2048", "rollout.prompt_buckets=[4096]", "rollout.batch_buckets=[4096]")
+    assert code == 1, err
+    line = _one_line(err)
+    assert "rollout_prefill does not fit v5e-4" in line and "GiB per device > 15.75 GiB HBM" in line
+    assert "rollout." in line.split(";")[-1]  # the knob
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--topology", "v5p-7"], "topology 'v5p-7'"),
+    (["--topology", "v5e-4", "model.path=Qwen/Qwen9-1T"], "unknown model 'Qwen/Qwen9-1T'"),
+    (["--topology", "v5e-4", "mesh.data=3"], "mesh data=3 x fsdp=-1 x tensor=1 does not divide the 4 available"),
+    (["--topology", "v5e-4", "mesh.data=8", "mesh.fsdp=1"], "8 devices does not match the 4 available devices of "
+                                                            "the slice v5e-4"),
+    (["--topology", "v5e-4", "--only", "everything"], "unknown program 'everything'"),
+    (["--topology", "v5e-4", "rollout.batch_buckets=[2,4]"], "rollout.batch_buckets: [2] are not multiples"),
+])
+def test_bad_inputs_are_one_line_errors(tiny_config, capsys, argv, words):
+    if "v5e-4" in argv:
+        pytest.importorskip("libtpu")
+    code, _, err = _run(capsys, "--config", tiny_config, *argv)
+    assert code == 2
+    assert words in _one_line(err)
+
+
+@pytest.mark.parametrize("name, billions", [
+    ("Qwen/Qwen2.5-0.5B", 0.494), ("Qwen/Qwen2.5-1.5B", 1.544), ("Qwen/Qwen2.5-3B", 3.086),
+    ("Qwen/Qwen2.5-7B", 7.616), ("Qwen/Qwen3-8B", 8.191), ("Qwen/Qwen3-4B", 4.022),
+    ("meta-llama/Llama-3.1-8B", 8.030),
+])
+def test_known_models_have_their_published_sizes(name, billions):
+    cfg = load_config(None, [f"model.path={name}"])
+    assert plan_mod.model_config(cfg).num_params() / 1e9 == pytest.approx(billions, abs=0.002)
+
+
+def test_local_model_dir_is_read_and_overrides_apply(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(plan_mod.KNOWN_MODELS["Qwen/Qwen2.5-3B"]))
+    cfg = load_config(None, [f"model.path={tmp_path}", "model.overrides.num_hidden_layers=2"])
+    mc = plan_mod.model_config(cfg)
+    assert isinstance(mc, ModelConfig) and mc.hidden_size == 2048 and mc.num_hidden_layers == 2
+
+
+def test_micro_batches_auto_on_cpu_keeps_logits_under_a_gib():
+    import jax
+    from flax import nnx
+
+    from mtgrpo_jax.parallel import make_mesh
+
+    cfg = load_config(None, ["optim.micro_batches=auto", "sampler.batch_size=8", "sampler.group_size=8",
+                             "optim.mini_batches=2", "rollout.max_new_tokens=1024", "rollout.prompt_buckets=[1024]",
+                             "model.overrides.vocab_size=65536"])
+    mesh = make_mesh(fsdp=-1)
+    model = plan_mod.abstract_model(cfg, plan_mod.model_config(cfg))
+    graphdef, params, _ = nnx.split(model, nnx.Param, ...)
+    count = plan_mod.resolve_micro_batches(cfg, mesh, graphdef, params, None)
+    devices = len(jax.devices())
+    per_mini = 64 // 2
+    assert count in plan_mod.valid_micro_batches(cfg, mesh) and per_mini % count == 0
+    logits = lambda c: (per_mini // c // devices) * 2048 * 65536 * 4  # noqa: E731
+    assert logits(count) <= plan_mod.CPU_LOGITS_BUDGET_BYTES
+    fewer = [c for c in plan_mod.valid_micro_batches(cfg, mesh) if c < count]
+    assert all(logits(c) > plan_mod.CPU_LOGITS_BUDGET_BYTES for c in fewer)  # the fewest that fit
+    assert plan_mod.resolve_micro_batches(load_config(None, ["optim.micro_batches=2"]), mesh, graphdef, params,
+                                          None) == 2
+
+
+@pytest.mark.parametrize("extra", [0.0, 0.3])
+def test_micro_batch_search_finds_the_fewest_that_fit_in_few_compiles(extra):
+    per_mini, devices = 576, 4
+    counts = [c for c in range(1, per_mini + 1) if per_mini % c == 0 and (per_mini // c) % devices == 0]
+    calls = []
+
+    def true_peak(c):  # linear in the micro-batch's rows, plus (extra > 0) a super-linear term the line misses
+        rows = per_mini // c
+        return int(10e9 + 1.2e9 * rows + extra * 1e7 * rows**2)
+
+    def peak(c):
+        calls.append(c)
+        return true_peak(c)
+
+    limit = 90e9
+    got = plan_mod.choose_micro_batches(counts, per_mini, limit, peak)
+    best = next(c for c in counts if true_peak(c) <= limit)
+    assert got == best
+    assert len(set(calls) - {best}) <= 5  # a handful of compiles, not one per candidate
+    calls.clear()
+    assert plan_mod.choose_micro_batches(counts, per_mini, 1e9, peak) == counts[-1]  # nothing fits: the smallest
