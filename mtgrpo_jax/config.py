@@ -172,6 +172,9 @@ class WeightingCfg(_Strict):
     # between the rollout's and the training forward's numerics leaks into the small I_k. "sampler": the
     # rollout's log-probs (unless optim.recompute_old_logprobs).
     improvement_old_logprobs: Literal["recompute", "sampler"] = "recompute"
+    # Compute every estimator each step (logged as task/<name>/improvement/<estimator>), the run still
+    # driven by `improvement`: for measuring how they agree (costs the extra forwards).
+    improvement_diagnostics: bool = False
 
 
 class StageCfg(_Strict):

@@ -8,7 +8,8 @@ MT-GRPO machinery costs against a DAPO step on the same config.
   peak measured in the same run (a large jitted matmul of the model's dtype), and against the GPU's datasheet
   peak when on a known GPU.
 - MT-GRPO overhead: (sampling bookkeeping + improvement forward + weight update) as a fraction of the MT-GRPO
-  step, and the step time against a DAPO step (same config, `--method dapo`).
+  step, and the step time against a DAPO step (same config, `--method dapo`), for each improvement estimator
+  (`weighting.improvement`: the release's minibatch_sum, the original step_mean, the free fresh one).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import numpy as np
 from mtgrpo_jax.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-PHASES = ("sampling", "rollout", "scoring", "update", "improvement", "weights")
+PHASES = ("sampling", "rollout", "scoring", "old_logprobs", "update", "improvement", "weights")
+ESTIMATORS = ("minibatch_sum", "step_mean", "fresh")
 # bf16 dense tensor-core peaks (FLOP/s), datasheet figures without sparsity.
 GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
 
@@ -81,12 +83,18 @@ def run_method(config: str | None, method: str, overrides: list[str], steps: int
         return out
 
 
+def _train_time(r: dict) -> float:
+    return r["time/old_logprobs"] + r["time/update"] + r["time/improvement"] + r["time/weights"]
+
+
 def main(argv: list[str], prog: str = "mtgrpo bench step") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "bench_step.yaml"), help="the config to measure")
     p.add_argument("--steps", type=int, default=3, help="measured steps per method")
     p.add_argument("--warmup", type=int, default=2, help="steps discarded first (compilation)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--estimators", default=",".join(ESTIMATORS),
+                   help="improvement estimators to time against DAPO (comma-separated; the first is `mt_grpo`)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     try:
@@ -99,7 +107,16 @@ def main(argv: list[str], prog: str = "mtgrpo bench step") -> int:
     s = base.sampler
     shared = [*args.overrides, f"sampler.resample_budget={s.resample_budget}", f"sampler.oversample={s.oversample}",
               f"sampler.filter={s.filter}"]
-    mt = run_method(args.config, "mt_grpo", shared, args.steps, args.warmup)
+    estimators = [e for e in args.estimators.split(",") if e]
+    bad = sorted(set(estimators) - set(ESTIMATORS))
+    if bad or not estimators:
+        print(f"{prog}: --estimators: unknown {bad or 'empty'}; choose from {list(ESTIMATORS)}", file=sys.stderr)
+        return 2
+    # DAPO gets the same budget counting as MT-GRPO, so the two generate the same number of rounds.
+    shared.append(f"sampler.budget_counts={s.budget_counts}")
+    runs = {e: run_method(args.config, "mt_grpo", [*shared, f"weighting.improvement={e}"], args.steps, args.warmup)
+            for e in estimators}
+    mt = runs[estimators[0]]
     dapo = run_method(args.config, "dapo", shared, args.steps, args.warmup)
     dtype = jnp.bfloat16 if mt["dtype"] == "bfloat16" else jnp.float32
     peak = measure_matmul_peak(dtype)
@@ -115,6 +132,13 @@ def main(argv: list[str], prog: str = "mtgrpo bench step") -> int:
         "update_mfu_vs_measured_peak": mt["update_flops_per_s"] / peak,
         "mt_grpo_machinery_fraction": (mt["time/sampling"] + mt["time/improvement"] + mt["time/weights"]) / mt["time/step"],
         "step_time_ratio_vs_dapo": mt["time/step"] / dapo["time/step"],
+        # Per estimator: the step's non-rollout work (old log-probs, update, improvement, weights) against
+        # DAPO's, which isolates the estimator's cost from the rollout's sampling noise, and the whole step.
+        "estimators": {e: {"time/step": r["time/step"], "time/old_logprobs": r["time/old_logprobs"],
+                           "time/update": r["time/update"], "time/improvement": r["time/improvement"],
+                           "train_time_ratio_vs_dapo": _train_time(r) / max(_train_time(dapo), 1e-9),
+                           "step_time_ratio_vs_dapo": r["time/step"] / dapo["time/step"]}
+                       for e, r in runs.items()},
     }
     for name, flops in GPU_PEAKS.items():
         if name in kind:
@@ -129,4 +153,7 @@ def main(argv: list[str], prog: str = "mtgrpo bench step") -> int:
     print(f"update MFU vs measured peak: {result['update_mfu_vs_measured_peak']:.1%}")
     print(f"MT-GRPO machinery (sampler bookkeeping + improvement + weights): {result['mt_grpo_machinery_fraction']:.1%} of the step")
     print(f"MT-GRPO step / DAPO step: {result['step_time_ratio_vs_dapo']:.2f}x")
+    for e, r in result["estimators"].items():
+        print(f"  improvement estimator {e:<14} training work {r['train_time_ratio_vs_dapo']:.2f}x DAPO's, "
+              f"step {r['step_time_ratio_vs_dapo']:.2f}x")
     return 0

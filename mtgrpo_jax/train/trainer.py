@@ -109,6 +109,7 @@ class Trainer:
             entropy_coef=cfg.loss.entropy_coef,
             num_tasks=len(self.tasks),
             improvement=setup.improvement_mode(cfg),
+            improvement_diagnostics=cfg.weighting.improvement_diagnostics and setup.improvement_mode(cfg) != "none",
         )
         self.rows = s.batch_size * s.group_size
         self.micro_rows = self.rows // (o.mini_batches * o.micro_batches)
@@ -205,15 +206,28 @@ class Trainer:
             groups.append((bool(keep[i]), g))
         return groups
 
-    def _improvement(self, batch) -> tuple[np.ndarray, dict]:
-        """The policy update and the per-task improvement rows [M, K] (or [1, K]; zeros without an estimator)."""
-        K = len(self.tasks)
-        before = objective_at_behaviour(self.settings, batch) if self.settings.improvement == "step_mean" else None
+    def _update(self, batch) -> tuple[np.ndarray, dict, dict, float]:
+        """The policy update, then the per-task improvement rows [M, K] ([1, K]; zeros without an estimator).
+
+        Returns (rows, update metrics, every estimator's rows when diagnosing, seconds spent on the
+        step_mean estimator's own forward)."""
+        K, s = len(self.tasks), self.settings
+        step_mean = s.improvement == "step_mean" or s.improvement_diagnostics
+        before = objective_at_behaviour(s, batch) if step_mean else None
         self.params, self.opt_state, upd, rows = self.update_fn(self.params, self.opt_state, batch)
-        if self.settings.improvement == "step_mean":
-            rows = (self.objective_fn(self.params, batch) - before)[None, :]
-        rows = np.zeros((1, K), np.float32) if rows is None else np.asarray(to_host(rows), np.float32)
-        return rows, to_host(upd)
+        upd = to_host(upd)
+        others = {k.split("/", 1)[1]: np.asarray(upd.pop(k), np.float32) for k in list(upd) if k.startswith("improvement/")}
+        step_mean_s = 0.0
+        if step_mean:
+            t = time.perf_counter()
+            others["step_mean"] = np.asarray(to_host(self.objective_fn(self.params, batch) - before), np.float32)[None, :]
+            step_mean_s = time.perf_counter() - t
+        if s.improvement == "step_mean":
+            rows = others["step_mean"]
+        elif rows is not None:
+            others[s.improvement] = rows = np.asarray(to_host(rows), np.float32)
+        rows = np.zeros((1, K), np.float32) if rows is None else rows
+        return rows, upd, (others if s.improvement_diagnostics else {}), step_mean_s
 
     def _sampling_weights(self, step: int) -> np.ndarray:
         """The task weights the sampler draws from: the weight optimizer's, restricted to the current
@@ -252,13 +266,14 @@ class Trainer:
                                       rng=np.random.default_rng([cfg.seed, step]))
         # Every process built the same batch; each places only its own rows (no all-gather to compare them).
         batch = host_to_global(batch_np, self.batch_sharding)
+        t_logprobs = time.perf_counter()
         if self.recompute_old_logprobs:
             batch = batch._replace(old_logp=self.logprob_fn(self.params, batch.input_ids, batch.attention_mask))
         if self.ref_params is not None:
             batch = batch._replace(ref_logp=self.logprob_fn(self.ref_params, batch.input_ids, batch.attention_mask))
+        jax.block_until_ready((batch.old_logp, batch.ref_logp))
         t_update = time.perf_counter()
-        improvement_rows, upd = self._improvement(batch)
-        t_improve = time.perf_counter()
+        improvement_rows, upd, diagnostics, t_step_mean = self._update(batch)
         nnx.update(self.model, self.params)
         t_weights = time.perf_counter()
 
@@ -288,6 +303,8 @@ class Trainer:
             record[f"task/{name}/share"] = float(sig.share[k])
             record[f"task/{name}/groups_generated"] = float(sig.generated[k])
             record[f"task/{name}/improvement"] = float(improvement[k])
+            for est, rows in diagnostics.items():
+                record[f"task/{name}/improvement/{est}"] = float(rows[:, k].sum())
         # The sampler's own view: rounds, acceptance, share gap, and (ratio-preserving) rho and inflation.
         record.update(result.metrics(self.names))
         record.update({
@@ -299,8 +316,9 @@ class Trainer:
             "time/sampling": (t_sampled - t_start) - stats["rollout"] - stats["scoring"],
             "time/rollout": stats["rollout"],
             "time/scoring": stats["scoring"],
-            "time/update": t_improve - t_update,
-            "time/improvement": t_weights - t_improve,
+            "time/old_logprobs": t_update - t_logprobs,  # recomputed old (and reference) log-probs
+            "time/update": t_weights - t_update - t_step_mean,  # the in-update estimators included
+            "time/improvement": t_step_mean,  # the step_mean estimator's forward after the update
             "time/weights": t_end - t_weights,
             "time/step": t_end - t_start,
             "train/valid_rows": int(valid.sum()),

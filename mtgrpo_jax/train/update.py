@@ -70,6 +70,9 @@ class UpdateSettings(NamedTuple):
     # (the trainer's own forward after the update), "minibatch_sum" (the release's; one extra forward per
     # mini-batch) or "fresh" (free: read off the update's own forwards).
     improvement: str
+    # Also compute the other in-update estimators ("minibatch_sum" and "fresh" rows), returned in the
+    # metrics as improvement/<name> [M, K], to measure how the estimators agree on one trajectory.
+    improvement_diagnostics: bool = False
 
 
 def _split(batch: Batch, parts: int) -> Batch:
@@ -165,23 +168,23 @@ def make_update_fn(graphdef, tx: optax.GradientTransformation, s: UpdateSettings
         params, opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
         out = {k: jnp.mean(v) for k, v in metrics.items()}
         out.update(loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32))
-        if s.improvement in ("minibatch_sum", "fresh"):
+        wanted = {s.improvement} | ({"minibatch_sum", "fresh"} if s.improvement_diagnostics else set())
+        if wanted & {"minibatch_sum", "fresh"}:
             flat = lambda x: x.reshape((-1,) + x.shape[2:])
             before = sequence_sums(s, flat(logp), mb)  # this mini-batch's training forward, before its step
-            if s.improvement == "minibatch_sum":
+            if "minibatch_sum" in wanted:
                 model = nnx.merge(graphdef, params)
                 after_logp, _ = completion_logprobs(model, mb.input_ids, mb.attention_mask, s.completion_len, s.temperature)
-                out["improvement"] = sequence_sums(s, after_logp, mb) - before
-            else:
-                out["improvement"] = before - sequence_sums(s, mb.old_logp, mb)
+                out["improvement/minibatch_sum"] = sequence_sums(s, after_logp, mb) - before
+            if "fresh" in wanted:
+                out["improvement/fresh"] = before - sequence_sums(s, mb.old_logp, mb)
         return (params, opt_state), out
 
     def update(params, opt_state, batch: Batch):
         (params, opt_state), metrics = jax.lax.scan(minibatch_step, (params, opt_state), _split(batch, s.mini_batches))
-        improvement = None
-        if s.improvement in ("minibatch_sum", "fresh"):
-            improvement = metrics.pop("improvement")  # [M, K]: one row per mini-batch
-        metrics = {k: jnp.mean(v) for k, v in metrics.items()} | {"skipped": jnp.sum(metrics["skipped"])}
+        rows = {k: metrics.pop(k) for k in list(metrics) if k.startswith("improvement/")}  # [M, K] each
+        improvement = rows.pop(f"improvement/{s.improvement}", None)
+        metrics = {k: jnp.mean(v) for k, v in metrics.items()} | {"skipped": jnp.sum(metrics["skipped"])} | rows
         return params, opt_state, metrics, improvement
 
     return jax.jit(update, donate_argnums=(0, 1))
