@@ -87,6 +87,61 @@ def _train_time(r: dict) -> float:
     return r["time/old_logprobs"] + r["time/update"] + r["time/improvement"] + r["time/weights"]
 
 
+def estimator_agreement(run_dir: str | Path) -> dict:
+    """How the improvement estimators agree on one trajectory: a run with `weighting.improvement_diagnostics`
+    logs every estimator's per-task I_k each step. Against the paper's (step_mean: J_k after the update minus
+    before, on the whole batch): the Pearson correlation of I_k (pooled over steps and tasks; and of the
+    per-step z-scores across tasks, which is what moves the weights), and the task weights each produces
+    when it drives the run's own weight optimizer (paper form, one step per training step) on the run's
+    rewards: the mean and largest |z_e - z_paper| over steps, and the final weights. `step_mean_x_n` is the
+    paper's estimator multiplied by each task's sequence count in the batch (the release's scale)."""
+    from mtgrpo_jax.config import load_config
+    from mtgrpo_jax.weighting import TaskSignals, mt_grpo
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    names = [t.name for t in cfg.tasks]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if f"task/{names[0]}/improvement/step_mean" in r]
+    if not steps:
+        raise ValueError(f"{run_dir}: no per-estimator improvements logged (run with weighting.improvement_diagnostics=true)")
+    series = {e: np.array([[r[f"task/{n}/improvement/{e}"] for n in names] for r in steps])
+              for e in ESTIMATORS}
+    counts = np.array([[r[f"task/{n}/share"] * r["sampler/groups_kept"] * cfg.sampler.group_size for n in names]
+                       for r in steps])
+    series["step_mean_x_n"] = series["step_mean"] * counts
+    rewards = np.array([[r[f"task/{n}/reward"] for n in names] for r in steps])
+    w = cfg.weighting
+
+    def zscore(x):
+        return (x - x.mean(1, keepdims=True)) / np.maximum(x.std(1, keepdims=True), 1e-12)
+
+    def weights(improvement):
+        opt = mt_grpo(w.lam, learning_rate=w.learning_rate, weight_decay=w.weight_decay,
+                      improvement_clip=w.improvement_clip)
+        state, update, out = opt.init(len(names)), jax.jit(opt.update), []
+        for j, i in zip(rewards, improvement):
+            z, state = update(TaskSignals(reward=jnp.asarray(j, jnp.float32), improvement=jnp.asarray(i, jnp.float32)), state)
+            out.append(np.asarray(z))
+        return np.array(out)
+
+    ref = series["step_mean"]
+    ref_w = weights(ref)
+    out = {"run": str(run_dir), "steps": len(steps), "tasks": names, "lam": w.lam, "driven_by": w.improvement,
+           "weights_step_mean_final": ref_w[-1].round(4).tolist(), "estimators": {}}
+    for e, x in series.items():
+        z = weights(x)
+        out["estimators"][e] = {
+            "mean_abs_improvement": float(np.abs(x).mean()),
+            "corr_vs_step_mean": float(np.corrcoef(x.ravel(), ref.ravel())[0, 1]),
+            "corr_of_task_zscores_vs_step_mean": float(np.corrcoef(zscore(x).ravel(), zscore(ref).ravel())[0, 1]),
+            "weights_mean_abs_diff_vs_step_mean": float(np.abs(z - ref_w).mean()),
+            "weights_max_abs_diff_vs_step_mean": float(np.abs(z - ref_w).max()),
+            "weights_final": z[-1].round(4).tolist(),
+        }
+    return out
+
+
 def main(argv: list[str], prog: str = "mtgrpo bench step") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "bench_step.yaml"), help="the config to measure")
@@ -95,8 +150,18 @@ def main(argv: list[str], prog: str = "mtgrpo bench step") -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--estimators", default=",".join(ESTIMATORS),
                    help="improvement estimators to time against DAPO (comma-separated; the first is `mt_grpo`)")
+    p.add_argument("--agreement", metavar="RUN_DIR",
+                   help="instead: how the improvement estimators agree on a run trained with "
+                        "weighting.improvement_diagnostics=true (JSON)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
+    if args.agreement:
+        try:
+            print(json.dumps(estimator_agreement(args.agreement)))
+        except (OSError, ValueError, ConfigError) as err:
+            print(f"{prog}: --agreement: {err}", file=sys.stderr)
+            return 2
+        return 0
     try:
         base = load_config(args.config, args.overrides)
     except ConfigError as err:
