@@ -33,7 +33,8 @@ from mtgrpo_jax.tasks.registry import canonical_task_name, get_task
 # File endings `datasets` reads with a packaged builder.
 BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 EXAMPLE_FIELDS = ("question", "answer", "difficulty")
-SOURCE_KEYS = {"path", "paths", "columns", "split", "task", "level", "difficulty", "n", "limit", "seed", "generate"}
+SOURCE_KEYS = {"path", "paths", "columns", "split", "task", "level", "difficulty", "n", "limit", "seed", "generate",
+               "data_source"}
 _VERL_COLUMNS = {"prompt", "reward_model", "extra_info"}
 
 
@@ -256,6 +257,8 @@ def load_source(source: Any, *, task: str | None = None, cache_dir: str | os.Pat
     if path is not None:
         examples = load_examples(path, task=spec.get("task"), family=task, difficulty=level,
                                  columns=spec.get("columns"), split=spec.get("split"))
+        if spec.get("data_source") is not None:  # e.g. MATH-500 (`test_math`) out of a file with AMC/AIME rows too
+            examples = [e for e in examples if e.get("data_source") == spec["data_source"]]
         return examples[:n] if n is not None else examples
     if task is None or level is None or n is None:
         raise ValueError("generating a source needs its task, `level` and `n`")

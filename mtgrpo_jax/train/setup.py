@@ -89,12 +89,8 @@ class RunTask:
 
 
 def task_family(name: str, cfg: Config):
-    """The Task a config names, with the run's prompt and demonstration styles."""
-    family = resolve_task(name)
-    if hasattr(family, "with_options"):
-        family = family.with_options(prompt_style=cfg.rollout.prompt_style,
-                                     demonstration_style=cfg.sft.demonstration_style)
-    return family
+    """The Task a config names, with the run's prompt style, demonstration style and answer reader."""
+    return with_task_options(resolve_task(name), cfg)
 
 
 def load_task_source(src: TaskSourceCfg, family: str, cache_dir: str, where: str) -> list[dict]:
@@ -122,6 +118,17 @@ def load_task_source(src: TaskSourceCfg, family: str, cache_dir: str, where: str
     return examples
 
 
+def with_task_options(family, cfg: Config):
+    """A task family with the run's prompt style, demonstration style and answer reader (families without
+    options, e.g. a user's own, are used as they are)."""
+    if not hasattr(family, "with_options"):
+        return family
+    options = dict(prompt_style=cfg.rollout.prompt_style, demonstration_style=cfg.sft.demonstration_style)
+    if cfg.train.box_last_line_only:
+        options["box_last_line_only"] = True
+    return family.with_options(**options)
+
+
 def build_tasks(cfg: Config) -> list[RunTask]:
     if not cfg.tasks:
         raise ConfigError("config error: tasks: at least one task is needed")
@@ -137,17 +144,35 @@ def build_tasks(cfg: Config) -> list[RunTask]:
     return out
 
 
-# The sampler settings each config kind takes (the plain kinds draw tasks by the task weights).
+# The sampler settings each config kind takes, besides the resampling rounds.
 _SAMPLER_SETTINGS = {
-    "ratio_preserving": ("oversample", "resample_budget", "acceptance_cap", "rho_decay", "min_acceptance", "variant"),
-    "plain": ("follow_weights",),
-    "dynamic": ("oversample", "resample_budget", "follow_weights"),
+    "ratio_preserving": ("oversample", "acceptance_cap", "rho_decay", "min_acceptance", "acceptance_aware", "variant",
+                         "deterministic_inflation"),
+    "plain": (),
+    "dynamic": ("oversample",),
 }
+
+
+def resample_rounds(s) -> int:
+    """Resampling rounds after the first generation that `sampler.resample_budget` allows: the budget
+    itself (Algorithm 2 counts resamples), or one less when it counts every generation as the release's
+    `max_num_gen_batches` does (trainer/ppo/ray_trainer.py: `num_gen_batches < max_num_gen_batches`
+    after each round, the first included; <= 0 there means unlimited, which is refused here)."""
+    if s.budget_counts == "resamples":
+        return s.resample_budget
+    if s.resample_budget < 1:
+        raise ConfigError("config error: sampler.resample_budget: must be >= 1 when sampler.budget_counts is "
+                          "'generations' (it counts the first generation too)")
+    return s.resample_budget - 1
 
 
 def build_sampler(cfg: Config, num_tasks: int):
     s = cfg.sampler
-    settings = {name: getattr(s, name, True) for name in _SAMPLER_SETTINGS[s.kind]}  # follow_weights: always
+    settings = {name: getattr(s, name) for name in _SAMPLER_SETTINGS[s.kind]}
+    if s.kind != "plain":
+        settings["resample_budget"] = resample_rounds(s)
+    if s.kind != "ratio_preserving":
+        settings["follow_weights"] = True  # the plain kinds draw tasks by the task weights
     return make_sampler(s.kind, num_tasks, s.batch_size, s.group_size, seed=cfg.seed, **settings)
 
 
@@ -155,9 +180,14 @@ def build_weight_optimizer(cfg: Config, num_tasks: int):
     w = cfg.weighting
     if w.kind == "mt_grpo":
         if w.released_parity:
-            return weighting.mt_grpo_released(w.lam, learning_rate=w.learning_rate, weight_decay=w.weight_decay)
-        return weighting.mt_grpo(w.lam, learning_rate=w.learning_rate, weight_decay=w.weight_decay)
+            return weighting.mt_grpo_released(w.lam, learning_rate=w.learning_rate, weight_decay=w.weight_decay,
+                                              improvement_clip=w.improvement_clip)
+        return weighting.mt_grpo(w.lam, learning_rate=w.learning_rate, weight_decay=w.weight_decay,
+                                 improvement_clip=w.improvement_clip)
     if w.kind == "regularized":
+        if w.released_parity:
+            return weighting.regularized_released(w.eta, lam=w.lam, learning_rate=w.learning_rate,
+                                                  steps_per_update=cfg.optim.mini_batches)
         return weighting.regularized(w.eta, learning_rate=w.learning_rate, lam=w.lam)
     if w.kind == "sec":
         return weighting.sec(alpha=w.alpha, temperature=w.temperature)
@@ -167,11 +197,10 @@ def build_weight_optimizer(cfg: Config, num_tasks: int):
 
 
 def improvement_mode(cfg: Config) -> str:
-    """Which improvement signal the task-weight optimizer needs (the extra forward only when used)."""
-    if cfg.weighting.kind not in ("mt_grpo", "regularized"):
-        return "none"
-    return "minibatch_sum" if cfg.weighting.released_parity else "batch"
+    """Which improvement estimator the update runs: only MT-GRPO's Subroutine 1 reads I_k (Subroutine 2 is
+    reward-only), so every other weighting skips its cost."""
+    return cfg.weighting.improvement if cfg.weighting.kind == "mt_grpo" else "none"
 
 
 __all__ = ["build_mesh", "check_mesh", "build_model", "build_tasks", "build_sampler", "build_weight_optimizer",
-           "improvement_mode", "load_task_source", "task_family", "RunTask"]
+           "improvement_mode", "load_task_source", "resample_rounds", "task_family", "with_task_options", "RunTask"]

@@ -181,8 +181,42 @@ def test_dynamic_sampling_refills_until_batch_is_full():
     assert np.all(result.counts > 0)
 
 
-def test_released_variant_uses_largest_remainder_apportionment():
-    sampler = RatioPreservingSampler(3, 10, 1, oversample=3.0, variant="released", seed=0)
+def test_released_variant_draws_inflated_tasks_at_random():
+    """The release's efficient sampling (priority_decay.py `sample_arms_efficient_sampling`, non-deterministic
+    branch): the targets come from one draw on z, the generated tasks from a second np.random.choice on
+    z * m / sum; with acceptance-aware sampling off, both are the same draw."""
+    m = np.array([1.0, 2.0, 5.0])
+    q = m / m.sum()
+    firsts = []
+    for seed in range(300):
+        sampler = RatioPreservingSampler(3, 10, 1, oversample=3.0, variant="released", seed=seed)
+        sampler.rho[:] = [0.0, 0.5, 0.8]  # inflation 1, 2, 5
+        generate = make_generator([1.0, 1.0, 1.0])
+        sampler.sample(np.full(3, 1 / 3), generate)
+        firsts.append(np.bincount(generate.calls[0], minlength=3))
+    firsts = np.array(firsts)
+    assert np.all(firsts.sum(1) == 30) and len({tuple(f) for f in firsts}) > 20  # random, not apportioned
+    # multinomial(30, q): mean 30 q, standard error of the mean sqrt(30 q (1 - q) / 300)
+    se = np.sqrt(30 * q * (1 - q) / len(firsts))
+    assert np.all(np.abs(firsts.mean(0) - 30 * q) < 4 * se), (firsts.mean(0), 30 * q)
+    off = RatioPreservingSampler(3, 10, 1, oversample=3.0, variant="released", acceptance_aware=False, seed=1)
+    off.rho[:] = [0.0, 0.5, 0.8]
+    generate = make_generator([1.0, 1.0, 1.0])
+    result = off.sample(np.full(3, 1 / 3), generate)
+    first = np.bincount(generate.calls[0], minlength=3)
+    np.testing.assert_array_equal(result.targets, np.rint(first / 3.0))  # targets from the generated draw itself
+
+
+def test_preserve_ratio_off_refills_to_b_without_targets():
+    sampler = RatioPreservingSampler(3, 8, 1, oversample=1.0, resample_budget=5, seed=0)
+    generate = make_generator([0.5, 0.5, 0.5])
+    result = sampler.sample(np.array([0.8, 0.1, 0.1]), generate, preserve_ratio=False)
+    assert result.num_groups == 8 and np.all(result.targets == 0) and not result.budget_exhausted
+
+
+def test_released_variant_deterministic_inflation_uses_largest_remainder_apportionment():
+    sampler = RatioPreservingSampler(3, 10, 1, oversample=3.0, variant="released", deterministic_inflation=True,
+                                     seed=0)
     sampler.rho[:] = [0.0, 0.5, 0.9]  # inflation 1, 2, 5
     generate = make_generator([1.0, 1.0, 1.0])
     result = sampler.sample(np.full(3, 1 / 3), generate)

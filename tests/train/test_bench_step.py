@@ -17,8 +17,14 @@ def test_bench_step_json(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for method in ("mt_grpo", "dapo"):
         r = out[method]
-        parts = sum(r[f"time/{p}"] for p in ("sampling", "rollout", "scoring", "update", "improvement", "weights"))
+        parts = sum(r[f"time/{p}"] for p in ("sampling", "rollout", "scoring", "old_logprobs", "update",
+                                                 "improvement", "weights"))
         assert 0 < parts <= r["time/step"] * 1.01
-    assert out["dapo"]["time/improvement"] < out["mt_grpo"]["time/improvement"]
+    assert sorted(out["estimators"]) == ["fresh", "minibatch_sum", "step_mean"]
+    # only the step_mean estimator runs its own forward after the update
+    assert out["dapo"]["time/improvement"] == 0 < out["estimators"]["step_mean"]["time/improvement"]
+    assert out["estimators"]["fresh"]["time/improvement"] == 0
+    for r in out["estimators"].values():
+        assert r["train_time_ratio_vs_dapo"] > 0 and r["step_time_ratio_vs_dapo"] > 0
     assert 0 < out["update_mfu_vs_measured_peak"] and out["matmul_peak_flops"] > 0
     assert 0 < out["mt_grpo_machinery_fraction"] < 1 and out["step_time_ratio_vs_dapo"] > 0
