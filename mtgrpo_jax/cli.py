@@ -15,7 +15,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "generate"): ("mtgrpo_jax.tasks.generate:main", "generate and cache task data as parquet"),
     ("bench", "rollout"): ("mtgrpo_jax.rollout.bench:main", "rollout tokens/s against transformers"),
     ("bench", "step"): ("mtgrpo_jax.train.bench:main", "training step time by phase, MFU"),
-    ("report",): ("mtgrpo_jax.report:main", "plots and comparison tables from run directories"),
+    ("report",): ("mtgrpo_jax.train.report:main", "plots and tables from run directories or an experiment directory"),
+    ("experiment",): ("mtgrpo_jax.experiment:main", "methods x seeds x grid points, paired by seed, then the report"),
 }
 
 
