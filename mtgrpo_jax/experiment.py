@@ -198,6 +198,10 @@ def _get(tree: Any, dotted: str) -> Any:
     return node
 
 
+def _without_run_keys(tree: dict) -> dict:
+    return {k: v for k, v in tree.items() if k not in ("seed", "output_dir", "method")}
+
+
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -308,15 +312,19 @@ class Experiment:
     def _check_manifest(self) -> None:
         """One experiment directory holds one base config: another config cannot be mixed into its runs."""
         path = self.out / MANIFEST
-        base_tree = {k: v for k, v in self.base.items() if k not in ("seed", "output_dir", "method")}
+        base_tree = _without_run_keys(self.base)
         old = _read_json(path) if path.exists() else None
         if path.exists() and old is None:
             raise ExperimentError(f"{path}: not readable JSON; is {self.out} an experiment directory?")
         if old is not None:
-            diff = _first_difference(old.get("base_config"), base_tree)
+            try:  # through the config type, so keys added to it since then compare at their defaults
+                old_tree = _without_run_keys(from_dict(old.get("base_config") or {}).model_dump(mode="json"))
+            except ConfigError as err:
+                raise ExperimentError(f"{path}: its base config no longer validates ({err})") from None
+            diff = _first_difference(old_tree, base_tree)
             if diff is not None:
                 raise ExperimentError(
-                    f"{self.out} holds an experiment of another config ({diff}: {_get(old.get('base_config'), diff)!r} "
+                    f"{self.out} holds an experiment of another config ({diff}: {_get(old_tree, diff)!r} "
                     f"there, {_get(base_tree, diff)!r} now); use another --out")
         runs = dict((old or {}).get("runs", {}))
         for spec in self.specs:
