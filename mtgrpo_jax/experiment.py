@@ -232,6 +232,18 @@ class Job:
     needs: str | None = None  # the warm-start job name it waits for
     started: float = 0.0
     process: subprocess.Popen | None = field(default=None, repr=False)
+    signalled: bool = False
+
+    def reap(self) -> tuple[int, float] | None:
+        """(exit code, CPU seconds) once the process has ended, else None. CPU time (user + system, from
+        wait4) says what the run costs on an idle machine even when it ran on a busy one."""
+        assert self.process is not None
+        pid, status, usage = os.wait4(self.process.pid, os.WNOHANG)
+        if pid == 0:
+            return None
+        rc = os.waitstatus_to_exitcode(status)
+        self.process.returncode = rc  # reaped here: Popen must not wait for it again
+        return rc, usage.ru_utime + usage.ru_stime
 
 
 class Experiment:
@@ -358,10 +370,11 @@ class Experiment:
         marker = job.run_dir / (WARM_START_MARKER if job.kind == "warm_start" else RUN_MARKER)
         return marker.is_file() and _read_json(marker) is not None
 
-    def _finish(self, job: Job, wall_s: float, warm_hashes: dict[int, str]) -> None:
+    def _finish(self, job: Job, wall_s: float, cpu_s: float, warm_hashes: dict[int, str]) -> None:
         if job.kind == "warm_start":
             sha = directory_sha256(job.run_dir / "hf_sft")
-            _write_json(job.run_dir / WARM_START_MARKER, {"seed": job.seed, "sha256": sha, "wall_s": wall_s})
+            _write_json(job.run_dir / WARM_START_MARKER, {"seed": job.seed, "sha256": sha, "wall_s": wall_s,
+                                                          "cpu_s": cpu_s})
             warm_hashes[job.seed] = sha
             return
         spec = job.spec
@@ -370,7 +383,7 @@ class Experiment:
             "label": spec.label, "method": spec.method, "seed": spec.seed, "grid": dict(spec.grid),
             "warm_start": ({"path": str(self.warm_start_dir(spec.seed) / "hf_sft"), "sha256": warm_hashes[spec.seed]}
                            if self.uses_warm_start else None),
-            "command": ["mtgrpo", *job.argv], "wall_s": wall_s,
+            "command": ["mtgrpo", *job.argv], "wall_s": wall_s, "cpu_s": cpu_s,
         })
 
     # ---------------------------------------------------------------------------------------- scheduling
@@ -418,9 +431,9 @@ class Experiment:
             while (pending and not self._stop) or running:
                 if self._stop:
                     for job in running:
-                        if job.process and job.process.poll() is None and not getattr(job, "_signalled", False):
+                        if not job.signalled:
                             job.process.send_signal(signal.SIGTERM)
-                            job._signalled = True  # type: ignore[attr-defined]
+                            job.signalled = True
                 for job in list(pending):
                     if self._stop or len(running) >= self.parallel:
                         break
@@ -435,16 +448,17 @@ class Experiment:
                         running.append(job)
                 time.sleep(0.2)
                 for job in list(running):
-                    rc = job.process.poll() if job.process else None
-                    if rc is None:
+                    ended = job.reap()
+                    if ended is None:
                         continue
+                    rc, cpu = ended
                     running.remove(job)
                     wall = time.perf_counter() - job.started
                     if rc == 0:
-                        self._finish(job, wall, warm_hashes)
+                        self._finish(job, wall, cpu, warm_hashes)
                         done.add(job.name)
                         result["done"].append(job.name)
-                        self.log(f"[experiment] done  {job.name} ({wall:.0f} s)")
+                        self.log(f"[experiment] done  {job.name} ({wall:.0f} s, {cpu:.0f} CPU s)")
                     elif rc == 143 or self._stop:
                         result["stopped"].append(job.name)
                         self.log(f"[experiment] stopped {job.name} (checkpointed; rerun to resume)")
