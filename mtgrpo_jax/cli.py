@@ -10,6 +10,7 @@ import sys
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("train",): ("mtgrpo_jax.train.cli:train_main", "run (or resume) a training run from a YAML config"),
     ("sft",): ("mtgrpo_jax.train.cli:sft_main", "supervised warm start on task demonstrations"),
+    ("config",): ("mtgrpo_jax.train.cli:config_main", "print the resolved config (what train would run) as YAML"),
     ("eval",): ("mtgrpo_jax.train.eval_cli:main", "evaluate a run directory or a model on task test sets"),
     ("generate",): ("mtgrpo_jax.rollout.cli:generate_main", "sample completions from a model"),
     ("data", "generate"): ("mtgrpo_jax.tasks.generate:main", "generate and cache task data as parquet"),

@@ -57,6 +57,7 @@ class TaskSourceCfg(_Strict):
     level: int | None = Field(None, ge=1, le=4)
     n: int | None = Field(None, ge=1)  # generate this many (or keep the first n of the file)
     seed: int = 0
+    data_source: str | None = None  # keep only the file's rows with this `data_source` (e.g. "test_math")
 
     @model_validator(mode="after")
     def _one_source(self) -> "TaskSourceCfg":
@@ -80,13 +81,30 @@ class SamplerCfg(_Strict):
     batch_size: int = Field(8, ge=1)  # B: groups (prompts) per step after filtering
     group_size: int = Field(8, ge=2)  # G: rollouts per prompt
     oversample: float = Field(3.0, ge=1.0)  # M_os
-    resample_budget: int = Field(10, ge=0)  # N_rs
+    # N_rs. With budget_counts "resamples" (Algorithm 2) it counts the rounds after the first generation;
+    # with "generations" (the release: trainer/ppo/ray_trainer.py `max_num_gen_batches`, compared with
+    # every generation round, the first included) it counts all rounds, so Exp 1's 10 is 10 rounds, not 11.
+    resample_budget: int = Field(10, ge=0)
+    budget_counts: Literal["resamples", "generations"] = "resamples"
     acceptance_cap: float = Field(5.0, ge=1.0)  # M_acc
     rho_decay: float = Field(0.9, ge=0.0, lt=1.0)
     min_acceptance: float = Field(0.01, gt=0.0, le=1.0)
+    # False: m_k = 1, the "without acceptance-aware sampling" ablation (the release turns its
+    # `efficient_sampling` on only in Exp 2).
+    acceptance_aware: bool = True
+    # Ratio preservation (per-task targets and deficits) from this training step on; before it the
+    # sampler only refills to B. The release's Exp 2 scripts: `ensure_famo_ratio_from=10`.
+    ratio_from_step: int = Field(0, ge=0)
     variant: Literal["paper", "released"] = "paper"
+    # released variant: largest-remainder apportionment of the inflated counts instead of the release's
+    # random draw on z * m (its `efficient_sampling.deterministic`, off in every script).
+    deterministic_inflation: bool = False
     # Zero-gradient filter: strict (Experiment 1), lenient (Experiment 2), none (plain GRPO keeps all groups).
     filter: Literal["strict", "lenient", "none"] = "strict"
+    # lenient only: True drops every group whose rewards are all equal (all 0.1 too: zero advantage, the
+    # paper's wording); False drops only all-0 and all-1 groups, as the release's
+    # `pure_acc_filter=False` does (trainer/ppo/ray_trainer.py, the uid loop).
+    lenient_drops_all_equal: bool = True
 
 
 class RolloutCfg(_Strict):
@@ -135,13 +153,42 @@ class WeightingCfg(_Strict):
     alpha: float = Field(0.5, gt=0.0, le=1.0)  # sec
     temperature: float = Field(0.2, gt=0.0)  # sec
     weights: list[float] | None = None  # static
-    # The released code's variant of Subroutine 1 (see mtgrpo_jax.weighting): improvement summed over the
-    # mini-batch updates and clipped to [-0.1, 0.1], reward an EMA of batch accuracy, coupled L2 decay.
+    # The released code's optimizer (mtgrpo_jax.weighting.mt_grpo_released / regularized_released): one
+    # coupled-L2 Adam step per policy mini-batch, reward an EMA (0.5, from 0, every generation round) of
+    # batch accuracy, absent tasks stepped with I = 0 and lam * J. For `regularized`: lam * J only, with
+    # eta as the weight decay of those Adam steps (the release's Subroutine 2).
     released_parity: bool = False
+    # The improvement estimator (mtgrpo_jax.train.update.IMPROVEMENT_ESTIMATORS): "minibatch_sum" (the
+    # release's scale, per mini-batch sums over sequences: what the published lam values were tuned at),
+    # "step_mean" (the project's original per-task token-mean change over the step, ~1/N_k of that
+    # scale) or "fresh" (free, from the update's own forwards, release scale).
+    improvement: Literal["minibatch_sum", "step_mean", "fresh"] = "minibatch_sum"
+    # |I| bound: per mini-batch for the released optimizer, on the step's sum for the paper's. The paper's
+    # appendix: 0.1 or 0.2; the release: 0.1 (Exp 2: 0.2 for lam 0.1 / 0.9 / 1.2). None: no clip. (The
+    # release multiplies its bound by policy_lr / 1e-6, which is 1 at the published lr 1e-6.)
+    improvement_clip: float | None = Field(None, gt=0.0)
+    # "recompute": the batch's old log-probs are recomputed by the training forward before the update
+    # whenever an improvement is measured (the release recomputes them for every method), so no gap
+    # between the rollout's and the training forward's numerics leaks into the small I_k. "sampler": the
+    # rollout's log-probs (unless optim.recompute_old_logprobs).
+    improvement_old_logprobs: Literal["recompute", "sampler"] = "recompute"
+
+
+class StageCfg(_Strict):
+    """One stage of sequential training: only these tasks are sampled for `steps` steps."""
+
+    tasks: list[str] = Field(min_length=1)
+    steps: int = Field(ge=1)
 
 
 class TrainCfg(_Strict):
     steps: int = Field(100, ge=0)
+    # Sequential training (the paper's sequential baselines: one family at a time): consecutive stages whose
+    # steps add up to `steps`; the task weights are restricted to the stage's tasks. Empty: every task.
+    stages: list[StageCfg] = Field(default_factory=list)
+    # The answer reader: True reads the \boxed{} on the completion's last line only, as the released
+    # verifier does (verl/verl/utils/reward_score/utils.py `extract_solution`); False: the last box anywhere.
+    box_last_line_only: bool = False
     eval_every: int = Field(10, ge=0)  # 0: only before and after training
     checkpoint_every: int = Field(10, ge=0)  # 0: only at the end (and on SIGTERM)
     keep_checkpoints: int = Field(2, ge=1)
@@ -205,6 +252,14 @@ class Config(_Strict):
             w = self.weighting.weights
             if w is None or len(w) != k or min(w) < 0 or sum(w) <= 0:
                 raise ValueError(f"weighting.weights: static weights need {k} non-negative numbers with a positive sum")
+        if self.train.stages:
+            total = sum(stage.steps for stage in self.train.stages)
+            if total != self.train.steps:
+                raise ValueError(f"train.stages: the stages' steps add up to {total}, not train.steps={self.train.steps}")
+            for i, stage in enumerate(self.train.stages):
+                unknown = sorted(set(stage.tasks) - set(names))
+                if unknown:
+                    raise ValueError(f"train.stages.{i}.tasks: no task named {unknown[0]!r} (tasks: {names})")
         rows = self.sampler.batch_size * self.sampler.group_size
         per_update = self.optim.mini_batches * self.optim.micro_batches
         if rows % per_update:
@@ -308,15 +363,64 @@ def from_dict(tree: dict) -> Config:
         raise ConfigError(_one_line(err)) from None
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None,
-                presets: list[str | os.PathLike] = ()) -> Config:
-    """Reads a YAML preset (or the defaults when `path` is None), merges further presets over it (e.g. a
-    method preset), applies dotted overrides, validates."""
+METHODS_DIR = Path(__file__).resolve().parents[1] / "configs" / "methods"
+
+
+def method_preset_path(name: str) -> Path:
+    """A method preset by name (`configs/methods/NAME.yaml`) or by path."""
+    path = Path(name)
+    return path if path.suffix else METHODS_DIR / f"{name}.yaml"
+
+
+def resolve_tree(path: str | os.PathLike | None, overrides: list[str] | None = None,
+                 method: str | os.PathLike | None = None) -> dict:
+    """The merged config tree a run uses, before validation. Later layers win:
+
+        defaults  <  the method preset  <  the experiment file  <  its `methods.<method>` block  <  overrides
+
+    The method is `method` (a name in configs/methods/ or a YAML path) or else the file's own `method:`
+    key when a preset of that name exists. An experiment therefore keeps its own filter, lam, weight
+    decay and budget whatever method runs on it, and states what differs per method (e.g. the
+    ablation's lam) in its `methods:` block; a method preset owns what the experiment leaves unsaid
+    (sampler kind, weighting kind, clip range, ...)."""
     tree = _read_yaml(Path(path)) if path is not None else {}
-    for preset in presets:
-        tree = _merge(tree, _read_yaml(Path(preset)))
-    return from_dict(apply_overrides(tree, list(overrides or [])))
+    per_method = tree.pop("methods", None) or {}
+    if not isinstance(per_method, dict):
+        raise ConfigError(f"config {path}: `methods` must map method names to config blocks")
+    name = method if method is not None else tree.get("method")
+    base: dict = {}
+    if name is not None:
+        preset = method_preset_path(str(name))
+        if preset.is_file():
+            if path is None or preset.resolve() != Path(path).resolve():
+                base = _read_yaml(preset)
+        elif method is not None:
+            raise ConfigError(f"config error: --method: no preset {str(method)!r} ({preset} not found)")
+    tree = _merge(base, tree)
+    if base.get("method") is not None:
+        tree["method"] = base["method"]
+    block = per_method.get(tree.get("method"), {})
+    if not isinstance(block, dict):
+        raise ConfigError(f"config {path}: methods.{tree.get('method')} must be a mapping")
+    tree = _merge(tree, block)
+    return apply_overrides(tree, list(overrides or []))
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None,
+                presets: list[str | os.PathLike] = (), method: str | os.PathLike | None = None) -> Config:
+    """Reads a YAML config with its method preset (see `resolve_tree`), applies dotted overrides,
+    validates. `presets` are further YAML files merged over the file (before its `methods` block)."""
+    if presets:
+        if method is not None or len(presets) > 1:
+            raise ConfigError("config error: give one method preset")
+        method = presets[0]
+    return from_dict(resolve_tree(path, overrides, method))
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (what `save_config` writes and `mtgrpo config` prints)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    Path(path).write_text(dump_config(cfg))

@@ -4,7 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from mtgrpo_jax.config import ConfigError, load_config
+import subprocess
+import sys
+
+import yaml
+
+from mtgrpo_jax.config import ConfigError, dump_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = sorted((ROOT / "configs" / "methods").glob("*.yaml"))
@@ -95,8 +100,67 @@ def test_paper_experiments_carry_the_published_hyperparameters():
     assert exp2.sampler.filter == "lenient" and exp2.sampler.resample_budget == 2
     assert exp2.weighting.weight_decay == 1e-4
     exp3 = load_config(ROOT / "configs" / "paper" / "exp3.yaml")
-    assert exp3.train.steps == 150 and exp3.weighting.lam == 0.2 and len(exp3.tasks) == 3
+    assert exp3.train.steps == 150 and exp3.weighting.lam == 0.2 and len(exp3.tasks) == 2
     for cfg in (exp1, exp2, exp3):
         for task in cfg.tasks:
-            if task.eval and task.eval.path and "mtgrpo_paper" in task.eval.path:
-                assert (ROOT / task.eval.path).is_file(), task.eval.path
+            for src in (task.train, task.eval):
+                if src is not None and src.path is not None:
+                    assert (ROOT / src.path).is_file(), src.path  # every data file a paper config names exists
+
+
+PAPER = {"exp1": dict(filter="strict", lam=0.2, weight_decay=1e-5, budget=10, clip=0.1),
+         "exp2": dict(filter="lenient", lam=0.3, weight_decay=1e-4, budget=2, clip=0.1)}
+
+
+@pytest.mark.parametrize("exp", sorted(PAPER))
+@pytest.mark.parametrize("method", [None] + [p.stem for p in METHODS])
+def test_method_presets_keep_the_experiments_own_values(exp, method):
+    """`--method` never overwrites the experiment's filter, lam, weight decay or budget (issue 13, row 6),
+    except where the experiment's own `methods:` block says so."""
+    cfg = load_config(ROOT / "configs" / "paper" / f"{exp}.yaml", method=method)
+    want = PAPER[exp]
+    assert cfg.method == (method or "mt_grpo")
+    assert cfg.sampler.resample_budget == want["budget"] and cfg.weighting.weight_decay == want["weight_decay"]
+    assert cfg.train.box_last_line_only  # the released last-line answer reader
+    block = {"grpo": dict(filter="none"), "sec_grpo": dict(filter="none"), "mt_grpo_reg": dict(lam=0.2),
+             "grpo_iwu": dict(lam=0.25, clip=0.1) if exp == "exp1" else dict(lam=1.2, clip=0.2)}.get(method, {})
+    want = {**want, **block}
+    assert cfg.sampler.filter == want["filter"]
+    assert cfg.weighting.lam == want["lam"] and cfg.weighting.improvement_clip == want["clip"]
+    # what the method owns still comes from its preset
+    kinds = {"dapo": "dynamic", "sec_dapo": "dynamic", "grpo_iwu": "dynamic", "grpo": "plain", "sec_grpo": "plain"}
+    assert cfg.sampler.kind == kinds.get(method, "ratio_preserving")
+    released = method == "mt_grpo_released"
+    assert cfg.sampler.variant == ("released" if released else "paper") and cfg.weighting.released_parity == (
+        released or method == "mt_grpo_reg")
+    assert cfg.optim.b2 == (0.999 if released else 0.99)
+    assert cfg.sampler.budget_counts == ("generations" if method in ("dapo", "sec_dapo", "mt_grpo_released")
+                                         else "resamples")
+    assert cfg.sampler.acceptance_aware == (not released or exp == "exp2")
+    assert cfg.sampler.ratio_from_step == (10 if released and exp == "exp2" else 0)
+
+
+def test_config_command_prints_what_train_would_run(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "mtgrpo_jax.cli", "config", "--config",
+                          str(ROOT / "configs" / "paper" / "exp2.yaml"), "--method", "dapo", "weighting.lam=0.9",
+                          "output_dir=" + str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    printed = yaml.safe_load(out.stdout)
+    expected = load_config(ROOT / "configs" / "paper" / "exp2.yaml", ["weighting.lam=0.9", "output_dir=" + str(tmp_path)],
+                           method="dapo")
+    assert printed == yaml.safe_load(dump_config(expected))
+    assert printed["method"] == "dapo" and printed["sampler"]["filter"] == "lenient" and printed["weighting"]["lam"] == 0.9
+    bad = subprocess.run([sys.executable, "-m", "mtgrpo_jax.cli", "config", "--method", "nope"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "no preset 'nope'" in bad.stderr and bad.stderr.count("\n") <= 1
+
+
+def test_sequential_stages_must_cover_the_steps_and_name_tasks():
+    for order, first in (("cza", "countdown-medium"), ("zac", "zebra-medium")):
+        cfg = load_config(ROOT / "configs" / "paper" / f"exp1_sequential_{order}.yaml")
+        assert cfg.method == "dapo" and [s.steps for s in cfg.train.stages] == [240, 240, 240]
+        assert cfg.train.stages[0].tasks == [first] and cfg.train.steps == 720
+    with pytest.raises(ConfigError, match="train.stages: the stages' steps add up to 240"):
+        load_config(ROOT / "configs" / "paper" / "exp1.yaml", ["train.stages=[{tasks: [zebra-medium], steps: 240}]"])
+    with pytest.raises(ConfigError, match="train.stages.0.tasks: no task named 'zebra'"):
+        load_config(ROOT / "configs" / "paper" / "exp1.yaml", ["train.stages=[{tasks: [zebra], steps: 720}]"])

@@ -255,9 +255,16 @@ class RatioPreservingSampler(_Sampler):
       acceptance_aware: False sets m_k = 1 (the "without acceptance-aware sampling" ablation).
       variant: "paper" (Algorithm 2 as written: n ~ Multinomial(B, z), generation counts
         ~ Multinomial(M_os B, z*m / sum), resampling ~ Multinomial(M_os B, def*m / sum)) or
-        "released" (the released code: draw M_os*B tasks from z, target round(count / M_os),
-        largest-remainder apportionment of the inflated counts, also in resampling rounds; it also
-        keeps generating while fewer than B groups are accepted).
+        "released" (the released code, utils/auto_curriculum/priority_decay.py
+        `sample_arms_efficient_sampling`: draw M_os*B tasks from z, target round(count / M_os); the
+        generated tasks are a second, independent `np.random.choice` on z*m / sum (the same draw as the
+        targets when acceptance_aware is off), resampling rounds draw from def*m / sum; it also keeps
+        generating while fewer than B groups are accepted).
+      deterministic_inflation: released variant only: largest-remainder apportionment of the drawn
+        counts times m instead of the random draw (the release's `efficient_sampling.deterministic`).
+
+    `sample(..., preserve_ratio=False)` drops the per-task targets for that step: rounds refill until B
+    groups are accepted and B of them are kept at random (the release before `ensure_famo_ratio_from`).
     """
 
     kind = "ratio_preserving"
@@ -275,6 +282,7 @@ class RatioPreservingSampler(_Sampler):
         min_acceptance: float = 0.01,
         acceptance_aware: bool = True,
         variant: str = "paper",
+        deterministic_inflation: bool = False,
         rho_init: float = 0.0,
         seed: int = 0,
     ):
@@ -300,6 +308,7 @@ class RatioPreservingSampler(_Sampler):
         self.min_acceptance = float(min_acceptance)
         self.acceptance_aware = bool(acceptance_aware)
         self.variant = variant
+        self.deterministic_inflation = bool(deterministic_inflation)
         self.rho = np.full(self.num_tasks, float(rho_init))
 
     @property
@@ -321,13 +330,13 @@ class RatioPreservingSampler(_Sampler):
     def _round_counts(self, probs: np.ndarray) -> np.ndarray:
         m = self.inflation()
         total = self.groups_per_round
-        if self.variant == "paper":
-            q = probs * m
-            return self._rng.multinomial(total, q / q.sum())
-        drawn = self._rng.multinomial(total, probs)
-        return largest_remainder(drawn * m, total)
+        if self.variant == "released" and self.deterministic_inflation:
+            drawn = self._rng.multinomial(total, probs)
+            return largest_remainder(drawn * m, total)
+        q = probs * m
+        return self._rng.multinomial(total, q / q.sum())
 
-    def sample(self, weights: Any, generate: GenerateFn) -> SampleResult:
+    def sample(self, weights: Any, generate: GenerateFn, *, preserve_ratio: bool = True) -> SampleResult:
         z = self._weights(weights)
         b, k = self.batch_size, self.num_tasks
         first_inflation = self.inflation()
@@ -337,7 +346,14 @@ class RatioPreservingSampler(_Sampler):
         else:
             drawn = self._rng.multinomial(self.groups_per_round, z)
             targets = np.rint(drawn / self.oversample).astype(np.int64)
-            counts = largest_remainder(drawn * first_inflation, self.groups_per_round)
+            if self.deterministic_inflation:
+                counts = largest_remainder(drawn * first_inflation, self.groups_per_round)
+            elif self.acceptance_aware:
+                counts = self._round_counts(z)
+            else:
+                counts = drawn
+        if not preserve_ratio:
+            targets = np.zeros(k, dtype=np.int64)
 
         acc = _Round(k)
         rounds = 0
@@ -346,7 +362,8 @@ class RatioPreservingSampler(_Sampler):
             gen, ok = acc.add(ids, self._call(generate, ids))
             self._update_rho(gen, ok)
             deficit = np.maximum(targets - acc.accepted_per_task, 0)
-            short = deficit.sum() > 0 or (self.variant == "released" and acc.accepted_per_task.sum() < b)
+            refill = self.variant == "released" or not preserve_ratio
+            short = deficit.sum() > 0 or (refill and acc.accepted_per_task.sum() < b)
             if not short or rounds >= self.resample_budget:
                 break
             rounds += 1

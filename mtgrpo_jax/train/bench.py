@@ -60,9 +60,8 @@ def run_method(config: str | None, method: str, overrides: list[str], steps: int
     from mtgrpo_jax.train.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        presets = [ROOT / "configs" / "methods" / f"{method}.yaml"]
         cfg = load_config(config, [*overrides, f"output_dir={tmp}/run", "logging.console=false",
-                                   "logging.tensorboard=false", "sft.steps=0"], presets)
+                                   "logging.tensorboard=false", "sft.steps=0"], method=method)
         trainer = Trainer(cfg)
         records = []
         seq_lens = []

@@ -6,29 +6,32 @@ import argparse
 import sys
 from pathlib import Path
 
-from mtgrpo_jax.config import Config, ConfigError, load_config
-
-METHODS_DIR = Path(__file__).resolve().parents[2] / "configs" / "methods"
+from mtgrpo_jax.config import METHODS_DIR, Config, ConfigError, dump_config, load_config
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--config", "-c", help="YAML preset (e.g. configs/demo.yaml); omitted: the defaults")
-    p.add_argument("--method", help=f"merge a method preset over the config: a YAML path or a name in {METHODS_DIR}")
+    p.add_argument("--method", help=f"the method preset (a YAML path or a name in {METHODS_DIR}); the config's own "
+                                    "values and its `methods.<name>` block win over it")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. output_dir=runs/x optim.learning_rate=1e-6")
     return p
 
 
 def resolve_config(args) -> Config:
-    presets = []
-    if args.method:
-        path = Path(args.method)
-        if not path.suffix:
-            path = METHODS_DIR / f"{args.method}.yaml"
-        if not path.is_file():
-            raise ConfigError(f"config error: --method: no preset {args.method!r} ({path} not found)")
-        presets.append(path)
-    return load_config(args.config, list(args.overrides), presets)
+    return load_config(args.config, list(args.overrides), method=args.method)
+
+
+def config_main(argv: list[str], prog: str = "mtgrpo config") -> int:
+    args = _parser(prog, "Print the resolved config as YAML: exactly what `mtgrpo train` with the same arguments "
+                         "would run, without running it.").parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+    except ConfigError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2
+    sys.stdout.write(dump_config(cfg))
+    return 0
 
 
 def accuracy_table(history: list[dict], names: list[str]) -> str:

@@ -50,7 +50,12 @@ def _task_sets(spec: str | None, cfg: Config, seed: int, max_examples: int | Non
 
     def family(name: str):
         task = resolve_task(name)
-        return task.with_options(prompt_style=cfg.rollout.prompt_style) if hasattr(task, "with_options") else task
+        if not hasattr(task, "with_options"):
+            return task
+        options = dict(prompt_style=cfg.rollout.prompt_style)
+        if cfg.train.box_last_line_only:
+            options["box_last_line_only"] = True
+        return task.with_options(**options)
 
     if not spec:
         if not cfg.tasks:

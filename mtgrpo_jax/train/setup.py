@@ -87,6 +87,8 @@ def _load_source(src: TaskSourceCfg, family_name: str, cache_dir: str, where: st
         if not path.exists():
             raise ConfigError(f"config error: {where}.path: data file not found: {path}")
         examples = load_examples(path)
+        if src.data_source is not None:
+            examples = [e for e in examples if e.get("data_source") == src.data_source]
         if src.level is not None:
             examples = [e for e in examples if int(e.get("difficulty") or -1) == src.level]
         if src.n is not None:
@@ -112,16 +114,24 @@ def _load_source(src: TaskSourceCfg, family_name: str, cache_dir: str, where: st
     return examples
 
 
+def with_task_options(family, cfg: Config):
+    """A task family with the run's prompt style, demonstration style and answer reader (families without
+    options, e.g. a user's own, are used as they are)."""
+    if not hasattr(family, "with_options"):
+        return family
+    options = dict(prompt_style=cfg.rollout.prompt_style, demonstration_style=cfg.sft.demonstration_style)
+    if cfg.train.box_last_line_only:
+        options["box_last_line_only"] = True
+    return family.with_options(**options)
+
+
 def build_tasks(cfg: Config) -> list[RunTask]:
     if not cfg.tasks:
         raise ConfigError("config error: tasks: at least one task is needed")
     out = []
     for i, t in enumerate(cfg.tasks):
         try:
-            family = resolve_task(t.family)
-            if hasattr(family, "with_options"):
-                family = family.with_options(prompt_style=cfg.rollout.prompt_style,
-                                             demonstration_style=cfg.sft.demonstration_style)
+            family = with_task_options(resolve_task(t.family), cfg)
         except (KeyError, ValueError, ImportError) as err:
             raise ConfigError(f"config error: tasks.{i}.family: {err}") from None
         train = _load_source(t.train, t.family, cfg.data_dir, f"tasks.{i}.train")
@@ -130,26 +140,46 @@ def build_tasks(cfg: Config) -> list[RunTask]:
     return out
 
 
+def resample_rounds(s) -> int:
+    """Resampling rounds after the first generation that `sampler.resample_budget` allows: the budget
+    itself (Algorithm 2 counts resamples), or one less when it counts every generation as the release's
+    `max_num_gen_batches` does (trainer/ppo/ray_trainer.py: `num_gen_batches < max_num_gen_batches`
+    after each round, the first included; <= 0 there means unlimited, which is refused here)."""
+    if s.budget_counts == "resamples":
+        return s.resample_budget
+    if s.resample_budget < 1:
+        raise ConfigError("config error: sampler.resample_budget: must be >= 1 when sampler.budget_counts is "
+                          "'generations' (it counts the first generation too)")
+    return s.resample_budget - 1
+
+
 def build_sampler(cfg: Config, num_tasks: int):
     s = cfg.sampler
+    rounds = resample_rounds(s)
     if s.kind == "ratio_preserving":
         return RatioPreservingSampler(num_tasks, s.batch_size, s.group_size, oversample=s.oversample,
-                                      resample_budget=s.resample_budget, acceptance_cap=s.acceptance_cap,
-                                      rho_decay=s.rho_decay, min_acceptance=s.min_acceptance, variant=s.variant,
-                                      seed=cfg.seed)
+                                      resample_budget=rounds, acceptance_cap=s.acceptance_cap,
+                                      rho_decay=s.rho_decay, min_acceptance=s.min_acceptance,
+                                      acceptance_aware=s.acceptance_aware, variant=s.variant,
+                                      deterministic_inflation=s.deterministic_inflation, seed=cfg.seed)
     if s.kind == "plain":
         return UniformSampler(num_tasks, s.batch_size, s.group_size, follow_weights=True, seed=cfg.seed)
     return DynamicSamplingSampler(num_tasks, s.batch_size, s.group_size, oversample=s.oversample,
-                                  resample_budget=s.resample_budget, follow_weights=True, seed=cfg.seed)
+                                  resample_budget=rounds, follow_weights=True, seed=cfg.seed)
 
 
 def build_weight_optimizer(cfg: Config, num_tasks: int):
     w = cfg.weighting
     if w.kind == "mt_grpo":
         if w.released_parity:
-            return weighting.mt_grpo_released(w.lam, learning_rate=w.learning_rate, weight_decay=w.weight_decay)
-        return weighting.mt_grpo(w.lam, learning_rate=w.learning_rate, weight_decay=w.weight_decay)
+            return weighting.mt_grpo_released(w.lam, learning_rate=w.learning_rate, weight_decay=w.weight_decay,
+                                              improvement_clip=w.improvement_clip)
+        return weighting.mt_grpo(w.lam, learning_rate=w.learning_rate, weight_decay=w.weight_decay,
+                                 improvement_clip=w.improvement_clip)
     if w.kind == "regularized":
+        if w.released_parity:
+            return weighting.regularized_released(w.eta, lam=w.lam, learning_rate=w.learning_rate,
+                                                  steps_per_update=cfg.optim.mini_batches)
         return weighting.regularized(w.eta, learning_rate=w.learning_rate, lam=w.lam)
     if w.kind == "sec":
         return weighting.sec(alpha=w.alpha, temperature=w.temperature)
@@ -159,11 +189,11 @@ def build_weight_optimizer(cfg: Config, num_tasks: int):
 
 
 def improvement_mode(cfg: Config) -> str:
-    """Which improvement signal the task-weight optimizer needs (the extra forward only when used)."""
-    if cfg.weighting.kind not in ("mt_grpo", "regularized"):
-        return "none"
-    return "minibatch_sum" if cfg.weighting.released_parity else "batch"
+    """Which improvement estimator the update runs: only MT-GRPO's Subroutine 1 reads I_k (Subroutine 2 is
+    reward-only), so every other weighting skips its cost."""
+    return cfg.weighting.improvement if cfg.weighting.kind == "mt_grpo" else "none"
 
 
 __all__ = ["build_mesh", "build_model", "build_tasks", "build_sampler", "build_weight_optimizer", "improvement_mode",
+           "resample_rounds", "with_task_options",
            "RunTask"]

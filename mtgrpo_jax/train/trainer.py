@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mtgrpo_jax.config import Config, save_config
+from mtgrpo_jax.config import Config, SamplerCfg, save_config
 from mtgrpo_jax.data import TaskSet
 from mtgrpo_jax.models import save_pretrained
 from mtgrpo_jax.parallel import BATCH_AXES, host_to_global, to_host
@@ -33,6 +33,7 @@ from mtgrpo_jax.train.batch import Group, build_batch, pick_bucket
 from mtgrpo_jax.train.checkpoint import Checkpointer
 from mtgrpo_jax.train.evaluate import evaluate_tasks
 from mtgrpo_jax.train.policy import Policy
+from mtgrpo_jax.train.signals import GroupRecord, step_signals
 from mtgrpo_jax.train.metrics import MetricsWriter, memory_metrics
 from mtgrpo_jax.train.sft import run_sft
 from mtgrpo_jax.train.update import (
@@ -58,6 +59,18 @@ def _agree_on_scores(rewards: np.ndarray, correct: np.ndarray, formatted: np.nda
     packed = np.stack([rewards.astype(np.float32), correct.astype(np.float32), formatted.astype(np.float32)])
     packed = np.asarray(multihost_utils.broadcast_one_to_all(packed))
     return packed[0], packed[1] > 0.5, packed[2] > 0.5
+
+
+def _filter_groups(s: SamplerCfg, rewards: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """[P] keep-mask of the zero-gradient filter `s.filter` on a round's groups ([P, G] rewards, correct)."""
+    if s.filter == "none":
+        return np.ones(len(rewards), bool)
+    if s.filter == "lenient" and not s.lenient_drops_all_equal:
+        # The release with pure_acc_filter=False (trainer/ppo/ray_trainer.py, the uid loop): only all-0 and
+        # all-1 groups go; a group of equal partial-credit rewards (all 0.1) stays, with zero advantage.
+        return ~(np.all(rewards == 0, axis=1) | np.all(rewards == 1, axis=1))
+    signal_ = correct if s.filter == "strict" else rewards
+    return np.asarray(zero_gradient_mask(jnp.asarray(signal_), mode=s.filter))
 
 
 class Trainer:
@@ -106,6 +119,8 @@ class Trainer:
         self.objective_fn = make_objective_fn(self.graphdef, self.settings, chunks)
         self.logprob_fn = make_logprob_fn(self.graphdef, self.settings.completion_len, self.settings.temperature, chunks)
         self.ref_params = jax.tree.map(jnp.copy, self.params) if cfg.loss.beta > 0 else None
+        self.recompute_old_logprobs = cfg.optim.recompute_old_logprobs or (
+            self.settings.improvement != "none" and cfg.weighting.improvement_old_logprobs == "recompute")
         self.batch_sharding = batch_sharding
         self.history: list[dict] = []
         self.step = 0
@@ -175,11 +190,7 @@ class Trainer:
         if jax.process_count() > 1:
             rewards, correct, formatted = _agree_on_scores(rewards, correct, formatted)
         adv = np.asarray(group_advantages(jnp.asarray(rewards), estimator=cfg.loss.advantage, std=cfg.loss.std))
-        if cfg.sampler.filter == "none":
-            keep = np.ones(len(task_ids), bool)
-        else:
-            signal_ = correct if cfg.sampler.filter == "strict" else rewards
-            keep = np.asarray(zero_gradient_mask(jnp.asarray(signal_), mode=cfg.sampler.filter))
+        keep = _filter_groups(cfg.sampler, rewards, correct)
         tokens, mask, logp = np.asarray(out.tokens), np.asarray(out.mask), np.asarray(out.logprobs)
         stats["rollout"] += t1 - t0
         stats["scoring"] += t2 - t1
@@ -190,19 +201,49 @@ class Trainer:
         for i, (t, ex) in enumerate(zip(task_ids, examples)):
             rows = slice(i * G, (i + 1) * G)
             g = Group(t, ex, prompts[i], tokens[rows], mask[rows], logp[rows], rewards[i], correct[i], formatted[i], adv[i])
-            stats["generated"].append(g)
-            stats["accepted"].append(bool(keep[i]))
+            stats["generated"].append(GroupRecord(t, call, rewards[i], correct[i], bool(keep[i])))
             groups.append((bool(keep[i]), g))
         return groups
+
+    def _improvement(self, batch) -> tuple[np.ndarray, dict]:
+        """The policy update and the per-task improvement rows [M, K] (or [1, K]; zeros without an estimator)."""
+        K = len(self.tasks)
+        before = objective_at_behaviour(self.settings, batch) if self.settings.improvement == "step_mean" else None
+        self.params, self.opt_state, upd, rows = self.update_fn(self.params, self.opt_state, batch)
+        if self.settings.improvement == "step_mean":
+            rows = (self.objective_fn(self.params, batch) - before)[None, :]
+        rows = np.zeros((1, K), np.float32) if rows is None else np.asarray(to_host(rows), np.float32)
+        return rows, to_host(upd)
+
+    def _sampling_weights(self, step: int) -> np.ndarray:
+        """The task weights the sampler draws from: the weight optimizer's, restricted to the current
+        stage's tasks under sequential training (`train.stages`)."""
+        end = 0
+        for stage in self.cfg.train.stages:
+            end += stage.steps
+            if step <= end:
+                mask = np.isin(self.names, stage.tasks)
+                w = np.where(mask, self.weights, 0.0)
+                return (w / w.sum() if w.sum() > 0 else mask / mask.sum()).astype(np.float32)
+        return self.weights
+
+    def _sample_kwargs(self, step: int) -> dict:
+        """Per-step sampler options: ratio preservation from step `sampler.ratio_from_step` on (steps count
+        from 1, as the release's `global_steps >= ensure_famo_ratio_from`)."""
+        if self.cfg.sampler.kind != "ratio_preserving":
+            return {}
+        return {"preserve_ratio": step >= self.cfg.sampler.ratio_from_step}
 
     def train_step(self) -> dict:
         cfg, K = self.cfg, len(self.tasks)
         step = self.step + 1
         t_start = time.perf_counter()
-        stats: dict[str, Any] = {"rollout": 0.0, "scoring": 0.0, "tokens": 0, "generated": [], "accepted": [],
+        stats: dict[str, Any] = {"rollout": 0.0, "scoring": 0.0, "tokens": 0, "generated": [],
                                  "score_errors": 0, "score_timeouts": 0}
         calls = iter(range(1_000_000))
-        result = self.sampler.sample(self.weights, lambda ids: self._generate_groups(list(ids), step, next(calls), stats))
+        result = self.sampler.sample(self._sampling_weights(step),
+                                     lambda ids: self._generate_groups(list(ids), step, next(calls), stats),
+                                     **self._sample_kwargs(step))
         t_sampled = time.perf_counter()
         groups: list[Group] = list(result.groups)
         prompt_len = pick_bucket(max([len(g.prompt_ids) for g in groups] or [1]), cfg.rollout.prompt_buckets)
@@ -211,68 +252,46 @@ class Trainer:
                                       rng=np.random.default_rng([cfg.seed, step]))
         # Every process built the same batch; each places only its own rows (no all-gather to compare them).
         batch = host_to_global(batch_np, self.batch_sharding)
-        if cfg.optim.recompute_old_logprobs:
+        if self.recompute_old_logprobs:
             batch = batch._replace(old_logp=self.logprob_fn(self.params, batch.input_ids, batch.attention_mask))
         if self.ref_params is not None:
             batch = batch._replace(ref_logp=self.logprob_fn(self.ref_params, batch.input_ids, batch.attention_mask))
         t_update = time.perf_counter()
-        before = objective_at_behaviour(self.settings, batch) if self.settings.improvement == "batch" else None
-        self.params, self.opt_state, upd, improvement = self.update_fn(self.params, self.opt_state, batch)
-        upd = to_host(upd)
+        improvement_rows, upd = self._improvement(batch)
         t_improve = time.perf_counter()
-        if self.settings.improvement == "batch":
-            improvement = self.objective_fn(self.params, batch) - before
-        improvement = np.zeros(K, np.float32) if improvement is None else to_host(improvement)
         nnx.update(self.model, self.params)
         t_weights = time.perf_counter()
 
-        # Per-task signals: J_k is the task's mean reward over every group generated this step (before
-        # filtering: the filter keeps only mixed groups, which says little about how good the policy is).
-        gen = stats["generated"]
-        gen_task = np.asarray([g.task_id for g in gen], np.int64)
-        reward_k = np.zeros(K, np.float32)
-        acc_k = np.zeros(K, np.float32)
-        zero_grad_k = np.zeros(K, np.float32)
-        filtered_k = np.zeros(K, np.float32)
-        abs_adv_k = np.zeros(K, np.float32)
-        gen_k = np.bincount(gen_task, minlength=K).astype(np.float32)
-        for k in range(K):
-            gs = [g for g in gen if g.task_id == k]
-            if gs:
-                reward_k[k] = np.mean([g.rewards.mean() for g in gs])
-                acc_k[k] = np.mean([g.correct.mean() for g in gs])
-                zero_grad_k[k] = np.mean([np.ptp(g.rewards) == 0 for g in gs])  # all rewards equal: zero advantage
-                filtered_k[k] = 1.0 - np.mean([a for g, a in zip(gen, stats["accepted"]) if g.task_id == k])
-            # SEC's learning-progress signal: mean |advantage| over the task's groups in the training batch.
-            kept = [np.abs(g.advantages).mean() for g in groups if g.task_id == k]
-            abs_adv_k[k] = np.mean(kept) if kept else 0.0
-        present = gen_k > 0
-        signal_reward = acc_k if cfg.weighting.released_parity else reward_k
-        signals = TaskSignals(jnp.asarray(signal_reward), jnp.asarray(improvement), jnp.asarray(abs_adv_k), jnp.asarray(present))
+        sig = step_signals(K, stats["generated"], [g.task_id for g in groups],
+                           [float(np.abs(g.advantages).mean()) for g in groups],
+                           groups_generated=result.groups_generated, accepted_generated=result.accepted_generated,
+                           kept_counts=result.counts)
+        released = cfg.weighting.released_parity
+        signals = TaskSignals(reward=jnp.asarray(sig.accuracy if released else sig.reward),
+                              improvement=jnp.asarray(improvement_rows), abs_advantage=jnp.asarray(sig.abs_advantage),
+                              present=jnp.asarray(sig.present), round_reward=jnp.asarray(sig.round_accuracy))
         new_weights, self.weight_state = self.weight_opt.update(signals, self.weight_state)
         weights_used = self.weights
         self.weights = np.asarray(to_host(new_weights), np.float32)
         t_end = time.perf_counter()
 
         self.step = step
-        kept_k = np.bincount([g.task_id for g in groups], minlength=K).astype(np.float32)
+        improvement = improvement_rows.sum(axis=0)
         record: dict[str, Any] = {"step": step}
         for k, name in enumerate(self.names):
-            record[f"task/{name}/reward"] = float(reward_k[k])
-            record[f"task/{name}/accuracy"] = float(acc_k[k])
-            record[f"task/{name}/zero_grad_rate"] = float(zero_grad_k[k])
-            record[f"task/{name}/filtered_rate"] = float(filtered_k[k])  # rejected by sampler.filter
+            record[f"task/{name}/reward"] = float(sig.reward[k])
+            record[f"task/{name}/accuracy"] = float(sig.accuracy[k])
+            record[f"task/{name}/zero_grad_rate"] = float(sig.zero_grad_rate[k])
+            record[f"task/{name}/filtered_rate"] = float(sig.filtered_rate[k])  # rejected by sampler.filter
             record[f"task/{name}/weight"] = float(weights_used[k])
             record[f"task/{name}/next_weight"] = float(self.weights[k])
-            record[f"task/{name}/share"] = float(kept_k[k] / max(kept_k.sum(), 1))
-            record[f"task/{name}/groups_generated"] = float(gen_k[k])
+            record[f"task/{name}/share"] = float(sig.share[k])
+            record[f"task/{name}/groups_generated"] = float(sig.generated[k])
             record[f"task/{name}/improvement"] = float(improvement[k])
-        n_gen = len(gen)
+        # The sampler's own view: rounds, acceptance, share gap, and (ratio-preserving) rho and inflation.
+        record.update(result.metrics(self.names))
         record.update({
-            "sampler/rounds": int(getattr(result, "rounds", 1)),
-            "sampler/groups_generated": n_gen,
             "sampler/groups_kept": len(groups),
-            "sampler/budget_exhausted": bool(getattr(result, "budget_exhausted", False)),
             "rollout/tokens": stats["tokens"],
             "rollout/tokens_per_s": stats["tokens"] / max(stats["rollout"], 1e-9),
             "scoring/errors": stats["score_errors"],

@@ -66,7 +66,9 @@ class UpdateSettings(NamedTuple):
     kl_estimator: str
     entropy_coef: float
     num_tasks: int
-    # "none" | "batch" (one forward after the update) | "minibatch_sum" (released code: per mini-batch deltas)
+    # Which improvement estimator the update computes (see `IMPROVEMENT_ESTIMATORS`): "none", "step_mean"
+    # (the trainer's own forward after the update), "minibatch_sum" (the release's; one extra forward per
+    # mini-batch) or "fresh" (free: read off the update's own forwards).
     improvement: str
 
 
@@ -84,8 +86,39 @@ def _objective(s: UpdateSettings, logp, b: Batch):
     return out[0] if isinstance(out, tuple) else out
 
 
+def sequence_sums(s: UpdateSettings, logp, b: Batch):
+    """Per task [K]: the sum over its rows of each row's token-mean clipped surrogate (an objective).
+
+    This is the release's scale of the improvement signal (``verl/verl/workers/actor/dp_actor.py``:
+    ``pg_loss_vec`` is each sequence's masked token-mean loss, core_algos.py:375; lines 376 / 465 collect
+    it per task before and after the mini-batch's optimizer step; line 485 takes the difference of the
+    per-task *sums*, all-reduced over workers at 481-483). Entropy and KL terms, which the release adds
+    with coefficients 0 in every script, are left out."""
+    kw = dict(_loss_kwargs(s), aggregation="seq-mean-token-mean")
+    out = per_task_objective(logp, b.old_logp, b.advantages, b.completion_mask, b.task_ids, s.num_tasks, **kw)
+    return out.objective * out.count
+
+
+IMPROVEMENT_ESTIMATORS = ("none", "step_mean", "minibatch_sum", "fresh")
+"""How I_k, the change of task k's objective caused by a training step's policy update, is measured.
+
+  step_mean      the project's original estimator: J_k (the loss's aggregation, a per-task token-mean for
+                 token-mean) after the whole update minus J_k of the behaviour policy, on the whole batch;
+                 one extra forward of the batch per step. ~1/N_k of the release's scale.
+  minibatch_sum  the release's: per mini-batch m, the per-task sum over m's sequences of each sequence's
+                 surrogate after m's optimizer step minus before it (`sequence_sums`); one extra forward of
+                 every mini-batch. Rows [M, K]; the paper's optimizer sums them, the released one steps
+                 once per row.
+  fresh          free: mini-batch m's own training forward already runs under parameters moved by
+                 mini-batches 0..m-1, which never saw m's rows, so the per-task sum of the surrogate
+                 there minus at the behaviour policy (ratio 1) is the earlier updates' improvement on
+                 held-out rows of the same step, at the release's scale. Mini-batch 0 reads 0 (up to
+                 the behaviour/training forward gap). Rows [M, K], no extra forward.
+"""
+
+
 def make_update_fn(graphdef, tx: optax.GradientTransformation, s: UpdateSettings, constrain: Callable = lambda b: b):
-    """Returns update(params, opt_state, batch) -> (params, opt_state, metrics, improvement [K] or None).
+    """Returns update(params, opt_state, batch) -> (params, opt_state, metrics, improvement [M, K] or None).
 
     `constrain` puts sharding constraints on each micro-batch (batch rows over the data axes).
     """
@@ -132,19 +165,22 @@ def make_update_fn(graphdef, tx: optax.GradientTransformation, s: UpdateSettings
         params, opt_state = keep(new_params, params), keep(new_opt_state, opt_state)
         out = {k: jnp.mean(v) for k, v in metrics.items()}
         out.update(loss=loss, grad_norm=grad_norm, skipped=(~finite).astype(jnp.float32))
-        if s.improvement == "minibatch_sum":
+        if s.improvement in ("minibatch_sum", "fresh"):
             flat = lambda x: x.reshape((-1,) + x.shape[2:])
-            before = _objective(s, flat(logp), mb)
-            model = nnx.merge(graphdef, params)
-            after_logp, _ = completion_logprobs(model, mb.input_ids, mb.attention_mask, s.completion_len, s.temperature)
-            out["improvement"] = _objective(s, after_logp, mb) - before
+            before = sequence_sums(s, flat(logp), mb)  # this mini-batch's training forward, before its step
+            if s.improvement == "minibatch_sum":
+                model = nnx.merge(graphdef, params)
+                after_logp, _ = completion_logprobs(model, mb.input_ids, mb.attention_mask, s.completion_len, s.temperature)
+                out["improvement"] = sequence_sums(s, after_logp, mb) - before
+            else:
+                out["improvement"] = before - sequence_sums(s, mb.old_logp, mb)
         return (params, opt_state), out
 
     def update(params, opt_state, batch: Batch):
         (params, opt_state), metrics = jax.lax.scan(minibatch_step, (params, opt_state), _split(batch, s.mini_batches))
         improvement = None
-        if s.improvement == "minibatch_sum":
-            improvement = jnp.sum(metrics.pop("improvement"), axis=0)
+        if s.improvement in ("minibatch_sum", "fresh"):
+            improvement = metrics.pop("improvement")  # [M, K]: one row per mini-batch
         metrics = {k: jnp.mean(v) for k, v in metrics.items()} | {"skipped": jnp.sum(metrics["skipped"])}
         return params, opt_state, metrics, improvement
 

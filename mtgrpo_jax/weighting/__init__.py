@@ -9,7 +9,14 @@ vmappable over runs). Pure array math: no model, data or trainer imports.
 
 from mtgrpo_jax.weighting.base import TaskSignals, TaskWeightOptimizer
 from mtgrpo_jax.weighting.baselines import SECState, StaticState, sec, static, uniform
-from mtgrpo_jax.weighting.mt_grpo import MTGRPOState, RegularizedState, mt_grpo, mt_grpo_released, regularized
+from mtgrpo_jax.weighting.mt_grpo import (
+    MTGRPOState,
+    RegularizedState,
+    mt_grpo,
+    mt_grpo_released,
+    regularized,
+    regularized_released,
+)
 
 __all__ = [
     "MTGRPOState",
@@ -21,6 +28,7 @@ __all__ = [
     "mt_grpo",
     "mt_grpo_released",
     "regularized",
+    "regularized_released",
     "sec",
     "static",
     "uniform",

@@ -27,9 +27,14 @@ class TaskSignals(NamedTuple):
 
     reward:        J_k, the task's reward on the batch (what exactly is the trainer's contract with the
                    chosen optimizer: see `mt_grpo`).
-    improvement:   I_k, the change of task k's objective caused by the step's policy update.
+    improvement:   I_k, the change of task k's objective caused by the step's policy update: ``[K]``, or
+                   ``[M, K]`` with one row per policy mini-batch (the paper's optimizer sums the rows,
+                   the released one makes one weight step per row).
     abs_advantage: mean |advantage| over task k's tokens (SEC's learning-progress proxy).
     present:       bool, whether task k had rows in the batch; None means every task did.
+    round_reward:  ``[R, K]``: task k's reward in each generation round of the step (resampling rounds
+                   included), NaN where the round generated no group of task k. Read only by the
+                   released optimizer, whose reward EMA moves once per round.
 
     Fields an optimizer does not use may be None.
     """
@@ -38,6 +43,7 @@ class TaskSignals(NamedTuple):
     improvement: Any = None
     abs_advantage: Any = None
     present: Any = None
+    round_reward: Any = None
 
 
 class TaskWeightOptimizer(NamedTuple):

@@ -11,32 +11,43 @@ With I = 0 this is a softmax-parametrised min over tasks, so the weights collaps
 lowest-reward task (the paper's Figure 2); the improvement term counters the collapse, because a task
 that receives weight improves, its score rises and weight flows back to the others.
 
-Paper (Subroutine 1, the default) vs. the released code (`mt_grpo_released`), side by side:
+Paper (Subroutine 1, the default) vs. the released code (`mt_grpo_released`), side by side (release
+paths under ``verl/verl/`` of github.com/rsshyam/MT-GRPO):
 
-=====================  ===========================================  ==============================================
-                       paper: ``mt_grpo(lam)``                      released: ``mt_grpo_released(lam)``
-=====================  ===========================================  ==============================================
-improvement I_k        as given by the trainer (one policy update)  ``improvement_clip=0.1``: clipped to
-                                                                    [-0.1, 0.1]; the trainer must pass I_k
-                                                                    *summed over the step's mini-batch updates*
-reward term J_k        as given (the task's batch reward)           ``reward_ema=0.5``: EMA (decay 0.5, seeded by
-                                                                    the first observation) of what the trainer
-                                                                    passes, which must be the task's binary
-                                                                    batch accuracy *before* zero-gradient
-                                                                    filtering
-weight decay           decoupled (optax.adamw): xi -= lr * wd * xi  ``coupled_weight_decay=True``: L2 added to
-                                                                    the gradient, g += wd * xi, before Adam
-                                                                    (torch.optim.Adam(weight_decay=...))
-optimizer              Adam b1=0.9, b2=0.999, eps=1e-8, lr=0.025,   same
+=====================  ==========================================  ===============================================
+                       paper: ``mt_grpo(lam)``                     released: ``mt_grpo_released(lam)``
+=====================  ==========================================  ===============================================
+improvement I_k        as given; ``[M, K]`` per-mini-batch rows    one row per policy mini-batch, each clipped to
+                       are summed; optional ``improvement_clip``   [-clip, clip] (0.1; Exp 2 uses 0.2 for some lam:
+                       on the sum (the paper's appendix: 0.1/0.2)  `delta_threshold`, ``priority_decay.py``
+                                                                   ``calculate_delta``)
+weight steps           one Adam(W) step per training step          one Adam step per mini-batch row (4 per step;
+                                                                   ``priority_decay.py`` ``update``, the
+                                                                   ``task_diff_bias`` loop)
+reward term J_k        as given (the task's batch reward)          EMA (decay 0.5) *starting at 0*, moved once per
+                                                                   generation round incl. resamples
+                                                                   (``update_batch_acc``, called from
+                                                                   ``trainer/ppo/ray_trainer.py`` every round) of
+                                                                   the round's binary accuracy before filtering
+absent tasks           frozen (neutral score, lazy Adam)           stepped like the others with I_k = 0 and
+                                                                   lam * (their EMA) (``values_by_arm`` defaults
+                                                                   to 0; ``rewards_by_arm`` reads every arm)
+weight decay           decoupled (optax.adamw): xi -= lr wd xi     coupled L2, g += wd * xi, before Adam
+                                                                   (``torch.optim.Adam(weight_decay=gamma)``)
+optimizer              Adam b1=0.9, b2=0.999, eps=1e-8, lr=0.025,  same (torch defaults)
                        wd=1e-5, xi_0 = 0 (uniform weights)
-=====================  ===========================================  ==============================================
+=====================  ==========================================  ===============================================
 
-Absent tasks (``present[k]`` False, or non-finite signals): their score is imputed as the present
-tasks' z-weighted mean, which makes their gradient exactly 0, and their logit and Adam moments are
-frozen for the step (lazy Adam: no momentum drift, no decay while unobserved; the shared step count
-still advances). Their weight z_k can still change, because the other logits move. A step with no
-task present leaves the state untouched (only ``rejected`` counts). With every task present this is
-exactly the paper's update.
+The scale of I_k is the trainer's (see `mtgrpo_jax.train.update`): by default the release's, the sum over
+a mini-batch's sequences of each sequence's change of its token-mean surrogate, so the published lam
+values (0.1-1.2) weigh the two terms as in the paper's runs.
+
+Absent tasks in the paper's form (``present[k]`` False, or non-finite signals): their score is imputed
+as the present tasks' z-weighted mean, which makes their gradient exactly 0, and their logit and Adam
+moments are frozen for the step (lazy Adam: no momentum drift, no decay while unobserved; the shared
+step count still advances). Their weight z_k can still change, because the other logits move. A step
+with no task present leaves the state untouched (only ``rejected`` counts). With every task present this
+is exactly the paper's update.
 """
 
 from __future__ import annotations
@@ -114,6 +125,7 @@ def mt_grpo(lam: float, learning_rate: float = 0.025, weight_decay: float = 1e-5
 
     def update(signals: TaskSignals, state: MTGRPOState):
         k = state.logits.shape[0]
+        signals = signals._replace(improvement=_step_improvement(signals.improvement))
         ok, rejected, sig = accept_signals(signals, ("reward", "improvement"), k, "mt_grpo")
         improvement = sig["improvement"]
         if improvement_clip is not None:
@@ -135,12 +147,120 @@ def mt_grpo(lam: float, learning_rate: float = 0.025, weight_decay: float = 1e-5
     return TaskWeightOptimizer(init, update, weights)
 
 
-def mt_grpo_released(lam: float, learning_rate: float = 0.025, weight_decay: float = 1e-5) -> TaskWeightOptimizer:
-    """`mt_grpo` as the released code runs it: improvement clipped to [-0.1, 0.1] (pass it summed over
-    the step's mini-batch updates), reward term an EMA (decay 0.5) of the binary batch accuracy before
-    filtering, and coupled (torch Adam) L2 weight decay."""
-    return mt_grpo(lam, learning_rate, weight_decay, improvement_clip=RELEASED_IMPROVEMENT_CLIP,
-                   reward_ema=RELEASED_REWARD_EMA, coupled_weight_decay=True)
+def _step_improvement(improvement):
+    """[M, K] per-mini-batch improvements summed to the step's [K]; [K] (or None) passed through."""
+    if improvement is None:
+        return None
+    improvement = jnp.asarray(improvement)
+    return jnp.sum(improvement, axis=0) if improvement.ndim == 2 else improvement
+
+
+def _released_rounds(signals: TaskSignals, k: int):
+    """The per-round rewards [R, K] (NaN: task not generated in that round) the released EMA moves on."""
+    if signals.round_reward is not None:
+        rounds = jnp.asarray(signals.round_reward, jnp.float32)
+        if rounds.ndim != 2 or rounds.shape[1] != k:
+            raise ValueError(f"TaskSignals.round_reward must be [R, {k}], got shape {rounds.shape}")
+        return rounds
+    if signals.reward is None:
+        raise ValueError("mt_grpo_released needs TaskSignals.reward or TaskSignals.round_reward, got None")
+    reward = jnp.asarray(signals.reward, jnp.float32)
+    if reward.shape != (k,):
+        raise ValueError(f"TaskSignals.reward must be [{k}], got shape {reward.shape}")
+    present = jnp.ones((k,), bool) if signals.present is None else jnp.asarray(signals.present, bool)
+    return jnp.where(present, jnp.where(jnp.isnan(reward), jnp.inf, reward), jnp.nan)[None, :]
+
+
+def mt_grpo_released(lam: float, learning_rate: float = 0.025, weight_decay: float = 1e-5, *,
+                     improvement_clip: float | None = RELEASED_IMPROVEMENT_CLIP,
+                     reward_ema: float = RELEASED_REWARD_EMA, use_improvement: bool = True,
+                     steps_per_update: int = 1) -> TaskWeightOptimizer:
+    """Subroutine 1 as the released code runs it (``utils/auto_curriculum/priority_decay.py``,
+    ``FamoPriorityDecay.update`` with ``update_object='task_diff_bias'``, ``bias_metric='batch_acc'``):
+
+        J <- a J + (1 - a) acc_r  for every generation round r, from J = 0 (``update_batch_acc``)
+        for each policy mini-batch m:  delta = clip(I_m, +-clip) + lam J      (``calculate_delta``, ``combine``)
+                                       g = z (delta - z.delta);  xi <- Adam(xi, g + wd xi)   (``opt.step()``)
+
+    ``TaskSignals.improvement`` is ``[M, K]`` (one weight step per row) or ``[K]`` (one step); tasks
+    without rows in a mini-batch have I = 0 there and keep their lam J term. ``TaskSignals.round_reward``
+    ``[R, K]`` feeds the EMA (falls back to ``reward`` as one round). Improvements of tasks not
+    ``present`` read as 0. With ``use_improvement=False`` the
+    improvement is ignored and ``steps_per_update`` identical reward-only steps are made: the released
+    Subroutine 2 (`regularized_released`). Non-finite improvements or rewards of a present task count
+    in ``rejected``; the improvement then reads as 0 and the reward moves no EMA.
+    """
+    check_hyper("lam", lam, low=0.0)
+    check_hyper("learning_rate", learning_rate, low=0.0, low_open=True)
+    check_hyper("weight_decay", weight_decay, low=0.0)
+    check_hyper("reward_ema", reward_ema, low=0.0, high=1.0)
+    if improvement_clip is not None:
+        check_hyper("improvement_clip", improvement_clip, low=0.0, low_open=True)
+    if isinstance(steps_per_update, bool) or not isinstance(steps_per_update, int) or steps_per_update < 1:
+        raise ValueError(f"steps_per_update={steps_per_update!r} must be a positive int")
+    tx = optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.scale_by_adam(b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS),
+                     optax.scale_by_learning_rate(learning_rate))
+
+    def init(num_tasks: int) -> MTGRPOState:
+        k = check_num_tasks(num_tasks)
+        logits = jnp.zeros((k,), jnp.float32)
+        return MTGRPOState(logits, tx.init(logits), jnp.zeros((k,), jnp.float32), jnp.zeros((k,), jnp.bool_),
+                           jnp.zeros((k,), jnp.int32), jnp.zeros((), jnp.int32))
+
+    def update(signals: TaskSignals, state: MTGRPOState):
+        if not isinstance(signals, TaskSignals):
+            raise ValueError(f"mt_grpo_released.update takes a TaskSignals, got {type(signals).__name__}")
+        k = state.logits.shape[0]
+        present = jnp.ones((k,), bool) if signals.present is None else jnp.asarray(signals.present, bool)
+        if present.shape != (k,):
+            raise ValueError(f"TaskSignals.present must be [{k}], got shape {present.shape}")
+        rounds = _released_rounds(signals, k)
+        rejected = present & jnp.any(jnp.isinf(rounds), axis=0)  # NaN marks a task's absence from a round
+        if use_improvement:
+            if signals.improvement is None:
+                raise ValueError("mt_grpo_released needs TaskSignals.improvement, got None")
+            rows = jnp.asarray(signals.improvement, jnp.float32)
+            rows = rows[None, :] if rows.ndim == 1 else rows
+            if rows.ndim != 2 or rows.shape[1] != k:
+                raise ValueError(f"TaskSignals.improvement must be [{k}] or [M, {k}], got shape {rows.shape}")
+            rejected = rejected | (present & ~jnp.all(jnp.isfinite(rows), axis=0))
+            rows = jnp.where(present & ~rejected, rows, 0.0)
+            if improvement_clip is not None:
+                rows = jnp.clip(rows, -improvement_clip, improvement_clip)
+        else:
+            rows = jnp.zeros((steps_per_update, k), jnp.float32)
+        # A rejected task is treated as absent: no EMA move, I = 0 (its lam * J term still counts).
+        ema = state.reward_ema
+        for acc in rounds:
+            seen = jnp.isfinite(acc) & ~rejected
+            ema = jnp.where(seen, reward_ema * ema + (1.0 - reward_ema) * jnp.where(seen, acc, 0.0), ema)
+        logits, opt_state = state.logits, state.opt_state
+        for row in rows:
+            delta = row + lam * ema
+            z = jax.nn.softmax(logits)
+            grad = z * (delta - jnp.sum(z * delta))
+            updates, opt_state = tx.update(grad, opt_state, logits)
+            logits = optax.apply_updates(logits, updates)
+        new = MTGRPOState(logits, opt_state, ema, state.reward_seen | present,
+                          state.rejected + rejected.astype(jnp.int32), state.step + 1)
+        return jax.nn.softmax(logits), new
+
+    def weights(state: MTGRPOState):
+        return jax.nn.softmax(state.logits)
+
+    return TaskWeightOptimizer(init, update, weights)
+
+
+def regularized_released(eta: float, lam: float = 0.2, learning_rate: float = 0.025,
+                         steps_per_update: int = 4) -> TaskWeightOptimizer:
+    """Subroutine 2 as the released scripts run it (``scripts/exp-*/appendix/run_mt-grpo_reg_*.sh``:
+    ``lambda_bias_type='bias_only'``, ``lambda_bias=0.2``, ``gamma`` = eta in {1e-5, 5e-4, 1e-2}): the
+    reward-only score lam * J (J the released accuracy EMA), ``steps_per_update`` (the number of policy
+    mini-batches, 4) torch-Adam steps per training step with eta as coupled L2 weight decay."""
+    check_hyper("eta", eta, low=0.0, low_open=True)
+    return mt_grpo_released(lam, learning_rate, weight_decay=eta, improvement_clip=None,
+                            use_improvement=False, steps_per_update=steps_per_update)
 
 
 class RegularizedState(NamedTuple):
@@ -157,9 +277,9 @@ def regularized(eta: float, learning_rate: float = 0.025, *, lam: float = 1.0) -
     starting from xi = 0. Without improvement signals, the descent on z.J alone collapses onto the
     lowest-reward task (eta -> 0, the paper's Figure 2); eta > 0 keeps the logits bounded, so z stays
     inside the simplex: the fixed point satisfies xi_k = -z_k (s_k - z.s) / eta. The paper uses lam = 1;
-    the released code scores lam * J with lam = 0.2 and applies eta as the weight decay of an Adam step
-    on xi (weight decays 1e-5 / 5e-4 / 1e-2), which is `mt_grpo(lam, weight_decay=eta,
-    coupled_weight_decay=True)` with zero improvement. Absent (or non-finite) tasks get the present tasks'
+    the released code scores lam * J with lam = 0.2 and applies eta as the coupled weight decay of four
+    Adam steps on xi per training step (`regularized_released`; plain descent needs hundreds of steps
+    to move as far as Adam does in ten, so the paper's collapse shows only with that one). Absent (or non-finite) tasks get the present tasks'
     z-weighted mean score, so no gradient, while the eta pull still applies to every logit.
     """
     check_hyper("eta", eta, low=0.0, low_open=True)

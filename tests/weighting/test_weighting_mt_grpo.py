@@ -69,11 +69,15 @@ def test_default_is_the_papers_subroutine_1():
     assert np.abs(zs[-1] - 0.25).max() > 0.02  # the weights actually moved
 
 
-def test_released_preset_matches_released_reference():
+def test_paper_form_options_match_their_reference():
+    """The paper's optimizer with the clip, a seeded reward EMA and coupled decay, one step per training
+    step (the released optimizer itself, per mini-batch with an EMA from 0, is checked against the
+    release in test_weighting_released.py)."""
     rewards, improvements = _signals(1)
     rewards = (rewards > 0.5).astype(float)  # binary batch accuracy
     improvements = improvements * 3  # so that the [-0.1, 0.1] clip bites
-    zs, _ = run(mt_grpo_released(0.2, weight_decay=1e-2), rewards, improvements)
+    zs, _ = run(mt_grpo(0.2, weight_decay=1e-2, improvement_clip=0.1, reward_ema=0.5, coupled_weight_decay=True),
+                rewards, improvements)
     expected = ref_mt_grpo(rewards, improvements, 0.2, wd=1e-2, coupled=True, clip=0.1, ema=0.5)
     np.testing.assert_allclose(zs, expected, atol=2e-6)
     # each option on its own differs from the paper's form
@@ -124,7 +128,7 @@ def test_non_finite_signals_are_masked_and_counted(make, expected):
     np.testing.assert_array_equal(np.asarray(bad.rejected) - np.asarray(state.rejected), expected)
     # identical to the update where those tasks were simply absent, except the rejection counter
     absent = present & ~np.asarray(expected, bool)
-    _, clean = opt.update(TaskSignals(jnp.nan_to_num(reward), jnp.zeros(4), present=jnp.asarray(absent)), state)
+    _, clean = jax.jit(opt.update)(TaskSignals(jnp.nan_to_num(reward), jnp.zeros(4), present=jnp.asarray(absent)), state)
     same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), bad._replace(rejected=clean.rejected), clean)
     assert jax.tree.all(same)
 
