@@ -15,7 +15,7 @@ Layout of DIR:
   warmstart/seed_<s>/      the seed's warm start (`hf_sft/`) and warm_start.json {"seed", "sha256"}
   runs/<label>/seed_<s>/   one training run; experiment_run.json is written once it finished
   logs/<name>.log          each subprocess's output
-  report/, summary.json    the comparison (mtgrpo_jax.report.write_experiment_report)
+  report/, summary.json    the comparison (mtgrpo_jax.train.report.write_experiment_report)
 
 Rerunning the same command skips finished runs and resumes interrupted ones from their checkpoints
 (`mtgrpo train` resumes by itself). SIGTERM or Ctrl-C forwards SIGTERM to the running children, which
@@ -42,6 +42,7 @@ import yaml
 
 from mtgrpo_jax.config import ConfigError, apply_overrides, from_dict
 from mtgrpo_jax.train.cli import METHODS_DIR, resolve_config
+from mtgrpo_jax.train.report import DEFAULT_THRESHOLDS, parse_thresholds, write_experiment_report
 
 # How a run is started: the `mtgrpo` command of this interpreter (tests swap in a stand-in).
 DEFAULT_COMMAND = [sys.executable, "-m", "mtgrpo_jax.cli"]
@@ -497,9 +498,16 @@ def main(argv: Sequence[str] | None = None, prog: str = "mtgrpo experiment") -> 
     parser.add_argument("--out", required=True, metavar="DIR", help="the experiment directory")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (default 1)")
     parser.add_argument("--baseline", default=None, help="the report's baseline label (default: dapo if run, else the first method)")
+    parser.add_argument("--thresholds", default=None,
+                        help="worst-task accuracy thresholds of the report, comma-separated (default: 0.2,0.3,0.4,0.5)")
     parser.add_argument("--no-report", action="store_true", help="only run; `mtgrpo report DIR` writes the report later")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides for every run")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        thresholds = parse_thresholds(args.thresholds) if args.thresholds else DEFAULT_THRESHOLDS
+    except argparse.ArgumentTypeError as err:
+        print(f"{prog}: error: --thresholds: {err}", file=sys.stderr)
+        return 2
     try:
         methods = parse_methods(args.methods)
         experiment = Experiment(args.config, methods, parse_seeds(args.seeds), args.out, grid=args.grid,
@@ -513,11 +521,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "mtgrpo experiment") -> 
           f"{len(result['failed'])} failed, {len(result['stopped'])} left to resume "
           f"({time.perf_counter() - t0:.0f} s)")
     if not args.no_report and not result["stopped"]:
-        from mtgrpo_jax.train.report import write_experiment_report
 
         baseline = args.baseline or ("dapo" if "dapo" in methods else methods[0])
         try:
-            written = write_experiment_report(experiment.out, baseline=baseline)
+            written = write_experiment_report(experiment.out, baseline=baseline, thresholds=thresholds)
         except ValueError as err:
             print(f"{prog}: error: report: {err}", file=sys.stderr)
             return 1

@@ -773,7 +773,7 @@ def write_report(
     return written
 
 
-def _parse_thresholds(text: str) -> tuple[float, ...]:
+def parse_thresholds(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
@@ -791,7 +791,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "mtgrpo report") -> int:
                         help="where to write the PNGs and tables (an experiment's default: DIR/report)")
     parser.add_argument(
         "--thresholds",
-        type=_parse_thresholds,
+        type=parse_thresholds,
         default=DEFAULT_THRESHOLDS,
         help="worst-task accuracy thresholds, comma-separated (default: %(default)s)",
     )
