@@ -206,3 +206,7 @@ def test_real_tiny_experiment(tmp_path, monkeypatch):
     assert shas == {directory_sha256(out / "warmstart/seed_0/hf_sft")}
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["methods"]) == {"grpo", "mt_grpo"} and "mt_grpo-vs-grpo" in summary["paired"]
+    # the configs the real runs saved are the ones the runner resolves: a rerun skips them all
+    again = Experiment(cfg, ["grpo", "mt_grpo"], [0], out, log=lambda *_: None).run()
+    assert again == {"done": [], "skipped": ["warmstart/seed_0", "grpo/seed_0", "mt_grpo/seed_0"], "failed": [],
+                     "stopped": []}
