@@ -143,6 +143,7 @@ def test_run_directory_of_another_config_is_refused(setup, tmp_path):
     (["--methods", "grpo", "--seeds", "0", "--grid", "sft.steps=1,2"], "would break the shared warm start"),
     (["--methods", "grpo", "--seeds", "0", "seed=3"], "the experiment sets seed itself"),
     (["--methods", "grpo", "--seeds", "0", "optim.lr=3"], "unknown key 'optim.lr'"),
+    (["--methods", "grpo", "--seeds", "0", "--thresholds", "0.1,2"], "thresholds must be accuracies in [0, 1]"),
 ])
 def test_bad_input_is_one_line(setup, capsys, argv, message):
     cfg, log, out = setup
