@@ -18,7 +18,8 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "step"): ("mtgrpo_jax.train.bench:main", "training step time by phase, MFU"),
     ("convert",): ("mtgrpo_jax.models.gguf:main", "convert a GGUF model (Llama, Qwen2) to the Hugging Face layout"),
     ("plan",): ("mtgrpo_jax.train.plan_cli:main", "compile a step for a TPU slice ahead of time: memory, FLOPs, step time"),
-    ("report",): ("mtgrpo_jax.report:main", "plots and comparison tables from run directories"),
+    ("report",): ("mtgrpo_jax.train.report:main", "plots and tables from run directories or an experiment directory"),
+    ("experiment",): ("mtgrpo_jax.experiment:main", "methods x seeds x grid points, paired by seed, then the report"),
 }
 
 

@@ -66,7 +66,7 @@ def train_main(argv: list[str], prog: str = "mtgrpo train") -> int:
     if trainer.is_primary:
         print(accuracy_table(trainer.history, trainer.names))
         if cfg.logging.report and outcome["status"] == "done":
-            from mtgrpo_jax.report import write_report
+            from mtgrpo_jax.train.report import write_report
 
             written = write_report([trainer.run_dir], trainer.run_dir / "report")
             print(f"report: {trainer.run_dir / 'report'} ({len(written)} files)")
