@@ -21,6 +21,7 @@ Example dict: `task` (a registered task name or "pkg.module:factory"), `difficul
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import re
@@ -57,11 +58,13 @@ def _data_files(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
         return files
     path = os.fspath(path)
     if os.path.isdir(path):
-        # glob skips hidden folders, so a generation cache (DIR/.cache) is not read twice.
-        files = sorted(f for ext in BUILDERS for f in glob.glob(os.path.join(path, "**", f"*{ext}"), recursive=True))
-        if not files:
-            raise FileNotFoundError(f"no data files ({', '.join(BUILDERS)}) under {path!r}")
-        return files
+        # glob skips hidden folders, so a generation cache (DIR/.cache) is not read twice. One kind of file:
+        # parquet if there is any, so JSON or CSV files lying next to a parquet data set are not read as data.
+        for ext in BUILDERS:
+            files = sorted(glob.glob(os.path.join(path, "**", f"*{ext}"), recursive=True))
+            if files:
+                return files
+        raise FileNotFoundError(f"no data files ({', '.join(BUILDERS)}) under {path!r}")
     if any(ch in path for ch in "*?["):
         files = sorted(glob.glob(path))
         if not files:
@@ -133,11 +136,15 @@ def _difficulty(value: Any) -> int | float | None:
     return int(value) if value.is_integer() else value
 
 
+@functools.lru_cache(maxsize=64)
+def _user_task(spec: str):
+    return get_task(spec)  # a "pkg.module:factory" spec builds a new Task on every call: once per file is enough
+
+
 def _answer(task: str, ground_truth: Any) -> Any:
-    parse = getattr(get_task(task), "parse_answer", None)
-    if parse is None:  # a task that is not a BaseTask keeps the stored value
-        return ground_truth
-    return parse(ground_truth)
+    family = _user_task(task) if ":" in task else get_task(task)  # registered: the registry keeps one instance
+    parse = getattr(family, "parse_answer", None)
+    return ground_truth if parse is None else parse(ground_truth)  # a non-BaseTask keeps the stored value
 
 
 def row_to_example(row: dict[str, Any], task: str | None = None) -> dict[str, Any]:

@@ -71,3 +71,28 @@ def test_load_errors(tmp_path):
     assert load_examples(str(unknown), task="math")[0]["task"] == "math"
     with pytest.raises(ValueError, match="unknown task"):
         load_examples(str(unknown), task="riddles")
+
+
+def test_any_layout_with_mapped_columns_and_clear_errors(tmp_path):
+    import json
+
+    from mtgrpo_jax.tasks import load_source
+    from mtgrpo_jax.tasks.loading import is_hub_id
+
+    rows = [{"q": "What is 2 + 3?", "a": "5"}, {"q": "What is 4 * 2?", "a": 8}]
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "part.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = load_source({"path": str(tmp_path / "set"), "columns": {"question": "q", "answer": "a"}}, task="arithmetic")
+    assert [(e["task"], e["question"], e["answer"]) for e in examples] == [
+        ("arithmetic", "What is 2 + 3?", "5"), ("arithmetic", "What is 4 * 2?", "8")]
+    assert get_task("arithmetic").score("\\boxed{8}", examples[1]).correct
+    with pytest.raises(ValueError, match="not a verl-layout file"):
+        load_examples(tmp_path / "set")  # no task family named for rows that do not name theirs
+    with pytest.raises(ValueError, match="no column 'question'"):
+        load_source(str(tmp_path / "set"), task="arithmetic")
+    with pytest.raises(ValueError, match="unknown example field"):
+        load_examples(tmp_path / "set", task="arithmetic", columns={"prompt": "q"})
+    with pytest.raises(ValueError, match="unknown source keys"):
+        load_source({"path": str(tmp_path / "set"), "colums": {}}, task="arithmetic")
+    assert is_hub_id("openai/gsm8k") and is_hub_id("gsm8k")
+    assert not is_hub_id(str(tmp_path / "set")) and not is_hub_id("data/missing.parquet") and not is_hub_id("/abs/x")
