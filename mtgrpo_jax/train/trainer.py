@@ -228,7 +228,9 @@ class Trainer:
         t_update = time.perf_counter()
         empty = not valid.any()
         if empty:  # nothing survived the filter: an update over padding would only cost time; skip and count it
-            upd, improvement = {}, None
+            # the update's metric keys (traced, not run), as zeros: no tokens, no loss, nothing skipped as non-finite
+            shapes = jax.eval_shape(self.update_fn, self.params, self.opt_state, batch)[2]
+            upd, improvement = {k: 0.0 for k in shapes}, None
             print(f"[mtgrpo] step {step}: no valid rows after filtering; policy update skipped", flush=True)
         else:
             before = objective_at_behaviour(self.settings, batch) if self.settings.improvement == "batch" else None
