@@ -52,10 +52,7 @@ _LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 def _field(reader, key: str, default: Any = None) -> Any:
     field = reader.fields.get(key)
-    if field is None:
-        return default
-    value = field.contents()
-    return value
+    return default if field is None else field.contents()
 
 
 def hf_name(gguf_name: str) -> str:
@@ -154,6 +151,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dt
     for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)
 
+    # Tensors are dequantised one at a time and written in shards, so memory holds at most a shard.
     out_dtype = _OUT_DTYPES[dtype]
     permute = cfg["model_type"] == "llama"
     shards: list[str] = []

@@ -255,23 +255,41 @@ _POOL_LOCK = threading.Lock()
 
 
 def math_verify_pool() -> MathVerifyPool:
-    """The process-wide pool, started on first use (MTGRPO_MATH_VERIFY_WORKERS workers, default 2)."""
+    """The process-wide pool, started on first use (MTGRPO_MATH_VERIFY_WORKERS workers, default: up to 4, one
+    per CPU core)."""
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
-            _POOL = MathVerifyPool(size=max(1, int(os.environ.get("MTGRPO_MATH_VERIFY_WORKERS", "2"))))
+            default = min(4, os.cpu_count() or 1)
+            _POOL = MathVerifyPool(size=max(1, int(os.environ.get("MTGRPO_MATH_VERIFY_WORKERS", default))))
             atexit.register(_POOL.close)
         return _POOL
+
+
+_VERDICTS: dict[tuple[str, str], bool] = {}  # math-verify's settled verdicts (a group repeats its answers)
+_MAX_VERDICTS = 65536
 
 
 def answers_equivalent(answer: str, reference: str, *, use_math_verify: bool = True, timeout_s: float = 1.0) -> bool:
     """The safe reader; where it says no, math-verify (time-limited, in a worker process) may say yes."""
     if safe_equivalent(answer, reference):
         return True
-    if not use_math_verify or not isinstance(answer, str) or not isinstance(reference, str) \
-            or len(answer) > MAX_ANSWER_CHARS or len(reference) > MAX_ANSWER_CHARS:
+    if not use_math_verify or not isinstance(answer, str) or not isinstance(reference, str):
         return False
-    return bool(math_verify_pool().equivalent(answer, reference, timeout_s))
+    a, b = normalize_answer(answer), normalize_answer(reference)
+    if a is None or b is None:  # too long to read
+        return False
+    if numeric_value(a) is not None and numeric_value(b) is not None:  # two plain numbers: the safe reader is exact
+        return False
+    key = (answer, reference)
+    if key in _VERDICTS:
+        return _VERDICTS[key]
+    verdict = math_verify_pool().equivalent(answer, reference, timeout_s)
+    if verdict is not None:  # no verdict (busy, slow, starting) is not remembered: a later call may get one
+        if len(_VERDICTS) >= _MAX_VERDICTS:
+            _VERDICTS.clear()
+        _VERDICTS[key] = verdict
+    return bool(verdict)
 
 
 @dataclasses.dataclass

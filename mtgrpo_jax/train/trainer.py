@@ -296,7 +296,10 @@ class Trainer:
         t_update = time.perf_counter()
         empty = not valid.any()
         if empty:  # nothing survived the filter: an update over padding would only cost time; skip and count it
-            improvement_rows, upd, diagnostics, t_step_mean = np.zeros((1, K), np.float32), {}, {}, 0.0
+            # the update's metric keys (traced, not run), as zeros: no tokens, no loss, nothing skipped as non-finite
+            shapes = jax.eval_shape(self.update_fn, self.params, self.opt_state, batch)[2]
+            upd = {k: 0.0 for k in shapes if not k.startswith("improvement/")}
+            improvement_rows, diagnostics, t_step_mean = np.zeros((1, K), np.float32), {}, 0.0
             print(f"[mtgrpo] step {step}: no valid rows after filtering; policy update skipped", flush=True)
         else:
             improvement_rows, upd, diagnostics, t_step_mean = self._update(batch)

@@ -9,6 +9,9 @@ tokens; the sampler's token log-probs and the trainer's agree to a ratio in [0.9
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -99,42 +102,55 @@ def test_save_load_round_trip_is_exact(smollm2_model, smollm2_dir, tmp_path):
         np.testing.assert_array_equal(np.asarray(a[path].get_value()), np.asarray(b[path].get_value()))
 
 
-def test_two_training_steps_move_parameters_with_sampler_trainer_ratios_in_band(smollm2_dir, tmp_path):
-    from mtgrpo_jax.config import load_config
-    from mtgrpo_jax.train.trainer import Trainer
+def _cli(args: list[str], timeout: int = 1500) -> subprocess.CompletedProcess:
+    """`mtgrpo ARGS` in a fresh process on one CPU device. The test process has 8 fake devices, where the
+    rollout's serving layout would hold 8 replicas of the model: a real model wants the machine's own layout."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    done = subprocess.run([sys.executable, "-m", "mtgrpo_jax.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
+
+def test_two_training_steps_move_parameters_with_sampler_trainer_ratios_in_band(smollm2_dir, tmp_path):
+    from safetensors.numpy import load_file
+
+    run = tmp_path / "run"
     overrides = {
-        "output_dir": str(tmp_path / "run"), "data_dir": str(tmp_path / "data"),
+        "output_dir": str(run), "data_dir": str(tmp_path / "data"),
         "model.path": str(smollm2_dir), "model.dtype": "float32",
         "tasks": f"[{{name: countdown-l1, family: countdown, train: {{path: {RELEASED / 'test_countdown.parquet'}, "
                  f"level: 1, n: 16}}}}]",
-        "rollout.max_new_tokens": 24, "rollout.prompt_buckets": "[128]", "rollout.batch_buckets": "[8]",
+        "rollout.max_new_tokens": 24, "rollout.prompt_buckets": "[128]", "rollout.batch_buckets": "[4]",
         "sampler.kind": "plain", "sampler.filter": "none", "sampler.batch_size": 4, "sampler.group_size": 2,
         "optim.mini_batches": 1, "optim.learning_rate": 1e-5, "optim.grad_clip": "null",
-        "train.steps": 2, "logging.console": False, "logging.tensorboard": False,
+        "train.steps": 2, "train.eval_every": 0, "train.checkpoint_every": 0, "eval.n": 1, "eval.max_examples": 1,
+        "logging.tensorboard": False,
     }
-    cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
-    trainer = Trainer(cfg)
-    assert trainer.cfg.rollout.template == "chat"  # an instruct checkpoint: the question in its chat template
-    before = jax.tree.map(np.asarray, trainer.params)
-    records = [trainer.train_step() for _ in range(2)]
-    moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), trainer.params, before)
-    assert max(jax.tree.leaves(moved)) > 0
-    for rec in records:
-        assert rec["train/valid_rows"] == 8 and rec["train/skipped"] == 0
-        # one mini-batch: its ratios are those of the sampler's log-probs to the trainer's, before any update
+    done = _cli(["train", *[f"{k}={v}" for k, v in overrides.items()]])
+    assert "[mtgrpo] prompts: instruct model (the tokenizer has a chat template)" in done.stdout
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "train/valid_rows" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for rec in steps:
+        assert rec["train/valid_rows"] == 8 and rec["train/skipped"] == 0 and rec["train/empty_step"] == 0
+        # one mini-batch: its ratios are those of the trainer's log-probs to the sampler's, before any update
         assert RATIO_BAND[0] <= rec["train/ratio_min"] <= rec["train/ratio_max"] <= RATIO_BAND[1], rec
+    before, after = load_file(smollm2_dir / "model.safetensors"), load_file(run / "hf_final" / "model.safetensors")
+    assert before.keys() == after.keys()
+    moved = [n for n in before if not np.array_equal(before[n], after[n])]
+    assert len(moved) > len(before) // 2  # the update reached (nearly) every tensor
 
 
-def test_eval_cli_on_released_countdown(smollm2_dir, capsys):
-    from mtgrpo_jax.train.eval_cli import main
-
-    code = main([str(smollm2_dir), "--tasks", str(RELEASED / "test_countdown.parquet"), "--max-examples", "2",
-                 "--n", "2", "--max-new-tokens", "32", "--json", "rollout.batch_buckets=[8]",
+def test_eval_cli_on_released_countdown(smollm2_dir):
+    done = _cli(["eval", str(smollm2_dir), "--tasks", str(RELEASED / "test_countdown.parquet"), "--max-examples", "2",
+                 "--n", "2", "--max-new-tokens", "32", "--json", "rollout.batch_buckets=[4]",
                  "rollout.prompt_buckets=[128,256]"])
-    assert code == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(out["tasks"]) == {f"countdown-l{level}" for level in (1, 2, 3, 4)}
     for vals in out["tasks"].values():
         assert 0.0 <= vals["accuracy"] <= 1.0
-    assert out["prompt_style"]["kind"] == "instruct"
+    assert out["prompt_style"]["kind"] == "instruct" and out["dtype"] == "float32" and out["n"] == 2

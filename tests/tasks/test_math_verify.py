@@ -44,8 +44,9 @@ WRONG = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def pool() -> MathVerifyPool:
+    """The pool with every worker up (one killed by an earlier test is being replaced in the background)."""
     p = math_verify_pool()
     assert p.wait_ready(180), "math-verify workers did not start (is math-verify installed?)"
     return p
@@ -84,3 +85,21 @@ def test_math_task_scores_a_reordered_answer_correct(pool):
     task = get_task("math").with_options(math_verify_timeout_s=30)
     assert task.score("so \\boxed{1+2x}", {"question": "q", "answer": "2x+1"}).correct
     assert not task.score("so \\boxed{1-2x}", {"question": "q", "answer": "2x+1"}).correct
+
+
+def test_adversarial_completions_cost_at_most_the_time_limit_and_never_score_correct(pool):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_tasks_verifiers import ADVERSARIAL, MATH
+
+    from mtgrpo_jax.tasks import get_task
+
+    task = get_task("math").with_options(math_verify_timeout_s=1.0)
+    for name, text in ADVERSARIAL.items():
+        start = time.perf_counter()
+        score, status = task.score_with_status(text, MATH)
+        # waiting for a free worker (a quarter of the limit) + the limit itself, plus scheduling slack
+        assert time.perf_counter() - start < 1.25 + 1.0, name
+        assert status == "ok" and not score.correct, name
