@@ -148,6 +148,10 @@ class RolloutCfg(_Strict):
     # None: from model.kind (instruct: chat, base: raw).
     template: Literal["chat", "raw"] | None = None
     system_prompt: str | None = None  # a system turn before the question (chat template only); None: none
+    # The decode loop's generated-token cache in blocks of this many slots, read only as far as written (in up
+    # to max_phases loops). None: the platform's default (32 on CPU, one block on accelerators); 0: one block.
+    attention_block: int | None = Field(None, ge=0)
+    max_phases: int | None = Field(None, ge=1)  # None: the sampler's default (4)
 
 
 class LossCfg(_Strict):
