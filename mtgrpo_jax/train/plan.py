@@ -30,7 +30,7 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -258,15 +258,14 @@ def _oom_bytes(err: Exception) -> int:
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2)))
 
 
-class _Unfit:
-    """What a program that the compiler refused for memory looks like in the report."""
+class _RefusedMemory(NamedTuple):
+    """The memory of a program the compiler refused: what its error says the temporaries needed."""
 
-    def __init__(self, needed: int, compile_s: float):
-        self.memory = type("M", (), dict(argument_size_in_bytes=0, output_size_in_bytes=0, alias_size_in_bytes=0,
-                                          temp_size_in_bytes=needed, generated_code_size_in_bytes=0))()
-        self.flops = 0.0
-        self.bytes_accessed = 0.0
-        self.compile_s = compile_s
+    temp_size_in_bytes: int
+    argument_size_in_bytes: int = 0
+    output_size_in_bytes: int = 0
+    alias_size_in_bytes: int = 0
+    generated_code_size_in_bytes: int = 0
 
 
 def _try_compile(fn, *args, mesh=None, **kwargs):
@@ -276,7 +275,7 @@ def _try_compile(fn, *args, mesh=None, **kwargs):
     except Exception as err:  # noqa: BLE001 - only out-of-memory is a plan result; the rest propagate
         if not _is_oom(err):
             raise
-        return _Unfit(_oom_bytes(err), time.perf_counter() - start)
+        return _Compiled(_RefusedMemory(_oom_bytes(err)), 0.0, 0.0, time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------------------------------------------
