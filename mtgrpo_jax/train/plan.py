@@ -34,7 +34,6 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -42,7 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mtgrpo_jax.config import Config, ConfigError
 from mtgrpo_jax.models import ModelConfig, Transformer, tiny_config
 from mtgrpo_jax.parallel import BATCH_AXES, make_mesh, state_shardings
-from mtgrpo_jax.parallel.topology import Topology, TopologyError, resolve_topology, topology_devices
+from mtgrpo_jax.parallel.topology import Topology, resolve_topology, topology_devices
 from mtgrpo_jax.train import setup
 from mtgrpo_jax.train.update import (Batch, UpdateSettings, make_logprob_fn, make_objective_fn, make_optimizer,
                                      make_sft_update_fn, make_update_fn)
@@ -71,7 +70,8 @@ KNOWN_MODELS: dict[str, dict[str, Any]] = {
     "Qwen/Qwen2.5-0.5B": dict(_QWEN25, vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                               num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
                               max_position_embeddings=32768),
-    "Qwen/Qwen2.5-1.5B": dict(_QWEN25, vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+    "Qwen/Qwen2.5-1.5B": dict(_QWEN25, vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                              num_hidden_layers=28,
                               num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
                               max_position_embeddings=131072),
     "Qwen/Qwen2.5-3B": dict(_QWEN25, vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
@@ -120,7 +120,7 @@ def model_config(cfg: Config) -> ModelConfig:
         known = {k.lower(): v for k, v in KNOWN_MODELS.items()}
         if path.lower() not in known:
             raise PlanError(f"model.path: unknown model {path!r}: not a local directory with config.json and not one "
-                            f"of the known configs ({', '.join(sorted(k for k in KNOWN_MODELS if 'Instruct' not in k))})")
+                            f"of the known configs ({', '.join(sorted(k for k in KNOWN_MODELS if 'Instr' not in k))})")
         base = ModelConfig.from_hf(known[path.lower()])
     if cfg.model.overrides:
         try:
@@ -354,7 +354,8 @@ def _knob(cfg: Config, program: str, mesh, micro_batches: int) -> str:
         budget = cfg.rollout.kv_cache_budget_gib
         if budget is not None:
             return f"lower rollout.kv_cache_budget_gib (now {budget})"
-        return f"set rollout.kv_cache_budget_gib, or lower the largest rollout.batch_buckets (now {max(cfg.rollout.batch_buckets)})"
+        largest = max(cfg.rollout.batch_buckets)
+        return f"set rollout.kv_cache_budget_gib, or lower the largest rollout.batch_buckets (now {largest})"
     if not cfg.loss.logprob_chunk:
         return "set loss.logprob_chunk (e.g. 512)"
     if cfg.model.remat == "none":
@@ -429,7 +430,8 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
 
     constrain = lambda b: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sh), b)  # noqa: E731
     ids, mask = batch.input_ids, batch.attention_mask
-    if (cfg.optim.recompute_old_logprobs and wanted("old_logprobs")) or (cfg.loss.beta > 0 and wanted("reference_logprobs")):
+    old_wanted = cfg.optim.recompute_old_logprobs and wanted("old_logprobs")
+    if old_wanted or (cfg.loss.beta > 0 and wanted("reference_logprobs")):
         say("compiling the logprob forward ...")
         fn = make_logprob_fn(graphdef, completion_len, cfg.rollout.temperature, chunks,
                              seq_chunk=cfg.loss.logprob_chunk, vocab_chunk=cfg.loss.vocab_chunk)
