@@ -116,6 +116,10 @@ class RolloutCfg(_Strict):
     # KV cache GiB per device one rollout call may hold; larger requests run in row chunks (a prompt's samples
     # kept together) with the same results. None: one call per largest batch bucket, as sized by the buckets.
     kv_cache_budget_gib: float | None = Field(None, gt=0.0)
+    # The decode loop's generated-token cache in blocks of this many slots, read only as far as written (in up
+    # to max_phases loops). None: the platform's default (32 on CPU, one block on accelerators); 0: one block.
+    attention_block: int | None = Field(None, ge=0)
+    max_phases: int | None = Field(None, ge=1)  # None: the sampler's default (4)
 
 
 class LossCfg(_Strict):

@@ -15,16 +15,16 @@ Layout choices, and why:
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from mtgrpo_jax.models import decode
 from mtgrpo_jax.models.attention import attend, causal_attention, resolve_attention
 from mtgrpo_jax.models.config import ModelConfig
+from mtgrpo_jax.models.layers import apply_rope, rms_norm, rope_inv_freq
 from mtgrpo_jax.parallel.sharding import divisible_spec, mesh_axis_sizes
 
 # Activation axis name -> mesh axes. Constraints are applied only when a mesh with these axis names
@@ -64,42 +64,6 @@ def _replicated(x: jax.Array) -> jax.Array:
     if jax.sharding.get_abstract_mesh().empty:
         return x
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec())
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """HF RMSNorm: statistics in float32, scale applied after casting back (matches transformers)."""
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return weight.astype(x.dtype) * normed.astype(x.dtype)
-
-
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Rotary inverse frequencies, with "linear" and Llama-3 ("llama3") scaling as in transformers."""
-    dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    scaling = cfg.rope_scaling or {}
-    kind = scaling.get("rope_type", "default")
-    if kind == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif kind == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        inv_freq = np.where(medium, smoothed, scaled)
-    return inv_freq.astype(np.float32)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Half-split rotation (HF `rotate_half` convention); x `[B, T, N, D]`, cos/sin `[B, T, D/2]`."""
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Param:
@@ -203,9 +167,13 @@ class Transformer(nnx.Module):
         logits = self.logits(hidden)
         return logits if cache is None else (logits, new_cache)
 
-    def trunk(self, input_ids, positions=None, attention_mask=None):
-        """Final-norm hidden states `[B, T, H]` (activation dtype), e.g. for chunked log-probs."""
-        return self._forward(input_ids, positions, attention_mask, None, None, None)[0]
+    def trunk(self, input_ids, positions=None, attention_mask=None, *, cache: KVCache | None = None,
+              cache_index=None, kv_mask=None):
+        """Final-norm hidden states `[B, T, H]` (activation dtype) before the LM head, e.g. for chunked
+        log-probs or a prefill that runs the head on its last position only; with `cache` (same contract
+        as `__call__`), `(hidden, new_cache)`."""
+        hidden, new_cache = self._forward(input_ids, positions, attention_mask, cache, cache_index, kv_mask)
+        return hidden if cache is None else (hidden, new_cache)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits `[B, T, V]` from `trunk` output (tied embedding or separate lm_head)."""
@@ -228,6 +196,28 @@ class Transformer(nnx.Module):
         cfg = self.config
         shape = (cfg.num_hidden_layers, batch_size, max_len, cfg.num_key_value_heads, cfg.head_dim)
         return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+    # ------------------------------------------------------------------ one-token decoding
+    # The rollout's decode loop: a per-layer cache in the layout a one-token step wants, the prompts' k/v
+    # held once per prompt, the generated slots in blocks (see `mtgrpo_jax.models.decode`).
+    def decode_cache_shapes(self, rows: int, length: int, block: int | None = None):
+        """Shapes of one layer's `DecodeCache` k and v blocks for `rows` rows and `length` generated slots."""
+        return decode.cache_shapes(self.config, rows, length, block)
+
+    def decode_weights(self) -> dict:
+        """The weights a decode step reads, prepared once before the loop (2-D, activation dtype)."""
+        return decode.prepare_weights(self)
+
+    def decode_prefix(self, cache: KVCache, prompt_mask, dtype) -> decode.Prefix:
+        """The prompts' k/v from a prefilled `KVCache` (`trunk(..., cache=...)`), once per prompt."""
+        return decode.prefix_from_model_cache(cache, prompt_mask, dtype)
+
+    def decode_step(self, weights: dict, prefix: decode.Prefix, cache: decode.DecodeCache, tokens, positions, slot,
+                    *, blocks: int | None = None, first_block: int = 0):
+        """One token per row (rows prompt-major: row = prompt * n + sample) -> (float32 logits `[B, V]`,
+        cache); see `mtgrpo_jax.models.decode.step`."""
+        return decode.step(self, weights, prefix, cache, tokens, positions, slot, blocks=blocks,
+                           first_block=first_block)
 
     # ------------------------------------------------------------------ internals
     def _forward(self, input_ids, positions, attention_mask, cache, cache_index, kv_mask):

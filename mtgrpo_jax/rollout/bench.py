@@ -112,7 +112,7 @@ def mean_slots_read(sampler, prompt_len: int, new_tokens: int) -> tuple[float, f
     the steps. The fast path reads each prompt's k/v once for its n samples (the caller divides the
     prompt bytes by n) and only the generated-token blocks written so far; the model path reads its
     whole static-length cache, prompt repeated per sample."""
-    from mtgrpo_jax.rollout import decode
+    from mtgrpo_jax.models import decode
 
     if sampler.decode_impl != "fast" or new_tokens < 2:
         return float(prompt_len), float(new_tokens)

@@ -17,9 +17,9 @@ everything on device:
    masked, padded and never restarted. With a blocked cache (`attention_block`) the loop is split
    into a few phases, and a phase's steps read only the cache blocks written so far.
 
-The decode step is `rollout.decode.step` (a one-token step over a per-layer cache in the layout the
-CPU wants; see that module for why and for the measured difference) or, with
-`decode_impl="model"`, the model's own cached call over its `[L, B, S, Hkv, D]` cache.
+The decode step is the model's public one-token step (`Transformer.decode_step`: a per-layer cache in
+the layout a one-token step wants; see `mtgrpo_jax.models.decode` for why) or, with
+`decode_impl="model"`, the model's general cached call over its `[L, B, S, Hkv, D]` cache.
 
 Randomness: row r (= prompt i * n + sample j) draws the uniform of step t from
 `fold_in(fold_in(key, r), t)`, so a row's samples depend only on the key, its row number and its
@@ -39,11 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from mtgrpo_jax import parallel
 from mtgrpo_jax.models import KVCache
-from mtgrpo_jax.rollout import decode, sampling
+from mtgrpo_jax.models import decode
+from mtgrpo_jax.rollout import sampling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +151,11 @@ def to_serve_layout(state, mesh: jax.sharding.Mesh):
     return moved, time.perf_counter() - start
 
 
+def platform_attention_block(platform: str) -> int | None:
+    """The default decode-cache block for a platform: 32 slots on CPU, one block elsewhere."""
+    return 32 if platform == "cpu" else None
+
+
 def kv_cache_bytes_per_row(cfg, positions: int, dtype) -> int:
     """Bytes of one row's KV cache over `positions` slots: layers x kv heads x head_dim x positions x
     dtype size x 2 (keys and values)."""
@@ -183,17 +189,6 @@ def _is_shape(x) -> bool:
     return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
 
 
-def _batch_axes(mesh: jax.sharding.Mesh | None, dim: int):
-    """Mesh axes for a batch dimension of size `dim`: ("data", "fsdp") when they divide it."""
-    if mesh is None:
-        return None
-    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
-    axes = tuple(a for a in parallel.BATCH_AXES if sizes.get(a, 1) > 1)
-    if not axes or dim % math.prod(sizes[a] for a in axes):
-        return None
-    return axes
-
-
 class Sampler:
     """Generates completions from an NNX `Transformer` (see the module docstring for the design).
 
@@ -211,16 +206,15 @@ class Sampler:
       truncate_prompts: if True, prompts longer than the largest prompt bucket keep their last
         tokens (counted in `num_truncated_prompts` and in each output); if False they raise ValueError.
       pad_token_id: id used for padding (default: tokenizer pad, else the first EOS id, else 0).
-      decode_impl: "fast" (the decode step of `rollout.decode`: per-layer cache in the CPU-friendly
-        layout), "model" (the model's own cached call, `[L, B, S, Hkv, D]` cache), or "auto"
-        (fast when the model is the project's Transformer).
+      decode_impl: "fast" (the model's one-token `decode_step`: per-layer cache in the layout a
+        one-token step wants), "model" (the model's general cached call, `[L, B, S, Hkv, D]` cache), or
+        "auto" (fast when the model has `decode_step`, i.e. is the project's Transformer).
       attention_block: slots per block of the fast path's generated-token cache (None: one
         block). Decoding runs in up to `max_phases` loops, each reading only the blocks written so
-        far instead of the whole static-length cache. Default "auto": 32 on CPU, where attention
-        over small blocks also runs nearer the memory bandwidth than over one long block
-        (100M-parameter benchmark, float32: about 750 instead of 621 tokens/s; see
-        `rollout.decode`); None on accelerators, where many small dots per step would cost more
-        launches than they save.
+        far instead of the whole static-length cache. Default "auto": `platform_attention_block()`,
+        32 on CPU, where attention over small blocks also runs nearer the memory bandwidth than over
+        one long block (`mtgrpo bench rollout` reports the slots read); None on accelerators, where
+        many small dots per step would cost more launches than they save.
       max_phases: the most decode loops one program holds (each is compiled; default 4).
       kv_cache_budget_gib: KV cache GiB per device one call may hold (None: no limit). Requests run in
         chunks of the largest batch bucket whose cache (rows x (prompt bucket + max_new_tokens)
@@ -240,12 +234,13 @@ class Sampler:
             raise TypeError(f"buckets must be a Buckets or a dict, got {type(buckets).__name__}")
         if decode_impl not in ("auto", "fast", "model"):
             raise ValueError(f"decode_impl must be 'auto', 'fast' or 'model', got {decode_impl!r}")
-        if decode_impl == "fast" and not decode.supports(model):
+        fast = hasattr(model, "decode_step")  # the one-token decode methods of mtgrpo_jax.models.Transformer
+        if decode_impl == "fast" and not fast:
             raise ValueError(f"decode_impl='fast' needs mtgrpo_jax.models.Transformer, got {type(model).__name__}")
-        self.decode_impl = ("fast" if decode.supports(model) else "model") if decode_impl == "auto" else decode_impl
+        self.decode_impl = ("fast" if fast else "model") if decode_impl == "auto" else decode_impl
         if attention_block == "auto":
-            platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
-            attention_block = 32 if platform == "cpu" else None
+            attention_block = platform_attention_block((mesh.devices.flat[0] if mesh is not None
+                                                        else jax.devices()[0]).platform)
         if attention_block is not None and (not isinstance(attention_block, (int, np.integer)) or attention_block <= 0):
             raise ValueError(f"attention_block must be a positive integer, None or 'auto', got {attention_block!r}")
         if not isinstance(max_phases, (int, np.integer)) or max_phases <= 0:
@@ -401,8 +396,9 @@ class Sampler:
         """Devices one decode cache is split over: rows over data x fsdp, kv heads over tensor when divisible."""
         if self.mesh is None:
             return 1
+        # rows: the batch buckets are checked to be multiples of data x fsdp, so any multiple stands for them
+        spec = self._sharding(2, 0, math.prod(self.mesh.axis_sizes), 1).spec
         sizes = parallel.mesh_axis_sizes(self.mesh)
-        spec = parallel.divisible_spec((0, self.config.num_key_value_heads), (parallel.BATCH_AXES, "tensor"), sizes)
         return math.prod(sizes[a] for part in spec if part for a in ((part,) if isinstance(part, str) else part))
 
     def _serving_state(self):
@@ -418,7 +414,7 @@ class Sampler:
     def _put_batch(self, x: np.ndarray) -> jax.Array:
         if self.mesh is None:
             return jnp.asarray(x)
-        spec = PartitionSpec(_batch_axes(self.mesh, x.shape[0]), *([None] * (x.ndim - 1)))
+        spec = self._sharding(x.ndim, 0, x.shape[0]).spec
         # every process holds the same prompts; each supplies its own shards (no cross-process check)
         return parallel.host_to_global(x, NamedSharding(self.mesh, spec))
 
@@ -430,7 +426,7 @@ class Sampler:
         cfg = self.config
         length = p + m
         if self.decode_impl == "fast":  # per layer, per block: k [R, Hkv, D, C], v [R, Hkv, C, D]
-            k_shape, v_shape = decode.cache_shapes(self.model, rows, m, self.attention_block)
+            k_shape, v_shape = self.model.decode_cache_shapes(rows, m, self.attention_block)
             shapes = decode.DecodeCache((k_shape,) * cfg.num_hidden_layers, (v_shape,) * cfg.num_hidden_layers)
             batch_dim, head_dim, ndim = 0, 1, 4
         else:  # the model's [L, R, S, Hkv, D]
@@ -443,14 +439,13 @@ class Sampler:
         return shapes, jax.tree.map(lambda _: sharding, shapes, is_leaf=_is_shape)
 
     def _sharding(self, ndim: int, batch_dim: int, batch: int, head_dim: int | None = None) -> NamedSharding:
-        """Dim `batch_dim` (size `batch`) over (data, fsdp) when they divide it; dim `head_dim` (kv
-        heads) over tensor as the serve layout places kv heads."""
-        spec = [None] * ndim
-        spec[batch_dim] = _batch_axes(self.mesh, batch)
+        """Dim `batch_dim` (size `batch`) over (data, fsdp) and dim `head_dim` (kv heads) over what the serve
+        layout gives kv heads, each when the mesh axes divide it (`parallel.divisible_spec`)."""
+        shape, axes = [1] * ndim, [None] * ndim
+        shape[batch_dim], axes[batch_dim] = batch, parallel.BATCH_AXES
         if head_dim is not None:
-            nkv = self.config.num_key_value_heads
-            spec[head_dim] = parallel.logical_to_spec(("kv_heads",), (nkv,), self.mesh, "serve")[0]
-        return NamedSharding(self.mesh, PartitionSpec(*spec))
+            shape[head_dim], axes[head_dim] = self.config.num_key_value_heads, parallel.LAYOUTS["serve"]["kv_heads"]
+        return NamedSharding(self.mesh, parallel.divisible_spec(shape, axes, parallel.mesh_axis_sizes(self.mesh)))
 
     def _take_cache(self, rows: int, p: int, m: int):
         """The preallocated cache for this shape (reused; it is donated to the program), else a fresh
@@ -493,8 +488,11 @@ class Sampler:
         positions = jnp.maximum(jnp.cumsum(prompt_mask.astype(jnp.int32), axis=1) - 1, 0)
         prompt_cache = model.init_cache(b, p, dtype=self.cache_dtype)
         if self.decode_impl == "fast":
-            last_logits, prompt_cache = decode.prefill_last_logits(model, prompt_ids, positions, prompt_cache,
-                                                                   prompt_mask)
+            # The head on the last position only: `[B, P, V]` float32 logits would be 80 GB for 128 prompts
+            # of 1024 tokens at a 152k vocabulary (XLA does not push the slice through the head matmul).
+            hidden, prompt_cache = model.trunk(prompt_ids, positions=positions, cache=prompt_cache,
+                                               cache_index=jnp.int32(0), kv_mask=prompt_mask)
+            last_logits = model.logits(hidden[:, -1:])[:, 0]
         else:
             logits, prompt_cache = model(prompt_ids, positions=positions, cache=prompt_cache,
                                          cache_index=jnp.int32(0), kv_mask=prompt_mask)
@@ -504,12 +502,12 @@ class Sampler:
         # 2. share each prompt's k/v with its n samples. Fast path: one copy per prompt, read once
         # per step for all n samples; model path: repeated into the donated cache, in place.
         if self.decode_impl == "fast":
-            prefix = decode.prefix_from_model_cache(prompt_cache, prompt_mask, self.cache_dtype)
+            prefix = model.decode_prefix(prompt_cache, prompt_mask, self.cache_dtype)
             if self.mesh is not None:
                 layer = self._sharding(4, 0, b, 1)
                 prefix = jax.lax.with_sharding_constraint(
                     prefix, decode.Prefix((layer,) * len(prefix.k), (layer,) * len(prefix.v), self._sharding(2, 0, b)))
-            weights = decode.prepare_weights(model)
+            weights = model.decode_weights()
         else:
             def share(full, part):
                 part = jnp.repeat(part, n, axis=1).astype(full.dtype)
@@ -531,8 +529,8 @@ class Sampler:
 
         def forward(cache, tok, t, blocks):
             if self.decode_impl == "fast":
-                return decode.step(model, weights, prefix, cache, tok, prompt_len + t, t,
-                                   blocks=blocks[1], first_block=blocks[0])
+                return model.decode_step(weights, prefix, cache, tok, prompt_len + t, t, blocks=blocks[1],
+                                         first_block=blocks[0])
             kv_mask = jnp.concatenate([row_mask, jnp.ones((rows, m), bool)], axis=1)
             step_logits, cache = model(tok[:, None], positions=(prompt_len + t)[:, None], cache=cache,
                                        cache_index=p + t, kv_mask=kv_mask)

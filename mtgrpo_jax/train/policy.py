@@ -38,6 +38,8 @@ class Policy:
             mesh=mesh,
             truncate_prompts=rollout_cfg.truncate_prompts,
             kv_cache_budget_gib=rollout_cfg.kv_cache_budget_gib,
+            attention_block={None: "auto", 0: None}.get(rollout_cfg.attention_block, rollout_cfg.attention_block),
+            **({} if rollout_cfg.max_phases is None else {"max_phases": rollout_cfg.max_phases}),
         )
         ids = set(model.config.eos_token_ids)
         for tok in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")):

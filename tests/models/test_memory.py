@@ -153,3 +153,16 @@ def test_remat_names_are_checked_in_the_model_and_the_config():
     assert load_config(None, ["model.remat=checkpoint_dots"]).model.remat == "checkpoint_dots"
     with pytest.raises(ConfigError, match=r"^config error: model.remat: unknown remat 'sometimes'[^\n]*$"):
         load_config(None, ["model.remat=sometimes"])
+
+
+def test_public_trunk_with_cache_is_the_cached_call_before_the_head():
+    """`trunk(..., cache=...)` (the rollout's prefill) gives the hidden states whose head is the cached
+    call's logits, and the same cache."""
+    model = Transformer(CFG, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+    ids, mask = _batch()
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    cache = model.init_cache(3, ids.shape[1], dtype=jnp.float32)
+    logits, c1 = model(ids, positions=positions, cache=cache, cache_index=0, kv_mask=mask)
+    hidden, c2 = model.trunk(ids, positions=positions, cache=cache, cache_index=0, kv_mask=mask)
+    np.testing.assert_allclose(model.logits(hidden), logits, atol=1e-6)
+    np.testing.assert_array_equal(c1.k, c2.k)

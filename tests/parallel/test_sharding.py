@@ -118,3 +118,16 @@ def test_cache_decode_under_mesh(mesh, batch):
         logits, cache = prefill(model, jax.device_put(ids, batch_sharding(mesh)), positions, cache, mask)
     assert cache.k.sharding.is_equivalent_to(cache_sharding(mesh, CFG.num_key_value_heads), 5)
     np.testing.assert_allclose(np.asarray(logits)[mask], reference[mask], atol=1e-5)
+
+
+def test_divisible_spec_is_the_one_placement_rule():
+    """One rule for parameters, activations and the rollout's caches: a dimension goes over its mesh axes
+    when their product divides it, else it is replicated; size-1 and missing axes drop out; an axis is
+    used once."""
+    from mtgrpo_jax.parallel import divisible_spec
+
+    sizes = {"data": 2, "fsdp": 2, "tensor": 2, "unused": 1}
+    assert divisible_spec((8, 6, 4), (("data", "fsdp"), None, "tensor"), sizes) == P(("data", "fsdp"), None, "tensor")
+    assert divisible_spec((6, 3), (("data", "fsdp"), "tensor"), sizes) == P(None, None)  # 4 does not divide 6
+    assert divisible_spec((4, 4), (("data", "unused"), "data"), sizes) == P("data", None)  # data used once
+    assert divisible_spec((4,), ("pipeline",), sizes) == P(None)

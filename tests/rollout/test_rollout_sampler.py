@@ -12,7 +12,8 @@ from flax import nnx
 from scipy import stats
 
 from mtgrpo_jax.models import ModelConfig, Transformer
-from mtgrpo_jax.rollout import Buckets, Sampler, SamplingParams, decode, to_serve_layout
+from mtgrpo_jax.models import decode
+from mtgrpo_jax.rollout import Buckets, Sampler, SamplingParams, to_serve_layout
 
 ALPHA = 1e-3
 BASE = dict(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -1,36 +1,27 @@
-"""A decode step specialised for one new token per row, for `mtgrpo_jax.models.Transformer`.
+"""The one-token decode step of `Transformer` (its public `decode_*` methods), for the rollout's loop.
 
-Why this exists next to `Transformer.__call__(..., cache=...)`: the model's cache layout
-`[L, B, S, Hkv, D]` and its layer `scan` are right for prefill and training, but in a one-token
-decode step on XLA:CPU they cost more than the matmuls: attention's batched dot wants `[B, Hkv, S, D]`
-so every layer transposes (copies) its whole k and v cache every step, and the scan dynamic-slices
-every layer's weights and cache (more copies). Measured on the 100M-parameter benchmark shape
-(512 rows, 192 slots, 4 kv heads, float32, one layer): q.k^T took 71 ms with k as `[B, S, Hkv, D]`
-(plus the transpose copy) and 10 ms with k as `[B, Hkv, D, S]`; p.v took 4 ms with v as
-`[B, Hkv, S, D]`.
+Why a step specialised for one new token per row, next to the uncached / prefill forward: the
+`[L, B, S, Hkv, D]` cache layout and the layer `scan` are right for prefill and training, but in a
+one-token decode step on XLA:CPU they cost more than the matmuls: attention's batched dot wants
+`[B, Hkv, S, D]`, so every layer would transpose (copy) its whole k and v cache every step, and the
+scan dynamic-slices every layer's weights and cache (more copies). So decoding keeps its own cache:
+per layer, k as `[B, Hkv, D, S]` (contraction dim major, the layout the CPU batched matmul wants) and v
+as `[B, Hkv, S, D]`, each updated in place with `dynamic_update_slice`; per-layer weights prepared once
+before the decode loop as plain 2-D matrices (q|k|v and gate|up concatenated on one device); the layers
+unrolled in the loop body.
 
-So the sampler keeps its own decode cache: per layer, k as `[B, Hkv, D, S]` (contraction dim
-major, the layout the CPU batched matmul wants) and v as `[B, Hkv, S, D]`, each updated in place
-with `dynamic_update_slice`; per-layer weights prepared once before the decode loop as plain 2-D
-matrices (q|k|v and gate|up concatenated on one device); the layers unrolled in the loop body.
+The prompts' k/v (`Prefix`) are held once per prompt, not once per sample: a step stacks the queries
+of a prompt's n samples into one matrix per kv head and reads the prompt's keys and values once for
+all of them (n times less prompt traffic, and no n-fold copy of the prompt cache).
 
-The prompts' k/v (`Prefix`) are held once per prompt, not once per sample: a step stacks the
-queries of a prompt's n samples into one matrix per kv head and reads the prompt's keys and values
-once for all of them (n times less prompt traffic, and no n-fold copy of the prompt cache).
+The generated-token cache is cut into slot blocks (`block_sizes`; one block when `block` is None). A
+step reads only the first `blocks` of them: the rollout runs its decode loop in phases, and a phase's
+steps read the blocks written so far, not the whole static-length cache. On CPU small blocks also run
+nearer the memory bandwidth (`mtgrpo bench rollout` measures the effect).
 
-The generated-token cache is cut into slot blocks (`block_sizes`; one block when the sampler's
-`attention_block` is None). A step reads only the first `blocks` of them: the sampler runs its
-decode loop in phases, and a phase's steps read the blocks written so far, not the whole
-static-length cache. On CPU, small blocks also run nearer the memory bandwidth: q.k over one
-192-slot block ran at about 10 GB/s, over 64-slot blocks at about 16-20 GB/s. Measured on the
-100M-parameter benchmark (512 rows, 64 + 128 slots, float32; before the shared prefix): 621
-tokens/s with one block, 740 with 64-slot blocks (two phases), 728 with 32-slot blocks (four).
-
-The math is the model's block, reusing its own `rms_norm`, `apply_rope` and `rope_inv_freq` and
-its `logits` head; the tests check greedy decoding against the model's full no-cache forward for
-every family and for several block and phase layouts, so the two cannot drift silently. Prefill
-still runs the model's own cached forward (its `_forward`, so that only the last position goes
-through the vocabulary head).
+The block math reuses `layers` (RMSNorm, rotary embeddings) and the model's `logits` head; the tests
+check greedy decoding against the model's full no-cache forward for every family and for several
+block and phase layouts, so the two cannot drift silently.
 """
 
 from __future__ import annotations
@@ -41,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtgrpo_jax.models import transformer as tfm
+from mtgrpo_jax.models import layers
 
 _MASK_VALUE = float(np.finfo(np.float32).min)
 
@@ -54,21 +45,14 @@ class DecodeCache(NamedTuple):
     v: tuple
 
 
-def supports(model) -> bool:
-    """Whether `model` is the project's Transformer with the internals this fast path reads."""
-    return (isinstance(model, tfm.Transformer) and hasattr(model, "layers") and hasattr(model.layers, "weights")
-            and hasattr(model, "_forward"))
-
-
 def block_sizes(length: int, block: int | None) -> tuple[int, ...]:
     """Slot counts of the cache blocks for a cache of `length` slots (one block when `block` is None)."""
     block = length if block is None else block
     return tuple(min(block, length - start) for start in range(0, length, block))
 
 
-def cache_shapes(model, rows: int, length: int, block: int | None = None):
-    """Shapes of one layer's k and v decode cache: a tuple of block shapes each."""
-    cfg = model.config
+def cache_shapes(cfg, rows: int, length: int, block: int | None = None):
+    """Shapes of one layer's k and v decode cache (`cfg` a ModelConfig): a tuple of block shapes each."""
     nkv, d = cfg.num_key_value_heads, cfg.head_dim
     sizes = block_sizes(length, block)
     return tuple((rows, nkv, d, c) for c in sizes), tuple((rows, nkv, c, d) for c in sizes)
@@ -110,17 +94,6 @@ def prepare_weights(model) -> dict:
         layer["down"] = w["down_proj"]
         layers.append(layer)
     return {"layers": layers, "embed": embed}
-
-
-def prefill_last_logits(model, prompt_ids, positions, cache, kv_mask):
-    """Prefill the prompts into the model's `cache` and return float32 logits of the last slot only.
-
-    The public cached call returns logits for every prompt position, `[B, P, V]` float32: 80 GB for
-    128 prompts of 1024 tokens with a 152k vocabulary, all but the last column thrown away (XLA does
-    not push the slice through the head matmul). The model's `_forward` gives the hidden states, so
-    the head runs on the last position only. (Private API: see /work/notes/rollout_needs.md.)"""
-    hidden, cache = model._forward(prompt_ids, positions, None, cache, jnp.int32(0), kv_mask)
-    return model.logits(hidden[:, -1:])[:, 0], cache
 
 
 class Prefix(NamedTuple):
@@ -178,7 +151,7 @@ def step(model, weights, prefix: Prefix, cache: DecodeCache, tokens, positions, 
     Returns float32 logits [B, V] and the cache."""
     cfg, dt = model.config, model.dtype
     b = tokens.shape[0]
-    angles = positions.astype(jnp.float32)[:, None, None] * jnp.asarray(tfm.rope_inv_freq(cfg))  # [B, 1, D/2]
+    angles = positions.astype(jnp.float32)[:, None, None] * jnp.asarray(layers.rope_inv_freq(cfg))  # [B, 1, D/2]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x = jnp.take(weights["embed"], tokens, axis=0).astype(dt)  # [B, H]
     blocks = len(cache.k[0]) if blocks is None else blocks
@@ -200,7 +173,7 @@ def step(model, weights, prefix: Prefix, cache: DecodeCache, tokens, positions, 
         return jnp.dot(a, w, preferred_element_type=jnp.float32).astype(dt)
 
     for w, k_cache, v_cache, k_prefix, v_prefix in zip(weights["layers"], cache.k, cache.v, prefix.k, prefix.v):
-        h = tfm.rms_norm(x, w["input_norm"], cfg.rms_norm_eps)
+        h = layers.rms_norm(x, w["input_norm"], cfg.rms_norm_eps)
         if "qkv" in w:
             qkv = mm(h, w["qkv"])
             if cfg.attention_bias:
@@ -212,10 +185,10 @@ def step(model, weights, prefix: Prefix, cache: DecodeCache, tokens, positions, 
                 q, k, v = q + w["q_bias"], k + w["k_bias"], v + w["v_bias"]
         q, k, v = q.reshape(b, nq, d), k.reshape(b, nkv, d), v.reshape(b, nkv, d)
         if cfg.qk_norm:
-            q = tfm.rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
-            k = tfm.rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
-        q = tfm.apply_rope(q[:, None], cos, sin)[:, 0]
-        k = tfm.apply_rope(k[:, None], cos, sin)[:, 0]
+            q = layers.rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
+            k = layers.rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+        q = layers.apply_rope(q[:, None], cos, sin)[:, 0]
+        k = layers.apply_rope(k[:, None], cos, sin)[:, 0]
         k_cache = _write(k_cache, k[:, :, :, None], slot, 3, first_block, blocks)
         v_cache = _write(v_cache, v[:, :, None, :], slot, 2, first_block, blocks)
         new_k.append(k_cache)
@@ -246,12 +219,12 @@ def step(model, weights, prefix: Prefix, cache: DecodeCache, tokens, positions, 
         if cfg.o_proj_bias:
             out = out + w["o_bias"]
         x = x + out
-        h = tfm.rms_norm(x, w["post_attn_norm"], cfg.rms_norm_eps)
+        h = layers.rms_norm(x, w["post_attn_norm"], cfg.rms_norm_eps)
         if "gate_up" in w:
             gate, up = jnp.split(mm(h, w["gate_up"]), 2, axis=1)
         else:
             gate, up = mm(h, w["gate"]), mm(h, w["up"])
         x = x + mm(jax.nn.silu(gate) * up, w["down"])
-    x = tfm.rms_norm(x, model.final_norm[...], cfg.rms_norm_eps)
+    x = layers.rms_norm(x, model.final_norm[...], cfg.rms_norm_eps)
     logits = model.logits(x[:, None])[:, 0]
     return logits, DecodeCache(tuple(new_k), tuple(new_v))
