@@ -489,17 +489,13 @@ def rollout_programs(cfg: Config, model, mesh, topo: Topology, prompts: int, say
     real peak) and what it does before the loop alone (the prefill, the prompts' k/v in the decode
     layout, the loop's weights). The decode loop's cost is the whole program's less that part's, once
     per step (XLA counts a loop body once), times `max_new_tokens - 1` steps."""
-    from mtgrpo_jax.rollout import Sampler
-    from mtgrpo_jax.rollout import decode
     from mtgrpo_jax.rollout.sampler import Buckets
+    from mtgrpo_jax.train.policy import build_sampler
 
     r = cfg.rollout
     n, m = cfg.sampler.group_size, r.max_new_tokens
     p = max(r.prompt_buckets)
-    # As `train.policy.Policy` builds it.
-    sampler = Sampler(model, None, buckets=dict(prompt_lengths=r.prompt_buckets, batch_sizes=r.batch_buckets),
-                      mesh=mesh, truncate_prompts=r.truncate_prompts, pad_token_id=0,
-                      kv_cache_budget_gib=r.kv_cache_budget_gib)
+    sampler = build_sampler(model, None, r, mesh)
     per_chunk = rollout_chunk_prompts(cfg, prompts, sampler, p)
     b = Buckets.pick(sampler.buckets.batch_sizes, per_chunk)
     chunks = math.ceil(prompts / per_chunk)
@@ -523,15 +519,18 @@ def rollout_programs(cfg: Config, model, mesh, topo: Topology, prompts: int, say
     dtype = sampler.cache_dtype
 
     def prefill(state, prompt_ids, prompt_mask):
+        # What the sampler's program does before its decode loop (`Sampler._run`, steps 1 and 2).
         mdl = nnx.merge(graphdef, state)
         positions = jnp.maximum(jnp.cumsum(prompt_mask.astype(jnp.int32), axis=1) - 1, 0)
         cache = mdl.init_cache(prompt_ids.shape[0], prompt_ids.shape[1], dtype=dtype)
-        last, cache = decode.prefill_last_logits(mdl, prompt_ids, positions, cache, prompt_mask)
         if sampler.decode_impl != "fast":
-            return last, cache
-        # Everything the sampler's program does before its decode loop: the prompts' k/v in the decode
-        # layout and the per-layer weights the loop reads.
-        return last, decode.prefix_from_model_cache(cache, prompt_mask, dtype), decode.prepare_weights(mdl)
+            logits, cache = mdl(prompt_ids, positions=positions, cache=cache, cache_index=jnp.int32(0),
+                                kv_mask=prompt_mask)
+            return logits[:, -1], cache
+        hidden, cache = mdl.trunk(prompt_ids, positions=positions, cache=cache, cache_index=jnp.int32(0),
+                                  kv_mask=prompt_mask)
+        last = mdl.logits(hidden[:, -1:])[:, 0]
+        return last, mdl.decode_prefix(cache, prompt_mask, dtype), mdl.decode_weights()
 
     pre = _try_compile(jax.jit(prefill), state, ids, mask, mesh=mesh)
     if not with_loop:
