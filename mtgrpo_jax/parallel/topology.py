@@ -131,7 +131,8 @@ def topology_devices(topology: Topology):
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.libtpu_name)
     except Exception as err:  # libtpu's errors are long multi-line status strings
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TopologyError(f"topology {topology.name!r} ({topology.libtpu_name}): libtpu refused it: {first}") from None
+        raise TopologyError(f"topology {topology.name!r} ({topology.libtpu_name}): libtpu refused it: {first}") \
+            from None
     devices = list(desc.devices)
     if len(devices) != topology.num_chips:
         raise TopologyError(f"topology {topology.name!r}: libtpu gave {len(devices)} devices for "

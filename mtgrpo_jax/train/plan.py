@@ -30,11 +30,10 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -42,7 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mtgrpo_jax.config import Config, ConfigError
 from mtgrpo_jax.models import ModelConfig, Transformer, tiny_config
 from mtgrpo_jax.parallel import BATCH_AXES, make_mesh, state_shardings
-from mtgrpo_jax.parallel.topology import Topology, TopologyError, resolve_topology, topology_devices
+from mtgrpo_jax.parallel.topology import Topology, resolve_topology, topology_devices
 from mtgrpo_jax.train import setup
 from mtgrpo_jax.train.update import (Batch, UpdateSettings, make_logprob_fn, make_objective_fn, make_optimizer,
                                      make_sft_update_fn, make_update_fn)
@@ -71,7 +70,8 @@ KNOWN_MODELS: dict[str, dict[str, Any]] = {
     "Qwen/Qwen2.5-0.5B": dict(_QWEN25, vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                               num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
                               max_position_embeddings=32768),
-    "Qwen/Qwen2.5-1.5B": dict(_QWEN25, vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+    "Qwen/Qwen2.5-1.5B": dict(_QWEN25, vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                              num_hidden_layers=28,
                               num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
                               max_position_embeddings=131072),
     "Qwen/Qwen2.5-3B": dict(_QWEN25, vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
@@ -120,7 +120,7 @@ def model_config(cfg: Config) -> ModelConfig:
         known = {k.lower(): v for k, v in KNOWN_MODELS.items()}
         if path.lower() not in known:
             raise PlanError(f"model.path: unknown model {path!r}: not a local directory with config.json and not one "
-                            f"of the known configs ({', '.join(sorted(k for k in KNOWN_MODELS if 'Instruct' not in k))})")
+                            f"of the known configs ({', '.join(sorted(k for k in KNOWN_MODELS if 'Instr' not in k))})")
         base = ModelConfig.from_hf(known[path.lower()])
     if cfg.model.overrides:
         try:
@@ -258,15 +258,14 @@ def _oom_bytes(err: Exception) -> int:
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2)))
 
 
-class _Unfit:
-    """What a program that the compiler refused for memory looks like in the report."""
+class _RefusedMemory(NamedTuple):
+    """The memory of a program the compiler refused: what its error says the temporaries needed."""
 
-    def __init__(self, needed: int, compile_s: float):
-        self.memory = type("M", (), dict(argument_size_in_bytes=0, output_size_in_bytes=0, alias_size_in_bytes=0,
-                                          temp_size_in_bytes=needed, generated_code_size_in_bytes=0))()
-        self.flops = 0.0
-        self.bytes_accessed = 0.0
-        self.compile_s = compile_s
+    temp_size_in_bytes: int
+    argument_size_in_bytes: int = 0
+    output_size_in_bytes: int = 0
+    alias_size_in_bytes: int = 0
+    generated_code_size_in_bytes: int = 0
 
 
 def _try_compile(fn, *args, mesh=None, **kwargs):
@@ -276,7 +275,7 @@ def _try_compile(fn, *args, mesh=None, **kwargs):
     except Exception as err:  # noqa: BLE001 - only out-of-memory is a plan result; the rest propagate
         if not _is_oom(err):
             raise
-        return _Unfit(_oom_bytes(err), time.perf_counter() - start)
+        return _Compiled(_RefusedMemory(_oom_bytes(err)), 0.0, 0.0, time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -355,7 +354,8 @@ def _knob(cfg: Config, program: str, mesh, micro_batches: int) -> str:
         budget = cfg.rollout.kv_cache_budget_gib
         if budget is not None:
             return f"lower rollout.kv_cache_budget_gib (now {budget})"
-        return f"set rollout.kv_cache_budget_gib, or lower the largest rollout.batch_buckets (now {max(cfg.rollout.batch_buckets)})"
+        largest = max(cfg.rollout.batch_buckets)
+        return f"set rollout.kv_cache_budget_gib, or lower the largest rollout.batch_buckets (now {largest})"
     if not cfg.loss.logprob_chunk:
         return "set loss.logprob_chunk (e.g. 512)"
     if cfg.model.remat == "none":
@@ -430,7 +430,8 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
 
     constrain = lambda b: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sh), b)  # noqa: E731
     ids, mask = batch.input_ids, batch.attention_mask
-    if (cfg.optim.recompute_old_logprobs and wanted("old_logprobs")) or (cfg.loss.beta > 0 and wanted("reference_logprobs")):
+    old_wanted = cfg.optim.recompute_old_logprobs and wanted("old_logprobs")
+    if old_wanted or (cfg.loss.beta > 0 and wanted("reference_logprobs")):
         say("compiling the logprob forward ...")
         fn = make_logprob_fn(graphdef, completion_len, cfg.rollout.temperature, chunks,
                              seq_chunk=cfg.loss.logprob_chunk, vocab_chunk=cfg.loss.vocab_chunk)
@@ -488,17 +489,13 @@ def rollout_programs(cfg: Config, model, mesh, topo: Topology, prompts: int, say
     real peak) and what it does before the loop alone (the prefill, the prompts' k/v in the decode
     layout, the loop's weights). The decode loop's cost is the whole program's less that part's, once
     per step (XLA counts a loop body once), times `max_new_tokens - 1` steps."""
-    from mtgrpo_jax.rollout import Sampler
-    from mtgrpo_jax.rollout import decode
     from mtgrpo_jax.rollout.sampler import Buckets
+    from mtgrpo_jax.train.policy import build_sampler
 
     r = cfg.rollout
     n, m = cfg.sampler.group_size, r.max_new_tokens
     p = max(r.prompt_buckets)
-    # As `train.policy.Policy` builds it.
-    sampler = Sampler(model, None, buckets=dict(prompt_lengths=r.prompt_buckets, batch_sizes=r.batch_buckets),
-                      mesh=mesh, truncate_prompts=r.truncate_prompts, pad_token_id=0,
-                      kv_cache_budget_gib=r.kv_cache_budget_gib)
+    sampler = build_sampler(model, None, r, mesh)
     per_chunk = rollout_chunk_prompts(cfg, prompts, sampler, p)
     b = Buckets.pick(sampler.buckets.batch_sizes, per_chunk)
     chunks = math.ceil(prompts / per_chunk)
@@ -522,15 +519,18 @@ def rollout_programs(cfg: Config, model, mesh, topo: Topology, prompts: int, say
     dtype = sampler.cache_dtype
 
     def prefill(state, prompt_ids, prompt_mask):
+        # What the sampler's program does before its decode loop (`Sampler._run`, steps 1 and 2).
         mdl = nnx.merge(graphdef, state)
         positions = jnp.maximum(jnp.cumsum(prompt_mask.astype(jnp.int32), axis=1) - 1, 0)
         cache = mdl.init_cache(prompt_ids.shape[0], prompt_ids.shape[1], dtype=dtype)
-        last, cache = decode.prefill_last_logits(mdl, prompt_ids, positions, cache, prompt_mask)
         if sampler.decode_impl != "fast":
-            return last, cache
-        # Everything the sampler's program does before its decode loop: the prompts' k/v in the decode
-        # layout and the per-layer weights the loop reads.
-        return last, decode.prefix_from_model_cache(cache, prompt_mask, dtype), decode.prepare_weights(mdl)
+            logits, cache = mdl(prompt_ids, positions=positions, cache=cache, cache_index=jnp.int32(0),
+                                kv_mask=prompt_mask)
+            return logits[:, -1], cache
+        hidden, cache = mdl.trunk(prompt_ids, positions=positions, cache=cache, cache_index=jnp.int32(0),
+                                  kv_mask=prompt_mask)
+        last = mdl.logits(hidden[:, -1:])[:, 0]
+        return last, mdl.decode_prefix(cache, prompt_mask, dtype), mdl.decode_weights()
 
     pre = _try_compile(jax.jit(prefill), state, ids, mask, mesh=mesh)
     if not with_loop:

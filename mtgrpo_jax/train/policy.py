@@ -64,22 +64,27 @@ def resolve_prompts(cfg: Config, tokenizer) -> tuple[Config, PromptChoice]:
     return cfg, choice
 
 
+def build_sampler(model, tokenizer, rollout_cfg: RolloutCfg, mesh=None) -> Sampler:
+    """The rollout engine as the config sets it up (also what `mtgrpo plan` compiles)."""
+    return Sampler(
+        model,
+        tokenizer,
+        buckets=dict(prompt_lengths=rollout_cfg.prompt_buckets, batch_sizes=rollout_cfg.batch_buckets),
+        mesh=mesh,
+        truncate_prompts=rollout_cfg.truncate_prompts,
+        kv_cache_budget_gib=rollout_cfg.kv_cache_budget_gib,
+        attention_block={None: "auto", 0: None}.get(rollout_cfg.attention_block, rollout_cfg.attention_block),
+        **({} if rollout_cfg.max_phases is None else {"max_phases": rollout_cfg.max_phases}),
+    )
+
+
 class Policy:
     def __init__(self, model, tokenizer, rollout_cfg: RolloutCfg, mesh=None):
         self.model = model
         self.tokenizer = tokenizer
         self.rollout_cfg = rollout_cfg
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.rollout = Sampler(
-            model,
-            tokenizer,
-            buckets=dict(prompt_lengths=rollout_cfg.prompt_buckets, batch_sizes=rollout_cfg.batch_buckets),
-            mesh=mesh,
-            truncate_prompts=rollout_cfg.truncate_prompts,
-            kv_cache_budget_gib=rollout_cfg.kv_cache_budget_gib,
-            attention_block={None: "auto", 0: None}.get(rollout_cfg.attention_block, rollout_cfg.attention_block),
-            **({} if rollout_cfg.max_phases is None else {"max_phases": rollout_cfg.max_phases}),
-        )
+        self.rollout = build_sampler(model, tokenizer, rollout_cfg, mesh)
         ids = set(model.config.eos_token_ids)
         for tok in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")):
             if isinstance(tok, int) and tok >= 0 and tok != tokenizer.unk_token_id:

@@ -3,7 +3,6 @@ errors, the known-model table and `optim.micro_batches: auto`."""
 
 import json
 
-import numpy as np
 import pytest
 import yaml
 
