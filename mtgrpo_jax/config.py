@@ -82,7 +82,7 @@ class TaskSourceCfg(_Strict):
     data_source: str | None = None  # keep only the file's rows with this `data_source` (e.g. "test_math")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "TaskSourceCfg":
+    def _one_source(self) -> TaskSourceCfg:
         if self.path is None and (self.level is None or self.n is None):
             raise ValueError("a task source needs `path`, or `level` and `n` to generate")
         return self
@@ -295,7 +295,7 @@ class Config(_Strict):
     logging: LoggingCfg = Field(default_factory=LoggingCfg)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Config":
+    def _consistent(self) -> Config:
         names = [t.name for t in self.tasks]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

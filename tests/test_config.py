@@ -1,12 +1,10 @@
 """The typed config: presets, dotted overrides, and one-line errors that name the key at fault."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-
-import subprocess
-import sys
-
 import yaml
 
 from mtgrpo_jax.config import ConfigError, dump_config, load_config

@@ -21,11 +21,11 @@ at 0) so left-padded prompts get the positions they would have unpadded; with a 
 idx + arange(T), so pass them explicitly for left-padded batches.
 """
 
+from mtgrpo_jax.models import decode
+from mtgrpo_jax.models.attention import ATTENTION_IMPLEMENTATIONS, causal_attention, resolve_attention
 from mtgrpo_jax.models.config import ModelConfig, tiny_config
 from mtgrpo_jax.models.hf_io import load_pretrained, save_pretrained
 from mtgrpo_jax.models.tokenizer import apply_chat_template, load_tokenizer
-from mtgrpo_jax.models import decode
-from mtgrpo_jax.models.attention import ATTENTION_IMPLEMENTATIONS, causal_attention, resolve_attention
 from mtgrpo_jax.models.transformer import REMAT_CHOICES, KVCache, Transformer, remat_name
 
 __all__ = ["decode", "ModelConfig", "Transformer", "KVCache", "load_pretrained", "save_pretrained", "load_tokenizer",

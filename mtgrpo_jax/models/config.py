@@ -97,7 +97,7 @@ class ModelConfig:
         return self.vocab_size * h + l * per_layer + h + head
 
     @classmethod
-    def from_hf(cls, path_or_dict: str | os.PathLike | dict[str, Any]) -> "ModelConfig":
+    def from_hf(cls, path_or_dict: str | os.PathLike | dict[str, Any]) -> ModelConfig:
         """Reads a Hugging Face `config.json` (a dict, the file, or the directory holding it).
 
         Accepts both the transformers<5 spelling (`rope_theta` + `rope_scaling`) and the v5 one

@@ -17,7 +17,7 @@ the activations (batch over ("data", "fsdp")), and the SPMD partitioner propagat
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 from jax.sharding import AxisType, Mesh

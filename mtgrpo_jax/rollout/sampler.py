@@ -33,7 +33,7 @@ import dataclasses
 import functools
 import math
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +42,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from mtgrpo_jax import parallel
-from mtgrpo_jax.models import KVCache
-from mtgrpo_jax.models import decode
+from mtgrpo_jax.models import KVCache, decode
 from mtgrpo_jax.rollout import sampling
 from mtgrpo_jax.rollout.packing import pack_left_padded
 

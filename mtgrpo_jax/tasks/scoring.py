@@ -13,7 +13,8 @@ import concurrent.futures
 import dataclasses
 import math
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from mtgrpo_jax.tasks.base import ZERO_SCORE, BaseTask, Score, Task
 from mtgrpo_jax.tasks.registry import get_task

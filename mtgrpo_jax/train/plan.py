@@ -29,22 +29,31 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mtgrpo_jax.config import Config, ConfigError
 from mtgrpo_jax.models import ModelConfig, Transformer, tiny_config
 from mtgrpo_jax.parallel import BATCH_AXES, make_mesh, state_shardings
 from mtgrpo_jax.parallel.topology import Topology, resolve_topology, topology_devices
 from mtgrpo_jax.train import setup
-from mtgrpo_jax.train.update import (Batch, UpdateSettings, make_logprob_fn, make_objective_fn, make_optimizer,
-                                     make_sft_update_fn, make_update_fn)
+from mtgrpo_jax.train.update import (
+    Batch,
+    UpdateSettings,
+    make_logprob_fn,
+    make_objective_fn,
+    make_optimizer,
+    make_sft_update_fn,
+    make_update_fn,
+)
 
 
 class PlanError(ValueError):

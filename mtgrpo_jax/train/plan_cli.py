@@ -11,8 +11,6 @@ from mtgrpo_jax.config import ConfigError
 from mtgrpo_jax.train.cli import resolve_config
 
 
-
-
 def _gib(x: float) -> str:
     return f"{x / 2**30:.2f} GiB"
 

@@ -4,7 +4,6 @@ the task-weight optimizer. Every failure here is a one-line error naming the key
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import jax

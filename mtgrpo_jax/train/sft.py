@@ -11,9 +11,9 @@ from tqdm.auto import tqdm
 
 from mtgrpo_jax.config import Config
 from mtgrpo_jax.parallel import host_to_global
+from mtgrpo_jax.parallel.mesh import on_mesh
 from mtgrpo_jax.rollout import Buckets
 from mtgrpo_jax.rollout.packing import pack_left_padded
-from mtgrpo_jax.parallel.mesh import on_mesh
 from mtgrpo_jax.train.update import init_opt_state, make_sft_update_fn
 
 

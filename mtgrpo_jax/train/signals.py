@@ -9,7 +9,8 @@ optimizer's per-round accuracies (`round_accuracy`), SEC's mean |advantage| over
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mtgrpo_jax.config import Config, SamplerCfg, save_config
 from mtgrpo_jax.data import TaskSet
@@ -28,17 +29,17 @@ from mtgrpo_jax.models import save_pretrained
 from mtgrpo_jax.parallel import BATCH_AXES, host_to_global, to_host
 from mtgrpo_jax.parallel.mesh import on_mesh
 from mtgrpo_jax.rl import group_advantages, zero_gradient_mask
+from mtgrpo_jax.rollout import Buckets
 from mtgrpo_jax.tasks import score_batch
 from mtgrpo_jax.train import setup
-from mtgrpo_jax.rollout import Buckets
 from mtgrpo_jax.train.batch import Group, build_batch
 from mtgrpo_jax.train.checkpoint import Checkpointer
 from mtgrpo_jax.train.evaluate import evaluate_tasks
+from mtgrpo_jax.train.metrics import MetricsWriter, memory_metrics
 from mtgrpo_jax.train.plan import resolve_micro_batches
 from mtgrpo_jax.train.policy import Policy
-from mtgrpo_jax.train.signals import GroupRecord, step_signals
-from mtgrpo_jax.train.metrics import MetricsWriter, memory_metrics
 from mtgrpo_jax.train.sft import run_sft
+from mtgrpo_jax.train.signals import GroupRecord, step_signals
 from mtgrpo_jax.train.update import (
     UpdateSettings,
     init_opt_state,

@@ -8,13 +8,15 @@ host never sees an intermediate value of the update.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mtgrpo_jax.rl import per_task_objective, policy_loss, token_logprobs_from_hidden
 

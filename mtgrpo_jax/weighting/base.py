@@ -16,7 +16,8 @@ for every update whose signals for a *present* task k were non-finite.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

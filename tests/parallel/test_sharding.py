@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 from mtgrpo_jax.models import ModelConfig, Transformer, load_pretrained, save_pretrained
-from mtgrpo_jax.parallel import (batch_sharding, cache_sharding, logical_to_spec, make_mesh, shard_model,
-                                 sharded_forward)
+from mtgrpo_jax.parallel import batch_sharding, cache_sharding, logical_to_spec, make_mesh, shard_model, sharded_forward
 
 CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, tie_word_embeddings=False)

@@ -7,7 +7,6 @@ import pytest
 
 from mtgrpo_jax.models import ModelConfig
 from mtgrpo_jax.rollout import Buckets, Sampler, SamplingParams, kv_cache_bytes_per_row, rollout_chunk_rows
-
 from tests.rollout.test_rollout_sampler import make_model
 
 PROMPTS = [[5, 9, 2], [7, 1, 4, 4, 8, 3, 2, 6, 11], [13], [3, 3, 3, 3], [8, 1], [2, 40, 17]]

@@ -11,8 +11,7 @@ import pytest
 from flax import nnx
 from scipy import stats
 
-from mtgrpo_jax.models import ModelConfig, Transformer
-from mtgrpo_jax.models import decode
+from mtgrpo_jax.models import ModelConfig, Transformer, decode
 from mtgrpo_jax.rollout import Buckets, Sampler, SamplingParams, to_serve_layout
 
 ALPHA = 1e-3

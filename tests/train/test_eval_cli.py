@@ -31,10 +31,10 @@ def _write_history(run_dir: Path, evals: list[tuple[int, float, dict[str, float]
 @pytest.mark.slow
 def test_eval_on_released_sets_with_baseline_and_thresholds(tmp_path, capsys):
     # A "run directory": the bundled tiny model saved in HF layout plus an evaluation history.
-    from mtgrpo_jax.models import Transformer, load_tokenizer, save_pretrained, tiny_config
-
     import jax.numpy as jnp
     from flax import nnx
+
+    from mtgrpo_jax.models import Transformer, load_tokenizer, save_pretrained, tiny_config
 
     run = tmp_path / "run"
     model = Transformer(tiny_config(), rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)

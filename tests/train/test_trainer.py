@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from mtgrpo_jax.config import ConfigError, load_config
+from mtgrpo_jax.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = sorted(p.stem for p in (ROOT / "configs" / "methods").glob("*.yaml"))
