@@ -154,7 +154,6 @@ class Trainer:
         arrays, host = self.checkpointer.restore(step, self._arrays())
         self.params, self.opt_state = arrays["params"], arrays["opt_state"]
         self.weight_state = jax.tree.map(jnp.asarray, arrays["weight_state"])
-        nnx.update(self.model, self.params)
         self.step = int(host["step"])
         self.weights = np.asarray(host["weights"], np.float32)
         self.sampler.set_state(host["sampler"])
@@ -177,7 +176,7 @@ class Trainer:
         prompts = [self.policy.prompt_ids(self.tasks[t].family, ex) for t, ex in zip(task_ids, examples)]
         G = cfg.sampler.group_size
         t0 = time.perf_counter()
-        out = self.policy.generate(prompts, self._rollout_key(step, call), n=G)
+        out = self.policy.generate(prompts, self._rollout_key(step, call), n=G, params=self.params)
         t1 = time.perf_counter()
         families = {self.tasks[t].name: self.tasks[t].family for t in set(task_ids)}
         run_items = [dict(ex, task=self.tasks[t].name) for t, ex in zip(task_ids, examples) for _ in range(G)]
@@ -274,7 +273,6 @@ class Trainer:
         jax.block_until_ready((batch.old_logp, batch.ref_logp))
         t_update = time.perf_counter()
         improvement_rows, upd, diagnostics, t_step_mean = self._update(batch)
-        nnx.update(self.model, self.params)
         t_weights = time.perf_counter()
 
         sig = step_signals(K, stats["generated"], [g.task_id for g in groups],
@@ -334,7 +332,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ run
     def evaluate(self) -> dict:
         key = jax.random.fold_in(jax.random.key(self.cfg.seed + 1), self.step)
-        return evaluate_tasks(self.policy, self.tasks, self.cfg.eval, self.cfg.train, step=self.step, key=key)
+        return evaluate_tasks(self.policy, self.tasks, self.cfg.eval, self.cfg.train, step=self.step, key=key,
+                              params=self.params)
 
     def _request_stop(self, signum, frame) -> None:  # noqa: ARG002
         # In the step loop: finish the step, checkpoint, exit. Before the first checkpoint (warm start,
@@ -394,7 +393,7 @@ class Trainer:
                 print(f"[mtgrpo] SIGTERM: checkpoint saved at step {self.step}; rerun the same command to resume", flush=True)
                 return {"status": "preempted", "step": self.step}
             # Every process takes part (the sharded parameters are gathered); only process 0 writes.
-            save_pretrained(self.model, self.run_dir / "hf_final")
+            save_pretrained(nnx.merge(self.graphdef, self.params, self.rest), self.run_dir / "hf_final")
             if self.is_primary:
                 self.tokenizer.save_pretrained(self.run_dir / "hf_final")
         finally:
