@@ -358,6 +358,20 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     return _merge(merged, data)
 
 
+def _base_files(path: Path, seen: tuple[Path, ...] = ()) -> list[Path]:
+    """Every file the `base` chain of `path` reads (resolved paths, `path` itself excluded)."""
+    path = path.resolve()
+    if path in seen or not path.is_file():
+        return []
+    data = yaml.safe_load(path.read_text()) or {}
+    bases = data.get("base") or [] if isinstance(data, dict) else []
+    out = []
+    for base in [bases] if isinstance(bases, str) else bases:
+        b = (path.parent / base).resolve()
+        out += [b] + _base_files(b, seen + (path,))
+    return out
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node: Any = tree
@@ -439,6 +453,12 @@ def resolve_tree(path: str | os.PathLike | None, overrides: list[str] | None = N
     ablation's lam) in its `methods:` block; a method preset owns what the experiment leaves unsaid
     (sampler kind, weighting kind, clip range, ...)."""
     tree = _read_yaml(Path(path)) if path is not None else {}
+    if method is not None and path is not None:
+        inherited = [b for b in _base_files(Path(path)) if b.parent == METHODS_DIR.resolve()]
+        chosen = method_preset_path(str(method)).resolve()
+        if any(b != chosen for b in inherited):
+            raise ConfigError(f"config {path}: its `base` includes the method preset {inherited[0].name}, which would "
+                              f"win over --method; name the default method with `method: {inherited[0].stem}` instead")
     per_method = tree.pop("methods", None) or {}
     if not isinstance(per_method, dict):
         raise ConfigError(f"config {path}: `methods` must map method names to config blocks")

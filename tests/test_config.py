@@ -162,3 +162,12 @@ def test_sequential_stages_must_cover_the_steps_and_name_tasks():
         load_config(ROOT / "configs" / "paper" / "exp1.yaml", ["train.stages=[{tasks: [zebra-medium], steps: 240}]"])
     with pytest.raises(ConfigError, match="train.stages.0.tasks: no task named 'zebra'"):
         load_config(ROOT / "configs" / "paper" / "exp1.yaml", ["train.stages=[{tasks: [zebra], steps: 720}]"])
+
+
+def test_a_config_that_bases_on_a_method_preset_refuses_another_method(tmp_path):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"base: {ROOT / 'configs' / 'methods' / 'mt_grpo.yaml'}\nweighting: {{lam: 0.3}}\n")
+    assert load_config(exp).weighting.kind == "mt_grpo"
+    assert load_config(exp, method="mt_grpo").weighting.lam == 0.3
+    with pytest.raises(ConfigError, match="method preset mt_grpo.yaml, which would win over --method"):
+        load_config(exp, method="dapo")

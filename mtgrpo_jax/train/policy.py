@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 import jax
+from flax import nnx
 
 from mtgrpo_jax.config import Config, RolloutCfg
 from mtgrpo_jax.models.tokenizer import encode_prompt, has_chat_template
@@ -107,7 +108,13 @@ class Policy:
         return ids
 
     def generate(self, prompts: list[list[int]], key: jax.Array, *, n: int, temperature: float | None = None,
-                 max_new_tokens: int | None = None, top_p: float | None = None, top_k: int | None = None):
+                 max_new_tokens: int | None = None, top_p: float | None = None, top_k: int | None = None,
+                 params=None):
+        """Samples n completions per prompt. `params`: the parameters to sample with (the trainer passes its
+        current ones on every call, so nothing has to keep the model object in step with them); None: the
+        model's own."""
+        if params is not None:
+            nnx.update(self.model, params)
         r = self.rollout_cfg
         params = SamplingParams(
             n=n,

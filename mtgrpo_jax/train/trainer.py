@@ -176,7 +176,6 @@ class Trainer:
         _, arrays, host = found
         self.params, self.opt_state = arrays["params"], arrays["opt_state"]
         self.weight_state = jax.tree.map(jnp.asarray, arrays["weight_state"])
-        nnx.update(self.model, self.params)
         self.step = int(host["step"])
         self.weights = np.asarray(host["weights"], np.float32)
         self.sampler.set_state(host["sampler"])
@@ -199,7 +198,7 @@ class Trainer:
         prompts = [self.policy.prompt_ids(self.tasks[t].family, ex) for t, ex in zip(task_ids, examples)]
         G = cfg.sampler.group_size
         t0 = time.perf_counter()
-        out = self.policy.generate(prompts, self._rollout_key(step, call), n=G)
+        out = self.policy.generate(prompts, self._rollout_key(step, call), n=G, params=self.params)
         t1 = time.perf_counter()
         families = {self.tasks[t].name: self.tasks[t].family for t in set(task_ids)}
         run_items = [dict(ex, task=self.tasks[t].name) for t, ex in zip(task_ids, examples) for _ in range(G)]
@@ -304,7 +303,6 @@ class Trainer:
             print(f"[mtgrpo] step {step}: no valid rows after filtering; policy update skipped", flush=True)
         else:
             improvement_rows, upd, diagnostics, t_step_mean = self._update(batch)
-        nnx.update(self.model, self.params)
         t_weights = time.perf_counter()
 
         sig = step_signals(K, stats["generated"], [g.task_id for g in groups],
@@ -365,7 +363,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ run
     def evaluate(self) -> dict:
         key = jax.random.fold_in(jax.random.key(self.cfg.seed + 1), self.step)
-        return evaluate_tasks(self.policy, self.tasks, self.cfg.eval, self.cfg.train, step=self.step, key=key)
+        return evaluate_tasks(self.policy, self.tasks, self.cfg.eval, self.cfg.train, step=self.step, key=key,
+                              params=self.params)
 
     def _request_stop(self, signum, frame) -> None:  # noqa: ARG002
         # In the step loop: finish the step, checkpoint, exit. Before the first checkpoint (warm start,
@@ -403,7 +402,6 @@ class Trainer:
                 if cfg.sft.steps > 0:
                     self.params, sft_record = run_sft(cfg, self.tasks, self.policy, self.graphdef, self.params,
                                                       self.batch_sharding)
-                    nnx.update(self.model, self.params)
                     self.log(writer, sft_record)
                 if cfg.train.eval_every >= 0:
                     self.log(writer, self.evaluate())
@@ -427,7 +425,7 @@ class Trainer:
                 print(f"[mtgrpo] SIGTERM: checkpoint saved at step {self.step}; rerun the same command to resume", flush=True)
                 return {"status": "preempted", "step": self.step}
             # Every process takes part (the sharded parameters are gathered); only process 0 writes.
-            save_pretrained(self.model, self.run_dir / "hf_final")
+            save_pretrained(nnx.merge(self.graphdef, self.params, self.rest), self.run_dir / "hf_final")
             if self.is_primary:
                 self.tokenizer.save_pretrained(self.run_dir / "hf_final")
         finally:

@@ -191,3 +191,34 @@ def test_bad_config_gives_one_line_naming_the_culprit(extra, needle, tmp_path, d
     assert proc.returncode == 2, out
     lines = [line for line in out.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0], out
+
+
+def test_lenient_filter_switch_keeps_all_partial_credit_groups_like_the_release():
+    from mtgrpo_jax.config import SamplerCfg
+    from mtgrpo_jax.train.trainer import _filter_groups
+
+    rewards = np.array([[0, 0, 0], [1, 1, 1], [0.1, 0.1, 0.1], [1, 0, 0.1], [0.1, 0, 0]], np.float32)
+    correct = rewards == 1
+    paper = _filter_groups(SamplerCfg(filter="lenient"), rewards, correct)
+    released = _filter_groups(SamplerCfg(filter="lenient", lenient_drops_all_equal=False), rewards, correct)
+    np.testing.assert_array_equal(paper, [False, False, False, True, True])
+    # the release with pure_acc_filter=False drops only all-0 and all-1 groups (ray_trainer.py, the uid loop)
+    np.testing.assert_array_equal(released, [False, False, True, True, True])
+    np.testing.assert_array_equal(_filter_groups(SamplerCfg(filter="strict"), rewards, correct),
+                                  [False, False, False, True, False])
+    assert _filter_groups(SamplerCfg(filter="none"), rewards, correct).all()
+
+
+def test_sequential_stages_restrict_the_sampling_weights():
+    from types import SimpleNamespace
+
+    from mtgrpo_jax.train.trainer import Trainer
+
+    cfg = load_config(ROOT / "configs" / "paper" / "exp1_sequential_zac.yaml")
+    fake = SimpleNamespace(cfg=cfg, names=[t.name for t in cfg.tasks], weights=np.full(3, 1 / 3, np.float32))
+    order = ["zebra-medium", "arc_1d-medium", "countdown-medium"]
+    for step, stage in ((1, 0), (240, 0), (241, 1), (480, 1), (481, 2), (720, 2)):
+        w = Trainer._sampling_weights(fake, step)
+        np.testing.assert_allclose(w, np.asarray(fake.names) == order[stage], atol=1e-7)
+    fake.cfg = load_config(ROOT / "configs" / "paper" / "exp1.yaml")
+    np.testing.assert_array_equal(Trainer._sampling_weights(fake, 5), fake.weights)
