@@ -297,7 +297,8 @@ class Trainer:
         empty = not valid.any()
         if empty:  # nothing survived the filter: an update over padding would only cost time; skip and count it
             # the update's metric keys (traced, not run), as zeros: no tokens, no loss, nothing skipped as non-finite
-            shapes = jax.eval_shape(self.update_fn, self.params, self.opt_state, batch)[2]
+            with jax.set_mesh(self.mesh):
+                shapes = jax.eval_shape(self.update_fn.__wrapped__, self.params, self.opt_state, batch)[2]
             upd = {k: 0.0 for k in shapes if not k.startswith("improvement/")}
             improvement_rows, diagnostics, t_step_mean = np.zeros((1, K), np.float32), {}, 0.0
             print(f"[mtgrpo] step {step}: no valid rows after filtering; policy update skipped", flush=True)
@@ -421,7 +422,8 @@ class Trainer:
                 if last or (cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0):
                     self.save_checkpoint()
             if stop:
-                self.save_checkpoint()
+                if self.checkpointer.latest_step() != self.step:  # the step may have just been checkpointed
+                    self.save_checkpoint()
                 print(f"[mtgrpo] SIGTERM: checkpoint saved at step {self.step}; rerun the same command to resume", flush=True)
                 return {"status": "preempted", "step": self.step}
             # Every process takes part (the sharded parameters are gathered); only process 0 writes.
