@@ -25,6 +25,7 @@ checkpoint and exit; a rerun then finishes only what is missing.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import itertools
 import json
@@ -361,11 +362,18 @@ class Experiment:
             old = from_dict(apply_overrides(old or {}, [])).model_dump(mode="json")
         except ConfigError as err:
             raise ExperimentError(f"run directory {job.run_dir} was made by another config ({err})") from None
-        diff = _first_difference(old, job.config)
+        # A run records what it resolved at its start (the prompt style when model.kind is auto): a value
+        # left unset here matches whatever the run resolved it to.
+        now = copy.deepcopy(job.config)
+        for section, key, unset in (("model", "kind", "auto"), ("rollout", "prompt_style", None),
+                                    ("rollout", "template", None)):
+            if now.get(section, {}).get(key) == unset and key in old.get(section, {}):
+                now[section][key] = old[section][key]
+        diff = _first_difference(old, now)
         if diff is not None:
             raise ExperimentError(
                 f"run directory {job.run_dir} was made by another config ({diff}: {_get(old, diff)!r} there, "
-                f"{_get(job.config, diff)!r} now)")
+                f"{_get(now, diff)!r} now)")
 
     def _is_done(self, job: Job) -> bool:
         marker = job.run_dir / (WARM_START_MARKER if job.kind == "warm_start" else RUN_MARKER)
