@@ -656,15 +656,3 @@ def choose_micro_batches(counts: list[int], per_mini: int, limit: float, peak: C
         if (known[c] if c in known else peak(c)) <= limit:
             return c
     return smallest
-    r1 = per_mini // smallest
-    bigger = [c for c in counts if per_mini // c == 2 * r1]
-    if not bigger:
-        return smallest
-    p2 = peak(bigger[0])
-    slope = max((p2 - p1) / r1, 1.0)
-    best_rows = r1 + (limit - p1) / slope
-    known = {smallest: p1, bigger[0]: p2}
-    for c in [c for c in counts if per_mini // c <= best_rows]:  # fewest micro-batches first
-        if (known[c] if c in known else peak(c)) <= limit:
-            return c
-    return smallest

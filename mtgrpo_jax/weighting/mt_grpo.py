@@ -82,6 +82,14 @@ class MTGRPOState(NamedTuple):
     step: jax.Array  # int32: updates that saw at least one task
 
 
+def _initial_state(tx, num_tasks: int) -> MTGRPOState:
+    """Zero logits (uniform weights), the logit optimizer's state, and zeroed reward/presence bookkeeping."""
+    k = check_num_tasks(num_tasks)
+    logits = jnp.zeros((k,), jnp.float32)
+    return MTGRPOState(logits, tx.init(logits), jnp.zeros((k,), jnp.float32), jnp.zeros((k,), jnp.bool_),
+                       jnp.zeros((k,), jnp.int32), jnp.zeros((), jnp.int32))
+
+
 def _freeze_absent(new, old, ok):
     """Keep old values of absent tasks' [K] leaves; scalar leaves move iff any task was present."""
     any_ok = jnp.any(ok)
@@ -118,10 +126,7 @@ def mt_grpo(lam: float, learning_rate: float = 0.025, weight_decay: float = 1e-5
         tx = optax.adamw(learning_rate, b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS, weight_decay=weight_decay)
 
     def init(num_tasks: int) -> MTGRPOState:
-        k = check_num_tasks(num_tasks)
-        logits = jnp.zeros((k,), jnp.float32)
-        return MTGRPOState(logits, tx.init(logits), jnp.zeros((k,), jnp.float32), jnp.zeros((k,), jnp.bool_),
-                           jnp.zeros((k,), jnp.int32), jnp.zeros((), jnp.int32))
+        return _initial_state(tx, num_tasks)
 
     def update(signals: TaskSignals, state: MTGRPOState):
         k = state.logits.shape[0]
@@ -203,10 +208,7 @@ def mt_grpo_released(lam: float, learning_rate: float = 0.025, weight_decay: flo
                      optax.scale_by_learning_rate(learning_rate))
 
     def init(num_tasks: int) -> MTGRPOState:
-        k = check_num_tasks(num_tasks)
-        logits = jnp.zeros((k,), jnp.float32)
-        return MTGRPOState(logits, tx.init(logits), jnp.zeros((k,), jnp.float32), jnp.zeros((k,), jnp.bool_),
-                           jnp.zeros((k,), jnp.int32), jnp.zeros((), jnp.int32))
+        return _initial_state(tx, num_tasks)
 
     def update(signals: TaskSignals, state: MTGRPOState):
         if not isinstance(signals, TaskSignals):
