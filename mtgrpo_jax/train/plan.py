@@ -17,8 +17,9 @@ each reading the whole static KV cache as the compiled program does.
 Which programs: the rollout prefill (with everything before the decode loop) and the rollout program
 (prefill + decode loop) for one chunk of a sampler round; the old-logprob forward when
 `optim.recompute_old_logprobs`; the reference forward when `loss.beta > 0`; the policy update (all
-mini-batches x micro-batches of a step); the improvement forward when the task weighting needs it
-(`improvement_mode == "batch"`; the released variant's per-mini-batch improvement is inside the update);
+mini-batches x micro-batches of a step); the improvement forward after the update when the task weighting reads it
+(`weighting.improvement: step_mean`, or `improvement_diagnostics`; the `minibatch_sum` and `fresh`
+estimators are computed inside the update);
 the SFT step when `sft.steps > 0` (completions at `max_new_tokens`, an upper bound; not part of a step).
 Each program's peak also counts what stays resident while it runs (the policy's parameters and
 optimizer state, the reference parameters).
@@ -299,7 +300,8 @@ def update_settings(cfg: Config, micro_batches: int) -> UpdateSettings:
         eps_high=cfg.loss.eps_high, dual_clip=cfg.loss.dual_clip, aggregation=cfg.loss.aggregation,
         beta=cfg.loss.beta, kl_estimator=cfg.loss.kl_estimator, entropy_coef=cfg.loss.entropy_coef,
         num_tasks=max(1, len(cfg.tasks)), improvement=setup.improvement_mode(cfg),
-        logprob_chunk=cfg.loss.logprob_chunk, vocab_chunk=cfg.loss.vocab_chunk)
+        logprob_chunk=cfg.loss.logprob_chunk, vocab_chunk=cfg.loss.vocab_chunk,
+        improvement_diagnostics=cfg.weighting.improvement_diagnostics and setup.improvement_mode(cfg) != "none")
 
 
 def prompts_per_round(cfg: Config) -> int:
@@ -453,7 +455,8 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
         say("compiling the policy update ...")
         c = _try_compile(make_update_fn(graphdef, tx, settings, constrain), params, opt_state, batch, mesh=mesh)
         add("policy_update", c, calls=1, scale=chunks, resident=ref_bytes)
-    if settings.improvement == "batch" and wanted("improvement"):
+    needs_forward = settings.improvement == "step_mean" or settings.improvement_diagnostics
+    if needs_forward and wanted("improvement"):
         say("compiling the improvement forward ...")
         c = _try_compile(make_objective_fn(graphdef, settings, chunks), params, batch, mesh=mesh)
         add("improvement", c, calls=1, scale=chunks, resident=o_bytes + ref_bytes)

@@ -36,12 +36,11 @@ from mtgrpo_jax.train.batch import Group, build_batch
 from mtgrpo_jax.train.checkpoint import Checkpointer
 from mtgrpo_jax.train.evaluate import evaluate_tasks
 from mtgrpo_jax.train.metrics import MetricsWriter, memory_metrics
-from mtgrpo_jax.train.plan import resolve_micro_batches
+from mtgrpo_jax.train.plan import resolve_micro_batches, update_settings
 from mtgrpo_jax.train.policy import Policy
 from mtgrpo_jax.train.sft import run_sft
 from mtgrpo_jax.train.signals import GroupRecord, step_signals
 from mtgrpo_jax.train.update import (
-    UpdateSettings,
     init_opt_state,
     make_logprob_fn,
     make_objective_fn,
@@ -103,24 +102,7 @@ class Trainer:
         self.opt_state = init_opt_state(self.tx, self.params, self.mesh)
         # "auto": the fewest micro-batches whose update fits the devices' memory (see train.plan).
         self.micro_batches = resolve_micro_batches(cfg, self.mesh, self.graphdef, self.params, self.tx)
-        self.settings = UpdateSettings(
-            mini_batches=o.mini_batches,
-            micro_batches=self.micro_batches,
-            completion_len=cfg.rollout.max_new_tokens,
-            temperature=cfg.rollout.temperature,
-            eps_low=cfg.loss.eps_low,
-            eps_high=cfg.loss.eps_high,
-            dual_clip=cfg.loss.dual_clip,
-            aggregation=cfg.loss.aggregation,
-            beta=cfg.loss.beta,
-            kl_estimator=cfg.loss.kl_estimator,
-            entropy_coef=cfg.loss.entropy_coef,
-            num_tasks=len(self.tasks),
-            improvement=setup.improvement_mode(cfg),
-            logprob_chunk=cfg.loss.logprob_chunk,
-            vocab_chunk=cfg.loss.vocab_chunk,
-            improvement_diagnostics=cfg.weighting.improvement_diagnostics and setup.improvement_mode(cfg) != "none",
-        )
+        self.settings = update_settings(cfg, self.micro_batches)
         self.rows = s.batch_size * s.group_size
         self.micro_rows = self.rows // (o.mini_batches * self.micro_batches)
         batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))

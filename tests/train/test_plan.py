@@ -18,7 +18,8 @@ TINY = {
     "sampler": {"kind": "ratio_preserving", "batch_size": 4, "group_size": 4, "oversample": 2.0},
     "rollout": {"max_new_tokens": 32, "prompt_buckets": [64], "batch_buckets": [4, 8]},
     "optim": {"mini_batches": 2, "micro_batches": 2},
-    "weighting": {"kind": "mt_grpo"},
+    # step_mean: the paper's estimator, a forward after the update (the other two are inside the update).
+    "weighting": {"kind": "mt_grpo", "improvement": "step_mean"},
 }
 
 
