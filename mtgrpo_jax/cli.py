@@ -3,7 +3,10 @@ that owns it, so each room keeps its own flags next to its code."""
 
 from __future__ import annotations
 
+import glob
 import importlib
+import importlib.util
+import os
 import sys
 
 # subcommand path -> "module:function"; the function takes the remaining argv and returns an exit code.
@@ -30,8 +33,23 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _skip_absent_tpu(environ=os.environ) -> None:
+    """With the `tpu` extra installed (libtpu, which `mtgrpo plan` needs) on a machine with no TPU and no
+    CUDA plugin, JAX would try the TPU backend first and libtpu would print metadata-server errors on
+    every command before falling back to the CPU: go straight to the CPU. An explicit JAX_PLATFORMS wins;
+    TPU VMs expose /dev/accel* (v4, v5p) or /dev/vfio/<n> (v5e, v6e)."""
+    if "JAX_PLATFORMS" in environ or importlib.util.find_spec("libtpu") is None:
+        return
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    if any(importlib.util.find_spec(p) for p in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin")):
+        return
+    environ["JAX_PLATFORMS"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _skip_absent_tpu()
     for path, (target, _) in sorted(COMMANDS.items(), key=lambda kv: -len(kv[0])):
         if tuple(argv[: len(path)]) == path:
             module_name, func_name = target.split(":")
