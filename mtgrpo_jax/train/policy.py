@@ -96,11 +96,11 @@ class Policy:
         self.end_of_turn_id = im_end if im_end in ids else self.stop_ids[0]
         self._prompt_cache: dict[tuple[str, str], list[int]] = {}
 
-    def prompt_ids(self, family, example: dict[str, Any]) -> list[int]:
-        key = (family.name, example.get("question", "") + json.dumps(example.get("answer"), sort_keys=True, default=str))
+    def prompt_ids(self, task, example: dict[str, Any]) -> list[int]:
+        key = (task.name, example.get("question", "") + json.dumps(example.get("answer"), sort_keys=True, default=str))
         ids = self._prompt_cache.get(key)
         if ids is None:
-            messages = family.prompt(example)
+            messages = task.prompt(example)
             if self.rollout_cfg.system_prompt is not None:
                 messages = [{"role": "system", "content": self.rollout_cfg.system_prompt}, *messages]
             ids = encode_prompt(self.tokenizer, messages, self.rollout_cfg.template or "chat")

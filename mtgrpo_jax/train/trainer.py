@@ -177,15 +177,15 @@ class Trainer:
             slots = [i for i, x in enumerate(task_ids) if x == t]
             for i, ex in zip(slots, self.taskset.take(t, len(slots))):
                 examples[i] = ex
-        prompts = [self.policy.prompt_ids(self.tasks[t].family, ex) for t, ex in zip(task_ids, examples)]
+        prompts = [self.policy.prompt_ids(self.tasks[t].task, ex) for t, ex in zip(task_ids, examples)]
         G = cfg.sampler.group_size
         t0 = time.perf_counter()
         out = self.policy.generate(prompts, self._rollout_key(step, call), n=G, params=self.params)
         t1 = time.perf_counter()
-        families = {self.tasks[t].name: self.tasks[t].family for t in set(task_ids)}
+        by_name = {self.tasks[t].name: self.tasks[t].task for t in set(task_ids)}
         run_items = [dict(ex, task=self.tasks[t].name) for t, ex in zip(task_ids, examples) for _ in range(G)]
         scores, score_stats = score_batch(run_items, list(out.texts), workers=cfg.train.score_workers,
-                                          timeout_s=cfg.train.score_timeout_s, tasks=families)
+                                          timeout_s=cfg.train.score_timeout_s, tasks=by_name)
         score_stats = score_stats.as_dict()
         t2 = time.perf_counter()
         rewards = np.asarray([s.reward for s in scores], np.float32).reshape(-1, G)
