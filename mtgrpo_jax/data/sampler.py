@@ -161,6 +161,20 @@ class _Sampler:
         self.seed = int(seed)
         self._rng = np.random.default_rng(self.seed)
 
+    def _set_rounds(self, oversample: float, resample_budget: int) -> None:
+        """The refilling samplers' round size factor M_os and resampling budget N_rs, checked."""
+        if not oversample > 0:
+            raise ValueError(f"oversample must be positive, got {oversample}")
+        if int(resample_budget) != resample_budget or resample_budget < 0:
+            raise ValueError(f"resample_budget must be a non-negative integer, got {resample_budget}")
+        self.oversample = float(oversample)
+        self.resample_budget = int(resample_budget)
+
+    @property
+    def groups_per_round(self) -> int:
+        """round(M_os x B) groups per generation round, at least one (the samplers that `_set_rounds`)."""
+        return max(1, int(round(self.oversample * self.batch_size)))
+
     def _weights(self, weights: Any) -> np.ndarray:
         if weights is None:
             raise ValueError(f"{type(self).__name__}.sample: weights are required")
@@ -291,10 +305,7 @@ class RatioPreservingSampler(_Sampler):
         seed: int = 0,
     ):
         super().__init__(num_tasks, batch_size, group_size, seed)
-        if not oversample > 0:
-            raise ValueError(f"oversample must be positive, got {oversample}")
-        if int(resample_budget) != resample_budget or resample_budget < 0:
-            raise ValueError(f"resample_budget must be a non-negative integer, got {resample_budget}")
+        self._set_rounds(oversample, resample_budget)
         if not acceptance_cap >= 1:
             raise ValueError(f"acceptance_cap must be >= 1, got {acceptance_cap}")
         if not 0 <= rho_decay < 1:
@@ -305,8 +316,6 @@ class RatioPreservingSampler(_Sampler):
             raise ValueError(f"variant must be 'paper' or 'released', got {variant!r}")
         if not 0 <= rho_init < 1:
             raise ValueError(f"rho_init must be in [0, 1), got {rho_init}")
-        self.oversample = float(oversample)
-        self.resample_budget = int(resample_budget)
         self.acceptance_cap = float(acceptance_cap)
         self.rho_decay = float(rho_decay)
         self.min_acceptance = float(min_acceptance)
@@ -314,10 +323,6 @@ class RatioPreservingSampler(_Sampler):
         self.variant = variant
         self.deterministic_inflation = bool(deterministic_inflation)
         self.rho = np.full(self.num_tasks, float(rho_init))
-
-    @property
-    def groups_per_round(self) -> int:
-        return max(1, int(round(self.oversample * self.batch_size)))
 
     def inflation(self) -> np.ndarray:
         """m_k = min(1 / max(1 - rho_k, min_acceptance), M_acc)."""
@@ -458,16 +463,11 @@ class DynamicSampler(PlainSampler):
         seed: int = 0,
     ):
         super().__init__(num_tasks, batch_size, group_size, follow_weights=follow_weights, seed=seed)
-        if not oversample > 0:
-            raise ValueError(f"oversample must be positive, got {oversample}")
-        if int(resample_budget) != resample_budget or resample_budget < 0:
-            raise ValueError(f"resample_budget must be a non-negative integer, got {resample_budget}")
-        self.oversample = float(oversample)
-        self.resample_budget = int(resample_budget)
+        self._set_rounds(oversample, resample_budget)
 
     def sample(self, weights: Any, generate: GenerateFn) -> SampleResult:
         p = self._probs(weights)
-        per_round = max(1, int(round(self.oversample * self.batch_size)))
+        per_round = self.groups_per_round
         acc = _Round(self.num_tasks)
         rounds = 0
         while True:
