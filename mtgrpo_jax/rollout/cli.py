@@ -60,7 +60,7 @@ def generate_main(argv: list[str] | None = None, prog: str = "mtgrpo generate") 
         ap.error(str(e))
     import jax
 
-    from mtgrpo_jax.models import apply_chat_template
+    from mtgrpo_jax.models import encode_prompt
 
     try:
         model, tokenizer = _load(args.model, args.dtype, args.seed)
@@ -70,8 +70,7 @@ def generate_main(argv: list[str] | None = None, prog: str = "mtgrpo generate") 
     prompts = args.prompt or list(DEFAULT_PROMPTS)
     if any(not p.strip() for p in prompts):
         ap.error("--prompt must not be empty")
-    texts = [apply_chat_template(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ids = [encode_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
     engine = RolloutEngine(model, tokenizer, _buckets([len(i) for i in ids], len(ids)))
     out = engine.generate(ids, params, jax.random.key(args.seed))
     for row in range(len(out.texts)):

@@ -2,7 +2,7 @@
 
 Shared by training, evaluation and `mtgrpo eval`, so all three build prompts and stop sequences the same way:
 `resolve_prompts` picks the prompts that suit the checkpoint (base: the raw transcript; instruct: the question in
-the model's chat template), and `models.encode_prompt` is the one encoder.
+the model's chat template), and `models.encode_prompt` (over `models.prompt_text`) is the one encoder.
 """
 
 from __future__ import annotations
