@@ -181,7 +181,7 @@ class OptimCfg(_Strict):
     # the device's memory (compiled and measured at start-up; on CPU, float32 logits under 1 GiB per device;
     # see mtgrpo_jax.train.plan.resolve_micro_batches).
     micro_batches: int | Literal["auto"] = 1
-    recompute_old_logprobs: bool = False  # False: the sampler's logprobs serve as old-policy logprobs
+    recompute_old_logprobs: bool = False  # False: the rollout engine's logprobs serve as old-policy logprobs
 
     @field_validator("micro_batches", mode="before")
     @classmethod
