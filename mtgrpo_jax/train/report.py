@@ -675,15 +675,9 @@ def write_experiment_report(exp_dir: str | os.PathLike, out_dir: str | os.PathLi
              "## Task weights, realised batch shares, zero-gradient rates", "",
              "Means over all training steps and seeds; weights only for methods whose weights move.", "",
              _markdown(weights_md)]
-    for name, title in (("curves", "Accuracy over steps"), ("weights_vs_shares", "Task weights vs realised batch shares"),
-                        ("zero_gradient_rates", "Zero-gradient rates")):
-        if name in written:
-            parts += [f"## {title}", "", f"![{title}]({written[name].name})", ""]
-    if notes:
-        parts += ["## Notes", ""] + [f"- {n}" for n in dict.fromkeys(notes)] + [""]
-    written["report_md"] = out / "report.md"
-    written["report_md"].write_text("\n".join(parts), encoding="utf-8")
-    return written
+    figures = (("curves", "Accuracy over steps"), ("weights_vs_shares", "Task weights vs realised batch shares"),
+               ("zero_gradient_rates", "Zero-gradient rates"))
+    return _write_markdown(out, parts, written, figures, notes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -743,11 +737,15 @@ def write_report(
             f" base = `{baseline}`.",
             "",
         ]
-    for name, title in (
-        ("eval_accuracy", "Per-task evaluation accuracy"),
-        ("weights_vs_shares", "Task weights vs realised batch shares"),
-        ("zero_gradient_rates", "Zero-gradient rates"),
-    ):
+    figures = (("eval_accuracy", "Per-task evaluation accuracy"),
+               ("weights_vs_shares", "Task weights vs realised batch shares"), ("zero_gradient_rates", "Zero-gradient rates"))
+    return _write_markdown(out, parts, written, figures, notes)
+
+
+def _write_markdown(out: Path, parts: list[str], written: dict[str, Path], figures: Sequence[tuple[str, str]],
+                    notes: Sequence[str]) -> dict[str, Path]:
+    """`out/report.md`: the report's sections, then each written figure (name, title) and the notes (once each)."""
+    for name, title in figures:
         if name in written:
             parts += [f"## {title}", "", f"![{title}]({written[name].name})", ""]
     if notes:
