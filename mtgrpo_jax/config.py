@@ -141,17 +141,16 @@ class RolloutCfg(_Strict):
     # answer-format instruction); compact: a short question for tiny models. None: from model.kind.
     prompt_style: Literal["released", "question", "compact"] | None = None
     # "chat": the tokenizer's chat template wraps the task's messages; "raw": their text joined as is.
-    template: Literal["chat", "raw"] = "chat"
+    # None: from model.kind (instruct: chat, base: raw).
+    template: Literal["chat", "raw"] | None = None
     # KV cache GiB per device one rollout call may hold; larger requests run in row chunks (a prompt's samples
     # kept together) with the same results. None: one call per largest batch bucket, as sized by the buckets.
     kv_cache_budget_gib: float | None = Field(None, gt=0.0)
-    # None: from model.kind (instruct: chat, base: raw).
-    template: Literal["chat", "raw"] | None = None
     system_prompt: str | None = None  # a system turn before the question (chat template only); None: none
     # The decode loop's generated-token cache in blocks of this many slots, read only as far as written (in up
     # to max_phases loops). None: the platform's default (32 on CPU, one block on accelerators); 0: one block.
     attention_block: int | None = Field(None, ge=0)
-    max_phases: int | None = Field(None, ge=1)  # None: the sampler's default (4)
+    max_phases: int | None = Field(None, ge=1)  # None: the rollout engine's default (4)
 
 
 class LossCfg(_Strict):
@@ -182,7 +181,7 @@ class OptimCfg(_Strict):
     # the device's memory (compiled and measured at start-up; on CPU, float32 logits under 1 GiB per device;
     # see mtgrpo_jax.train.plan.resolve_micro_batches).
     micro_batches: int | Literal["auto"] = 1
-    recompute_old_logprobs: bool = False  # False: the sampler's logprobs serve as old-policy logprobs
+    recompute_old_logprobs: bool = False  # False: the rollout engine's logprobs serve as old-policy logprobs
 
     @field_validator("micro_batches", mode="before")
     @classmethod

@@ -2,25 +2,23 @@
 paper's Algorithm 2 and the baselines' plain samplers). Never imports models, rollout or training."""
 
 from mtgrpo_jax.data.sampler import (
-    DynamicSamplingSampler,
+    DynamicSampler,
     GenerateFn,
+    PlainSampler,
     RatioPreservingSampler,
     SampleResult,
-    UniformSampler,
-    WeightedSampler,
     largest_remainder,
     make_sampler,
 )
 from mtgrpo_jax.data.taskset import TaskSet
 
 __all__ = [
-    "DynamicSamplingSampler",
+    "DynamicSampler",
     "GenerateFn",
+    "PlainSampler",
     "RatioPreservingSampler",
     "SampleResult",
     "TaskSet",
-    "UniformSampler",
-    "WeightedSampler",
     "largest_remainder",
     "make_sampler",
 ]

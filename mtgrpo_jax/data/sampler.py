@@ -28,6 +28,8 @@ import numpy as np
 GenerateFn = Callable[[list[int]], Sequence[tuple[bool, Any]]]
 
 _STATE_VERSION = 1
+# Checkpoints written before the classes took the config's kind names call the plain sampler "uniform".
+_OLD_KINDS = {"uniform": "plain"}
 
 
 @dataclasses.dataclass
@@ -35,7 +37,7 @@ class SampleResult:
     """One step's batch and what it cost.
 
     groups: payloads of the groups that form the batch (at most batch_size; all accepted except for
-      UniformSampler, which returns everything it generated and leaves filtering to the trainer).
+      PlainSampler, which returns everything it generated and leaves filtering to the trainer).
     task_ids / accepted: per returned group.
     counts, shares: per task, over the returned groups (shares sum to 1 unless empty).
     targets: per task, the desired post-filter counts (Algorithm 2's n_k; the expected counts
@@ -159,6 +161,20 @@ class _Sampler:
         self.seed = int(seed)
         self._rng = np.random.default_rng(self.seed)
 
+    def _set_rounds(self, oversample: float, resample_budget: int) -> None:
+        """The refilling samplers' round size factor M_os and resampling budget N_rs, checked."""
+        if not oversample > 0:
+            raise ValueError(f"oversample must be positive, got {oversample}")
+        if int(resample_budget) != resample_budget or resample_budget < 0:
+            raise ValueError(f"resample_budget must be a non-negative integer, got {resample_budget}")
+        self.oversample = float(oversample)
+        self.resample_budget = int(resample_budget)
+
+    @property
+    def groups_per_round(self) -> int:
+        """round(M_os x B) groups per generation round, at least one (the samplers that `_set_rounds`)."""
+        return max(1, int(round(self.oversample * self.batch_size)))
+
     def _weights(self, weights: Any) -> np.ndarray:
         if weights is None:
             raise ValueError(f"{type(self).__name__}.sample: weights are required")
@@ -232,7 +248,8 @@ class _Sampler:
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        if state.get("version") != _STATE_VERSION or state.get("kind") != self.kind:
+        kind = _OLD_KINDS.get(state.get("kind"), state.get("kind"))
+        if state.get("version") != _STATE_VERSION or kind != self.kind:
             raise ValueError(
                 f"{type(self).__name__}.set_state: state is for kind {state.get('kind')!r} "
                 f"v{state.get('version')}, expected {self.kind!r} v{_STATE_VERSION}"
@@ -288,10 +305,7 @@ class RatioPreservingSampler(_Sampler):
         seed: int = 0,
     ):
         super().__init__(num_tasks, batch_size, group_size, seed)
-        if not oversample > 0:
-            raise ValueError(f"oversample must be positive, got {oversample}")
-        if int(resample_budget) != resample_budget or resample_budget < 0:
-            raise ValueError(f"resample_budget must be a non-negative integer, got {resample_budget}")
+        self._set_rounds(oversample, resample_budget)
         if not acceptance_cap >= 1:
             raise ValueError(f"acceptance_cap must be >= 1, got {acceptance_cap}")
         if not 0 <= rho_decay < 1:
@@ -302,8 +316,6 @@ class RatioPreservingSampler(_Sampler):
             raise ValueError(f"variant must be 'paper' or 'released', got {variant!r}")
         if not 0 <= rho_init < 1:
             raise ValueError(f"rho_init must be in [0, 1), got {rho_init}")
-        self.oversample = float(oversample)
-        self.resample_budget = int(resample_budget)
         self.acceptance_cap = float(acceptance_cap)
         self.rho_decay = float(rho_decay)
         self.min_acceptance = float(min_acceptance)
@@ -311,10 +323,6 @@ class RatioPreservingSampler(_Sampler):
         self.variant = variant
         self.deterministic_inflation = bool(deterministic_inflation)
         self.rho = np.full(self.num_tasks, float(rho_init))
-
-    @property
-    def groups_per_round(self) -> int:
-        return max(1, int(round(self.oversample * self.batch_size)))
 
     def inflation(self) -> np.ndarray:
         """m_k = min(1 / max(1 - rho_k, min_acceptance), M_acc)."""
@@ -408,12 +416,13 @@ class RatioPreservingSampler(_Sampler):
         self.rho = rho
 
 
-class UniformSampler(_Sampler):
+class PlainSampler(_Sampler):
     """GRPO: B groups with tasks drawn uniformly (or from the weights with follow_weights=True, as
-    the SEC curriculum baselines do), one generation, no refill. Every generated group is returned
-    with its `accepted` flag; the trainer applies its own filter."""
+    the trainer does: uniform weights give GRPO, the SEC curriculum's give SEC-GRPO), one generation,
+    no refill. Every generated group is returned with its `accepted` flag; the trainer applies its own
+    filter."""
 
-    kind = "uniform"
+    kind = "plain"
 
     def __init__(self, num_tasks: int, batch_size: int, group_size: int = 1, *, follow_weights: bool = False, seed: int = 0):
         super().__init__(num_tasks, batch_size, group_size, seed)
@@ -433,10 +442,12 @@ class UniformSampler(_Sampler):
         return self._result(acc, list(range(len(ids))), self.batch_size * p, 0, False, p, np.ones(self.num_tasks))
 
 
-class DynamicSamplingSampler(UniformSampler):
+class DynamicSampler(PlainSampler):
     """DAPO dynamic sampling: rounds of round(M_os * B) groups with tasks drawn uniformly (or from
-    the weights), accepted groups accumulated until B are collected or the resample budget is spent;
-    B of the accepted groups, drawn uniformly, form the batch. No ratio preservation."""
+    the weights with follow_weights=True, as the trainer does: uniform weights give DAPO, adaptive ones
+    the weights-only ablation), accepted groups accumulated until B are collected or the resample budget
+    is spent; B of the accepted groups, drawn uniformly, form the batch. No ratio preservation: the
+    filtered batch keeps whatever proportions survive."""
 
     kind = "dynamic"
 
@@ -452,16 +463,11 @@ class DynamicSamplingSampler(UniformSampler):
         seed: int = 0,
     ):
         super().__init__(num_tasks, batch_size, group_size, follow_weights=follow_weights, seed=seed)
-        if not oversample > 0:
-            raise ValueError(f"oversample must be positive, got {oversample}")
-        if int(resample_budget) != resample_budget or resample_budget < 0:
-            raise ValueError(f"resample_budget must be a non-negative integer, got {resample_budget}")
-        self.oversample = float(oversample)
-        self.resample_budget = int(resample_budget)
+        self._set_rounds(oversample, resample_budget)
 
     def sample(self, weights: Any, generate: GenerateFn) -> SampleResult:
         p = self._probs(weights)
-        per_round = max(1, int(round(self.oversample * self.batch_size)))
+        per_round = self.groups_per_round
         acc = _Round(self.num_tasks)
         rounds = 0
         while True:
@@ -478,39 +484,12 @@ class DynamicSamplingSampler(UniformSampler):
         return self._result(acc, keep, self.batch_size * p, rounds, exhausted, p, np.ones(self.num_tasks))
 
 
-class WeightedSampler(DynamicSamplingSampler):
-    """The weights-only ablation: tasks drawn in proportion to z, refilled like DAPO, but the
-    filtered batch keeps whatever proportions survive (no per-task targets)."""
-
-    kind = "weighted"
-
-    def __init__(
-        self,
-        num_tasks: int,
-        batch_size: int,
-        group_size: int = 1,
-        *,
-        oversample: float = 3.0,
-        resample_budget: int = 10,
-        seed: int = 0,
-    ):
-        super().__init__(
-            num_tasks, batch_size, group_size, oversample=oversample, resample_budget=resample_budget,
-            follow_weights=True, seed=seed,
-        )
-
-
-_KINDS: dict[str, type[_Sampler]] = {
-    "ratio_preserving": RatioPreservingSampler,
-    "uniform": UniformSampler,
-    "plain": UniformSampler,  # the config's name for it
-    "dynamic": DynamicSamplingSampler,
-    "weighted": WeightedSampler,
-}
+# The config's `sampler.kind` names, which are also each class's `kind`.
+_KINDS: dict[str, type[_Sampler]] = {cls.kind: cls for cls in (RatioPreservingSampler, PlainSampler, DynamicSampler)}
 
 
 def make_sampler(kind: str, num_tasks: int, batch_size: int, group_size: int = 1, **kwargs: Any) -> _Sampler:
-    """Build a sampler by name: ratio_preserving, uniform (plain), dynamic or weighted; kwargs go to the
+    """Build a sampler by name (`sampler.kind`): ratio_preserving, plain or dynamic; kwargs go to the
     class. The one way the trainer makes its sampler (`train.setup.build_sampler`)."""
     try:
         cls = _KINDS[kind]

@@ -25,9 +25,9 @@ from mtgrpo_jax.models import decode
 from mtgrpo_jax.models.attention import ATTENTION_IMPLEMENTATIONS, causal_attention, resolve_attention
 from mtgrpo_jax.models.config import ModelConfig, tiny_config
 from mtgrpo_jax.models.hf_io import load_pretrained, save_pretrained
-from mtgrpo_jax.models.tokenizer import apply_chat_template, load_tokenizer
+from mtgrpo_jax.models.tokenizer import encode_prompt, load_tokenizer, prompt_text
 from mtgrpo_jax.models.transformer import REMAT_CHOICES, KVCache, Transformer, remat_name
 
 __all__ = ["decode", "ModelConfig", "Transformer", "KVCache", "load_pretrained", "save_pretrained", "load_tokenizer",
-           "apply_chat_template", "tiny_config", "ATTENTION_IMPLEMENTATIONS", "causal_attention", "resolve_attention",
+           "prompt_text", "encode_prompt", "tiny_config", "ATTENTION_IMPLEMENTATIONS", "causal_attention", "resolve_attention",
            "REMAT_CHOICES", "remat_name"]

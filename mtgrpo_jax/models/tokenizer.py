@@ -70,11 +70,6 @@ def prompt_text(tokenizer, messages: list[dict[str, str]], *, template: str = "c
     return text + ("\nAssistant:" if add_generation_prompt else "")
 
 
-def apply_chat_template(tokenizer, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
-    """`prompt_text(..., template="chat")`."""
-    return prompt_text(tokenizer, messages, template="chat", add_generation_prompt=add_generation_prompt)
-
-
 def encode_prompt(tokenizer, messages: list[dict[str, str]], template: str = "chat") -> list[int]:
     """Token ids of `prompt_text` (no special tokens added: a chat template writes its own)."""
     return list(tokenizer(prompt_text(tokenizer, messages, template=template), add_special_tokens=False)["input_ids"])

@@ -8,7 +8,7 @@
 Axis type: every axis is `jax.sharding.AxisType.Auto`. jax 0.10's `jax.make_mesh` defaults to
 `Explicit` axes, where shardings become part of array types and every op whose output sharding is
 ambiguous (a contraction over a sharded dim, a gather from a sharded table, `scan` carries, ...) needs an
-explicit `out_sharding`. That would thread mesh knowledge through the decoder, the sampler and the
+explicit `out_sharding`. That would thread mesh knowledge through the decoder, the rollout engine and the
 losses. With `Auto` axes the model stays mesh-agnostic: parameters get `NamedSharding`s from the
 partition rules, the jitted entry points declare in/out shardings, a few `with_sharding_constraint`s pin
 the activations (batch over ("data", "fsdp")), and the SPMD partitioner propagates the rest.

@@ -15,8 +15,7 @@ failing: correctness first, and such small dims are cheap to replicate.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -82,10 +81,6 @@ def state_shardings(state: nnx.State, mesh: Mesh, layout: str = "train") -> nnx.
                         state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def model_shardings(model: nnx.Module, mesh: Mesh, layout: str = "train") -> nnx.State:
-    return state_shardings(nnx.state(model), mesh, layout)
-
-
 def shard_state(state: nnx.State, mesh: Mesh, layout: str = "train") -> nnx.State:
     """Moves/reshards every array of `state` into `layout` (works from any current sharding)."""
     shardings = state_shardings(state, mesh, layout)
@@ -108,35 +103,7 @@ def _put(x: jax.Array, sharding: NamedSharding) -> jax.Array:
     return jax.device_put(x, sharding)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Activations/inputs: leading (batch) dim over ("data", "fsdp"), the rest replicated."""
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Activations/inputs: leading (batch) dim over ("data", "fsdp"), the rest replicated. The default
+    spec names the leading dim only, so it serves arrays of any rank (a training batch's pytree)."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
-
-
-def cache_sharding(mesh: Mesh, num_kv_heads: int) -> NamedSharding:
-    """KV cache `[L, B, S, Hkv, D]`: batch over ("data", "fsdp"), kv heads over tensor when divisible."""
-    spec = logical_to_spec(("layers", "batch", None, "kv_heads", None), (1, 1, 1, num_kv_heads, 1), mesh, "serve")
-    return NamedSharding(mesh, P(None, BATCH_AXES, None, spec[3], None))
-
-
-def sharded_forward(model: nnx.Module, mesh: Mesh, layout: str = "train") -> Callable[..., jax.Array]:
-    """Jitted `(state, input_ids, attention_mask) -> float32 logits` with NamedSharding in and out.
-
-    Returns the function and leaves the model untouched; pass `nnx.state(model)` (already sharded
-    with `shard_model`, or anything else: jit moves it) as the first argument. The batch size must be
-    a multiple of data x fsdp."""
-    graphdef, state = nnx.split(model)
-    param_sh = state_shardings(state, mesh, layout)
-    ids_sh = batch_sharding(mesh, 2)
-    out_sh = batch_sharding(mesh, 3)
-
-    def _forward(state: Any, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        return nnx.merge(graphdef, state)(input_ids, attention_mask=attention_mask)
-
-    forward = jax.jit(_forward, in_shardings=(param_sh, ids_sh, ids_sh), out_shardings=out_sh)
-
-    def call(state, input_ids, attention_mask):
-        with jax.set_mesh(mesh):  # activates the activation-sharding constraints inside the model
-            return forward(state, input_ids, attention_mask)
-
-    return call

@@ -1,4 +1,4 @@
-"""`mtgrpo bench rollout`: tokens/s of the rollout sampler against transformers' `generate`.
+"""`mtgrpo bench rollout`: tokens/s of the rollout engine against transformers' `generate`.
 
 Both sides run the same random-init Qwen2-shaped model (ours is written with `save_pretrained` and
 read back by transformers from the safetensors), the same prompts, the same n, the same number of new
@@ -107,18 +107,18 @@ def measure_matmul_flops(dtype: str = "float32", size: int = 2048, repeats: int 
     return 2 * size**3 / best
 
 
-def mean_slots_read(sampler, prompt_len: int, new_tokens: int) -> tuple[float, float]:
-    """(prompt slots, generated slots) one decode step of `sampler` reads per row, averaged over
+def mean_slots_read(engine, prompt_len: int, new_tokens: int) -> tuple[float, float]:
+    """(prompt slots, generated slots) one decode step of `engine` reads per row, averaged over
     the steps. The fast path reads each prompt's k/v once for its n samples (the caller divides the
     prompt bytes by n) and only the generated-token blocks written so far; the model path reads its
     whole static-length cache, prompt repeated per sample."""
     from mtgrpo_jax.models import decode
 
-    if sampler.decode_impl != "fast" or new_tokens < 2:
+    if engine.decode_impl != "fast" or new_tokens < 2:
         return float(prompt_len), float(new_tokens)
-    ends = np.cumsum(decode.block_sizes(new_tokens, sampler.attention_block))
+    ends = np.cumsum(decode.block_sizes(new_tokens, engine.attention_block))
     slots, t = [], 0
-    for t_end, (_, blocks) in sampler._phases(new_tokens):
+    for t_end, (_, blocks) in engine._phases(new_tokens):
         while t + 1 < new_tokens and t < t_end:
             slots.append(int(ends[blocks - 1]))
             t += 1
@@ -126,7 +126,7 @@ def mean_slots_read(sampler, prompt_len: int, new_tokens: int) -> tuple[float, f
 
 
 def _ours(model, prompts, n, new_tokens, seed, cache_dtype):
-    """Compiles the sampler program for this shape and returns (`run(key)`, sampler); `run` times
+    """Compiles the engine's program for this shape and returns (`run(key)`, engine); `run` times
     one prefill-only call and one full call: (full seconds, prefill seconds, decode steps).
 
     Warm-up and the prefill timing use the same compiled program with every token as a stop token
@@ -135,27 +135,27 @@ def _ours(model, prompts, n, new_tokens, seed, cache_dtype):
 
     import jax
 
-    from mtgrpo_jax.rollout import Buckets, Sampler, SamplingParams
+    from mtgrpo_jax.rollout import Buckets, RolloutEngine, SamplingParams
 
-    sampler = Sampler(model, None, Buckets(prompt_lengths=(prompts.shape[1],), batch_sizes=(prompts.shape[0],)),
+    engine = RolloutEngine(model, None, Buckets(prompt_lengths=(prompts.shape[1],), batch_sizes=(prompts.shape[0],)),
                       cache_dtype=cache_dtype)
     prompt_list = prompts.tolist()
     full = SamplingParams(n=n, temperature=1.0, max_new_tokens=new_tokens, ignore_eos=True)
     prefill_only = dataclasses.replace(full, stop_token_ids=tuple(range(model.config.vocab_size)))
-    sampler.generate(prompt_list, prefill_only, jax.random.key(seed))  # compile + warm up
+    engine.generate(prompt_list, prefill_only, jax.random.key(seed))  # compile + warm up
 
     def run(key: int):
         start = time.perf_counter()
-        sampler.generate(prompt_list, prefill_only, jax.random.key(key))
+        engine.generate(prompt_list, prefill_only, jax.random.key(key))
         prefill_s = time.perf_counter() - start
         start = time.perf_counter()
-        out = sampler.generate(prompt_list, full, jax.random.key(key))
+        out = engine.generate(prompt_list, full, jax.random.key(key))
         full_s = time.perf_counter() - start
         if not out.mask.all() or out.num_decode_steps != new_tokens - 1:
             raise RuntimeError("stopping was disabled, so every row must run to max_new_tokens")
         return full_s, prefill_s, out.num_decode_steps
 
-    return run, sampler
+    return run, engine
 
 
 def _reference(model_dir, prompts, n, new_tokens, full_tokens, threads, dtype="float32"):
@@ -243,10 +243,10 @@ def run_size(name: str, *, prompts: int, prompt_len: int, n: int, new_tokens: in
         + (f", extrapolated to {new_tokens} tokens: {ref_s:.1f}s)" if ref_new_tokens != new_tokens else ")"))
 
     bandwidth = max(bandwidth, measure_bandwidth()[0])
-    # KV-cache bytes a decode step reads, averaged over the steps (one block layout per sampler).
-    sampler0 = next(iter(runners.values()))[1]
-    prompt_slots, gen_slots = mean_slots_read(sampler0, prompt_len, new_tokens)
-    shared = sampler0.decode_impl == "fast"  # a prompt's k/v is read once for its n samples
+    # KV-cache bytes a decode step reads, averaged over the steps (one block layout per engine).
+    engine0 = next(iter(runners.values()))[1]
+    prompt_slots, gen_slots = mean_slots_read(engine0, prompt_len, new_tokens)
+    shared = engine0.decode_impl == "fast"  # a prompt's k/v is read once for its n samples
     row_slots = (prompt_slots / n if shared else prompt_slots) + gen_slots
     cache_item = jnp.dtype(cache_dtype).itemsize
     cache_bytes = int(2 * cfg.num_hidden_layers * rows * row_slots * cfg.num_key_value_heads * cfg.head_dim
@@ -257,7 +257,7 @@ def run_size(name: str, *, prompts: int, prompt_len: int, n: int, new_tokens: in
     step_flops = 2 * rows * matmul_params + attention_flops
     by_dtype = {}
     for dt in dtypes:
-        run, sampler = runners[dt]
+        run, engine = runners[dt]
         after = run(seed + 2)
         ours_s, prefill_s = (before[dt][0] + after[0]) / 2, (before[dt][1] + after[1]) / 2
         tps = total_new / ours_s
@@ -281,7 +281,7 @@ def run_size(name: str, *, prompts: int, prompt_len: int, n: int, new_tokens: in
             "roofline_fraction": round(roofline_s / step_s, 3),
             "matmul_gflop_s": round(matmul[dt] / 1e9, 1),
             "matmul_peak_fraction": round(step_flops / step_s / matmul[dt], 3),
-            "num_compiles": sampler.num_compiles,
+            "num_compiles": engine.num_compiles,
         }
     head = by_dtype[dtypes[0]]
     return {

@@ -1,4 +1,4 @@
-"""`mtgrpo generate`: sample completions from a model with the rollout sampler.
+"""`mtgrpo generate`: sample completions from a model with the rollout engine.
 
 Without `--model` it runs the bundled tiny Qwen2-type config with random weights and the bundled
 tiny tokenizer, so the command works on a fresh checkout (the output is gibberish by design)."""
@@ -51,7 +51,7 @@ def generate_main(argv: list[str] | None = None, prog: str = "mtgrpo generate") 
     ap.add_argument("--json", action="store_true", help="print one JSON object per completion")
     args = ap.parse_args(argv)
 
-    from mtgrpo_jax.rollout import Sampler, SamplingParams
+    from mtgrpo_jax.rollout import RolloutEngine, SamplingParams
 
     try:
         params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -60,7 +60,7 @@ def generate_main(argv: list[str] | None = None, prog: str = "mtgrpo generate") 
         ap.error(str(e))
     import jax
 
-    from mtgrpo_jax.models import apply_chat_template
+    from mtgrpo_jax.models import encode_prompt
 
     try:
         model, tokenizer = _load(args.model, args.dtype, args.seed)
@@ -70,10 +70,9 @@ def generate_main(argv: list[str] | None = None, prog: str = "mtgrpo generate") 
     prompts = args.prompt or list(DEFAULT_PROMPTS)
     if any(not p.strip() for p in prompts):
         ap.error("--prompt must not be empty")
-    texts = [apply_chat_template(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
-    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    sampler = Sampler(model, tokenizer, _buckets([len(i) for i in ids], len(ids)))
-    out = sampler.generate(ids, params, jax.random.key(args.seed))
+    ids = [encode_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    engine = RolloutEngine(model, tokenizer, _buckets([len(i) for i in ids], len(ids)))
+    out = engine.generate(ids, params, jax.random.key(args.seed))
     for row in range(len(out.texts)):
         i, j = divmod(row, params.n)
         if args.json:

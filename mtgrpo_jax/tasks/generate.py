@@ -35,16 +35,16 @@ def _generator(task: str) -> tuple[str, BaseTask]:
 
     # A registered family by its name; a user's family by its "pkg.module:factory" spec.
     name = canonical_task_name(task) or (task if ":" in task else None)
-    family = get_task(name) if name is not None else None
-    if not getattr(family, "levels", None):
+    task_obj = get_task(name) if name is not None else None
+    if not getattr(task_obj, "levels", None):
         generatable = [n for n in list_tasks() if getattr(get_task(n), "levels", None)]
         raise ValueError(f"cannot generate task {task!r}; generatable: {generatable}")
-    return name, family
+    return name, task_obj
 
 
-def _check_level(task: str, family: BaseTask, level: int) -> None:
-    if level not in family.levels:
-        raise ValueError(f"{task}: level must be one of {sorted(family.levels)}, got {level!r}")
+def _check_level(task: str, task_obj: BaseTask, level: int) -> None:
+    if level not in task_obj.levels:
+        raise ValueError(f"{task}: level must be one of {sorted(task_obj.levels)}, got {level!r}")
 
 
 def dataset_seed(seed: int, task: str, level: int) -> int:
@@ -61,11 +61,11 @@ def generate_rows(task: str, level: int, start: int, stop: int, seed: int = 0, s
     """verl-layout rows for items [start, stop) of (task, level, seed)."""
     from mtgrpo_jax.tasks.loading import row_to_example
 
-    task, family = _generator(task)
-    _check_level(task, family, level)
-    released_type = family.source_type or family.family
+    task, task_obj = _generator(task)
+    _check_level(task, task_obj, level)
+    released_type = task_obj.source_type or task_obj.family
     rows = []
-    for index, question, ground_truth in family.generate_items(level, start, stop, dataset_seed(seed, task, level)):
+    for index, question, ground_truth in task_obj.generate_items(level, start, stop, dataset_seed(seed, task, level)):
         row = {
             "data_source": f"{released_type}-{_level_name(level)}-{split}",
             "prompt": [],
@@ -79,7 +79,7 @@ def generate_rows(task: str, level: int, start: int, stop: int, seed: int = 0, s
                 "type": released_type,
             },
         }
-        row["prompt"] = family.prompt(row_to_example(row, task))  # the released prompt text
+        row["prompt"] = task_obj.prompt(row_to_example(row, task))  # the released prompt text
         rows.append(row)
     return rows
 
@@ -142,15 +142,15 @@ def _read_rows(path: str) -> list[dict]:
 
 def fingerprint(task: str, level: int, seed: int, split: str) -> str:
     """Identifies everything that determines the items, so a cache is never reused across settings."""
-    family = _generator(task)[1]
+    task_obj = _generator(task)[1]
     spec = {
         "task": task,
         "level": level,
         "seed": int(seed),
         "split": split,
-        "config": dict(family.levels[level]),
+        "config": dict(task_obj.levels[level]),
         "format": FORMAT_VERSION,
-        **family.generator_fingerprint,
+        **task_obj.generator_fingerprint,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 

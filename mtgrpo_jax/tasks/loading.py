@@ -142,8 +142,8 @@ def _user_task(spec: str):
 
 
 def _answer(task: str, ground_truth: Any) -> Any:
-    family = _user_task(task) if ":" in task else get_task(task)  # registered: the registry keeps one instance
-    parse = getattr(family, "parse_answer", None)
+    task_obj = _user_task(task) if ":" in task else get_task(task)  # registered: the registry keeps one instance
+    parse = getattr(task_obj, "parse_answer", None)
     return ground_truth if parse is None else parse(ground_truth)  # a non-BaseTask keeps the stored value
 
 

@@ -86,7 +86,7 @@ def _align_names(tasks, names: dict[tuple[str, int], str]):
 
 def _task_sets(spec: str | None, cfg: Config, seed: int, max_examples: int | None):
     from mtgrpo_jax.tasks import load_source
-    from mtgrpo_jax.train.setup import RunTask, build_tasks, task_family
+    from mtgrpo_jax.train.setup import RunTask, build_tasks, configured_task
 
     if not spec:
         if not cfg.tasks:
@@ -102,14 +102,14 @@ def _task_sets(spec: str | None, cfg: Config, seed: int, max_examples: int | Non
             for ex in load_source(str(path)):
                 groups[(ex["task"], int(ex.get("difficulty") or 0))].append(ex)
             for (fam, level), examples in sorted(groups.items()):
-                out.append(RunTask(f"{fam}-l{level}", task_family(fam, cfg), [], examples[:max_examples]))
+                out.append(RunTask(f"{fam}-l{level}", configured_task(fam, cfg), [], examples[:max_examples]))
         else:
             parts = item.split(":")
             if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
                 raise ConfigError(f"eval: --tasks: {item!r} is neither a .parquet file nor FAMILY:LEVEL:N")
             fam, level, n = parts[0], int(parts[1]), int(parts[2])
             examples = load_source({"level": level, "n": n, "seed": seed + 1000 + level}, task=fam)
-            out.append(RunTask(f"{fam}-l{level}", task_family(fam, cfg), [], examples))
+            out.append(RunTask(f"{fam}-l{level}", configured_task(fam, cfg), [], examples))
     return out
 
 

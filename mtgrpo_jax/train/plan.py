@@ -4,7 +4,7 @@ Nothing here reads weights or needs a TPU: the model is built with `nnx.eval_sha
 only), its parameters get the shardings the trainer gives them on the config's mesh laid over the slice's
 devices (libtpu describes them: `parallel.topology`), and each program is the trainer's own jitted
 function (`make_update_fn`, `make_logprob_fn`, `make_objective_fn`, `make_sft_update_fn`, the rollout
-`Sampler`'s program) lowered with abstract arguments at the config's real shapes and compiled by libtpu.
+`RolloutEngine`'s program) lowered with abstract arguments at the config's real shapes and compiled by libtpu.
 The compiled program's `memory_analysis()` says what it needs per device and `cost_analysis()` its FLOPs
 and bytes accessed per device.
 
@@ -431,7 +431,7 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
         say(f"{name}: peak {p.peak_bytes / 2**30:.2f} GiB / {topo.chip.hbm_bytes / 2**30:.2f} GiB, "
             f"compiled in {p.compile_s:.1f} s")
 
-    # Rollout: the sampler's program for one chunk of prompts, and its prefill alone (to split the cost).
+    # Rollout: the engine's program for one chunk of prompts, and its prefill alone (to split the cost).
     roll = {}
     if wanted("rollout_prefill") or wanted("rollout_decode"):
         roll = rollout_programs(cfg, model, mesh, topo, prompts_per_round(cfg), say,
@@ -478,47 +478,47 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
     return Plan(topo, len(devices), programs, step, rollout / step if step else 0.0, micro)
 
 
-def rollout_chunk_prompts(cfg: Config, prompts: int, sampler, prompt_len: int) -> int:
-    """Prompts per rollout program, as `Sampler.generate` cuts a round: chunks of the largest batch bucket,
+def rollout_chunk_prompts(cfg: Config, prompts: int, engine, prompt_len: int) -> int:
+    """Prompts per rollout program, as `RolloutEngine.generate` cuts a round: chunks of the largest batch bucket,
     or, with `rollout.kv_cache_budget_gib`, of the largest bucket whose KV cache fits the budget."""
     from mtgrpo_jax.rollout import rollout_chunk_rows
 
     n, m = cfg.sampler.group_size, cfg.rollout.max_new_tokens
-    per_call = max(sampler.buckets.batch_sizes)
+    per_call = max(engine.buckets.batch_sizes)
     budget = cfg.rollout.kv_cache_budget_gib
     if budget is not None:
         try:
-            per_call = rollout_chunk_rows(sampler.config, budget, positions=prompt_len + m, n=n,
-                                          dtype=sampler.cache_dtype, batch_sizes=sampler.buckets.batch_sizes,
-                                          shards=sampler._cache_shards()) // n
+            per_call = rollout_chunk_rows(engine.config, budget, positions=prompt_len + m, n=n,
+                                          dtype=engine.cache_dtype, batch_sizes=engine.buckets.batch_sizes,
+                                          shards=engine._cache_shards()) // n
         except ValueError as err:
             raise PlanError(f"rollout.kv_cache_budget_gib: {err}") from None
     return min(per_call, prompts)
 
 
 def rollout_programs(cfg: Config, model, mesh, topo: Topology, prompts: int, say, with_loop: bool = True) -> dict:
-    """The rollout `Sampler`'s program for one chunk of prompts (prefill + decode loop: its memory is the
+    """The rollout `RolloutEngine`'s program for one chunk of prompts (prefill + decode loop: its memory is the
     real peak) and what it does before the loop alone (the prefill, the prompts' k/v in the decode
     layout, the loop's weights). The decode loop's cost is the whole program's less that part's, once
     per step (XLA counts a loop body once), times `max_new_tokens - 1` steps."""
-    from mtgrpo_jax.rollout.sampler import Buckets
-    from mtgrpo_jax.train.policy import build_sampler
+    from mtgrpo_jax.rollout.engine import Buckets
+    from mtgrpo_jax.train.policy import build_engine
 
     r = cfg.rollout
     n, m = cfg.sampler.group_size, r.max_new_tokens
     p = max(r.prompt_buckets)
-    sampler = build_sampler(model, None, r, mesh)
-    per_chunk = rollout_chunk_prompts(cfg, prompts, sampler, p)
-    b = Buckets.pick(sampler.buckets.batch_sizes, per_chunk)
+    engine = build_engine(model, None, r, mesh)
+    per_chunk = rollout_chunk_prompts(cfg, prompts, engine, p)
+    b = Buckets.pick(engine.buckets.batch_sizes, per_chunk)
     chunks = math.ceil(prompts / per_chunk)
     state = sharded_abstract_state(nnx.state(model), mesh, "serve")
     rep = NamedSharding(mesh, P())
     rows = b * n
-    shapes, shardings = sampler._cache_layout(rows, p, m)
+    shapes, shardings = engine._cache_layout(rows, p, m)
     is_shape = lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x)  # noqa: E731
-    cache = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, sampler.cache_dtype, sharding=sh), shapes, shardings,
+    cache = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, engine.cache_dtype, sharding=sh), shapes, shardings,
                          is_leaf=is_shape)
-    batch_sh = NamedSharding(mesh, P(sampler._sharding(2, 0, b).spec[0], None))
+    batch_sh = NamedSharding(mesh, P(engine._sharding(2, 0, b).spec[0], None))
     ids = jax.ShapeDtypeStruct((b, p), jnp.int32, sharding=batch_sh)
     mask = jax.ShapeDtypeStruct((b, p), jnp.bool_, sharding=batch_sh)
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=rep)
@@ -528,14 +528,14 @@ def rollout_programs(cfg: Config, model, mesh, topo: Topology, prompts: int, say
 
     say(f"compiling the rollout prefill ({b} prompts x {p} tokens) ...")
     graphdef = nnx.graphdef(model)
-    dtype = sampler.cache_dtype
+    dtype = engine.cache_dtype
 
     def prefill(state, prompt_ids, prompt_mask):
-        # What the sampler's program does before its decode loop (`Sampler._run`, steps 1 and 2).
+        # What the engine's program does before its decode loop (`RolloutEngine._run`, steps 1 and 2).
         mdl = nnx.merge(graphdef, state)
         positions = jnp.maximum(jnp.cumsum(prompt_mask.astype(jnp.int32), axis=1) - 1, 0)
         cache = mdl.init_cache(prompt_ids.shape[0], prompt_ids.shape[1], dtype=dtype)
-        if sampler.decode_impl != "fast":
+        if engine.decode_impl != "fast":
             logits, cache = mdl(prompt_ids, positions=positions, cache=cache, cache_index=jnp.int32(0),
                                 kv_mask=prompt_mask)
             return logits[:, -1], cache
@@ -548,7 +548,7 @@ def rollout_programs(cfg: Config, model, mesh, topo: Topology, prompts: int, say
     if not with_loop:
         return {"rollout_prefill": (pre, dict(calls=chunks))}
     say(f"compiling the rollout program ({rows} rows, {m} new tokens) ...")
-    full = _try_compile(sampler._program, state, cache, ids, mask, key, scalar(jnp.int32), scalar(jnp.int32),
+    full = _try_compile(engine._program, state, cache, ids, mask, key, scalar(jnp.int32), scalar(jnp.int32),
                         scalar(jnp.float32), scalar(jnp.float32), stop, mesh=mesh, n=n, max_new_tokens=m,
                         greedy=greedy, top_k=int(r.top_k), use_top_p=r.top_p < 1.0)
     steps = max(m - 1, 0)

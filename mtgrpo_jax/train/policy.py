@@ -2,7 +2,7 @@
 
 Shared by training, evaluation and `mtgrpo eval`, so all three build prompts and stop sequences the same way:
 `resolve_prompts` picks the prompts that suit the checkpoint (base: the raw transcript; instruct: the question in
-the model's chat template), and `models.encode_prompt` is the one encoder.
+the model's chat template), and `models.encode_prompt` (over `models.prompt_text`) is the one encoder.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from flax import nnx
 
 from mtgrpo_jax.config import Config, RolloutCfg
 from mtgrpo_jax.models.tokenizer import encode_prompt, has_chat_template
-from mtgrpo_jax.rollout import Sampler, SamplingParams
+from mtgrpo_jax.rollout import RolloutEngine, SamplingParams
 
 # (task prompt style, template) each kind of checkpoint gets unless `rollout.*` says otherwise.
 PROMPTS_FOR_KIND = {"base": ("released", "raw"), "instruct": ("question", "chat")}
@@ -65,9 +65,9 @@ def resolve_prompts(cfg: Config, tokenizer) -> tuple[Config, PromptChoice]:
     return cfg, choice
 
 
-def build_sampler(model, tokenizer, rollout_cfg: RolloutCfg, mesh=None) -> Sampler:
+def build_engine(model, tokenizer, rollout_cfg: RolloutCfg, mesh=None) -> RolloutEngine:
     """The rollout engine as the config sets it up (also what `mtgrpo plan` compiles)."""
-    return Sampler(
+    return RolloutEngine(
         model,
         tokenizer,
         buckets=dict(prompt_lengths=rollout_cfg.prompt_buckets, batch_sizes=rollout_cfg.batch_buckets),
@@ -85,7 +85,7 @@ class Policy:
         self.tokenizer = tokenizer
         self.rollout_cfg = rollout_cfg
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.rollout = build_sampler(model, tokenizer, rollout_cfg, mesh)
+        self.engine = build_engine(model, tokenizer, rollout_cfg, mesh)
         ids = set(model.config.eos_token_ids)
         for tok in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")):
             if isinstance(tok, int) and tok >= 0 and tok != tokenizer.unk_token_id:
@@ -96,11 +96,11 @@ class Policy:
         self.end_of_turn_id = im_end if im_end in ids else self.stop_ids[0]
         self._prompt_cache: dict[tuple[str, str], list[int]] = {}
 
-    def prompt_ids(self, family, example: dict[str, Any]) -> list[int]:
-        key = (family.name, example.get("question", "") + json.dumps(example.get("answer"), sort_keys=True, default=str))
+    def prompt_ids(self, task, example: dict[str, Any]) -> list[int]:
+        key = (task.name, example.get("question", "") + json.dumps(example.get("answer"), sort_keys=True, default=str))
         ids = self._prompt_cache.get(key)
         if ids is None:
-            messages = family.prompt(example)
+            messages = task.prompt(example)
             if self.rollout_cfg.system_prompt is not None:
                 messages = [{"role": "system", "content": self.rollout_cfg.system_prompt}, *messages]
             ids = encode_prompt(self.tokenizer, messages, self.rollout_cfg.template or "chat")
@@ -116,7 +116,7 @@ class Policy:
         if params is not None:
             nnx.update(self.model, params)
         r = self.rollout_cfg
-        params = SamplingParams(
+        sampling = SamplingParams(
             n=n,
             temperature=r.temperature if temperature is None else temperature,
             top_p=r.top_p if top_p is None else top_p,
@@ -124,4 +124,4 @@ class Policy:
             max_new_tokens=max_new_tokens or r.max_new_tokens,
             stop_token_ids=self.stop_ids,
         )
-        return self.rollout.generate(prompts, params, key)
+        return self.engine.generate(prompts, sampling, key)

@@ -127,11 +127,28 @@ def _figure(n_panels: int):
     return fig, axes[:n_panels]
 
 
-def _integer_steps(axes) -> None:
+def _label_panel(ax, title: str, ylabel: str, *, ylim: tuple[float, float | None] | None = (-0.02, 1.02),
+                 legend: bool = True) -> None:
+    """What every panel of the report shares: its title, the step axis, a y label and range, a grid and
+    (unless the caller draws its own) the legend of its lines."""
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=7, loc="best")
+
+
+def _save(fig, axes, title: str, path: Path) -> None:
+    """Integer step ticks on every panel, the figure's title, and the file."""
     from matplotlib.ticker import MaxNLocator
 
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(title)
+    fig.savefig(path)
 
 
 def _empty_panel(ax, title: str, message: str) -> None:
@@ -156,15 +173,8 @@ def plot_eval_accuracy(runs: Sequence[Run], path: Path, colors: dict[str, Any], 
         # Wide and translucent, so the task line it coincides with stays visible underneath.
         ax.plot(h.steps, h.worst, color="black", lw=4, alpha=0.3, zorder=1, label="worst task")
         ax.plot(h.steps, h.mean, color="0.45", lw=1.6, ls=":", label="average")
-        ax.set_title(run.label)
-        ax.set_xlabel("step")
-        ax.set_ylabel("eval accuracy")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    _integer_steps(axes)
-    fig.suptitle("Per-task evaluation accuracy")
-    fig.savefig(path)
+        _label_panel(ax, run.label, "eval accuracy")
+    _save(fig, axes, "Per-task evaluation accuracy", path)
     return True
 
 
@@ -195,14 +205,8 @@ def plot_weights_vs_shares(runs: Sequence[Run], path: Path, colors: dict[str, An
             Line2D([], [], color="0.3", lw=1.2, ls="--", label="batch share"),
         ]
         ax.legend(handles=handles, fontsize=7, loc="best")
-        ax.set_title(run.label)
-        ax.set_xlabel("step")
-        ax.set_ylabel("fraction of batch")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-    _integer_steps(axes)
-    fig.suptitle("Task weights z vs realised batch shares")
-    fig.savefig(path)
+        _label_panel(ax, run.label, "fraction of batch", ylim=(0, None), legend=False)
+    _save(fig, axes, "Task weights z vs realised batch shares", path)
     return True
 
 
@@ -219,15 +223,8 @@ def plot_zero_gradient_rates(runs: Sequence[Run], path: Path, colors: dict[str, 
             continue
         for name, rate in rates.items():
             ax.plot(steps, rate, lw=1.5, color=colors[name], label=name)
-        ax.set_title(run.label)
-        ax.set_xlabel("step")
-        ax.set_ylabel("zero-gradient group rate")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    _integer_steps(axes)
-    fig.suptitle("Zero-gradient rates per task")
-    fig.savefig(path)
+        _label_panel(ax, run.label, "zero-gradient group rate")
+    _save(fig, axes, "Zero-gradient rates per task", path)
     return True
 
 
@@ -565,14 +562,8 @@ def plot_experiment_curves(runs: Sequence[ExperimentRun], tasks: Sequence[str], 
             color = cmap(i % cmap.N)
             ax.plot(steps, mean, marker="o", ms=3, lw=1.6, color=color, label=f"{label} (n={len(group)})")
             ax.fill_between(steps, mean - se, mean + se, color=color, alpha=0.2, lw=0)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_ylabel("eval accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    _integer_steps(axes)
-    fig.suptitle("Evaluation accuracy: mean over seeds, band ± 1 s.e.")
-    fig.savefig(path)
+        _label_panel(ax, title, "eval accuracy", ylim=None)
+    _save(fig, axes, "Evaluation accuracy: mean over seeds, band ± 1 s.e.", path)
 
 
 def _mean_series(group: Sequence[ExperimentRun], suffix: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -612,21 +603,14 @@ def plot_experiment_series(runs: Sequence[ExperimentRun], path: Path, *, weighte
             handles += [Line2D([], [], color="0.3", lw=1.8, label="weight z_k"),
                         Line2D([], [], color="0.3", lw=1.2, ls="--", label="batch share")]
             ax.legend(handles=handles, fontsize=7, loc="best")
-            ax.set_ylabel("fraction of batch")
         else:
             steps, rates = _mean_series(group, "zero_grad_rate")
             for i, (n, v) in enumerate(rates.items()):
                 ax.plot(steps, v, lw=1.5, color=cmap(i % cmap.N), label=n)
-            ax.legend(fontsize=7, loc="best")
-            ax.set_ylabel("zero-gradient group rate")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"{label} (mean of {len(group)} seeds)")
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    _integer_steps(axes)
-    fig.suptitle("Task weights z (solid) vs realised batch shares (dashed)" if weighted_only
-                 else "Zero-gradient rates per task")
-    fig.savefig(path)
+        _label_panel(ax, f"{label} (mean of {len(group)} seeds)",
+                     "fraction of batch" if weighted_only else "zero-gradient group rate", legend=not weighted_only)
+    _save(fig, axes, "Task weights z (solid) vs realised batch shares (dashed)" if weighted_only
+          else "Zero-gradient rates per task", path)
     return True
 
 
@@ -691,15 +675,9 @@ def write_experiment_report(exp_dir: str | os.PathLike, out_dir: str | os.PathLi
              "## Task weights, realised batch shares, zero-gradient rates", "",
              "Means over all training steps and seeds; weights only for methods whose weights move.", "",
              _markdown(weights_md)]
-    for name, title in (("curves", "Accuracy over steps"), ("weights_vs_shares", "Task weights vs realised batch shares"),
-                        ("zero_gradient_rates", "Zero-gradient rates")):
-        if name in written:
-            parts += [f"## {title}", "", f"![{title}]({written[name].name})", ""]
-    if notes:
-        parts += ["## Notes", ""] + [f"- {n}" for n in dict.fromkeys(notes)] + [""]
-    written["report_md"] = out / "report.md"
-    written["report_md"].write_text("\n".join(parts), encoding="utf-8")
-    return written
+    figures = (("curves", "Accuracy over steps"), ("weights_vs_shares", "Task weights vs realised batch shares"),
+               ("zero_gradient_rates", "Zero-gradient rates"))
+    return _write_markdown(out, parts, written, figures, notes)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -759,11 +737,15 @@ def write_report(
             f" base = `{baseline}`.",
             "",
         ]
-    for name, title in (
-        ("eval_accuracy", "Per-task evaluation accuracy"),
-        ("weights_vs_shares", "Task weights vs realised batch shares"),
-        ("zero_gradient_rates", "Zero-gradient rates"),
-    ):
+    figures = (("eval_accuracy", "Per-task evaluation accuracy"),
+               ("weights_vs_shares", "Task weights vs realised batch shares"), ("zero_gradient_rates", "Zero-gradient rates"))
+    return _write_markdown(out, parts, written, figures, notes)
+
+
+def _write_markdown(out: Path, parts: list[str], written: dict[str, Path], figures: Sequence[tuple[str, str]],
+                    notes: Sequence[str]) -> dict[str, Path]:
+    """`out/report.md`: the report's sections, then each written figure (name, title) and the notes (once each)."""
+    for name, title in figures:
         if name in written:
             parts += [f"## {title}", "", f"![{title}]({written[name].name})", ""]
     if notes:

@@ -79,17 +79,17 @@ def build_model(cfg: Config, mesh) -> tuple[Transformer, Any]:
 
 @dataclass
 class RunTask:
-    """One task of the run: its name, its verifier family, and its train / held-out examples."""
+    """One task of the run: its name, its Task (prompts, verifier), and its train / held-out examples."""
 
     name: str
-    family: Any  # a Task (verifier + prompt builder)
+    task: Any  # a Task (verifier + prompt builder), its family's class configured for the run
     train: list[dict]
     eval: list[dict] = field(default_factory=list)
 
 
-def task_family(name: str, cfg: Config):
-    """The Task a config names, with the run's prompt style, demonstration style and answer reader."""
-    return with_task_options(resolve_task(name), cfg)
+def configured_task(family: str, cfg: Config):
+    """The Task a config's `family` names, with the run's prompt style, demonstration style and answer reader."""
+    return with_task_options(resolve_task(family), cfg)
 
 
 def load_task_source(src: TaskSourceCfg, family: str, cache_dir: str, where: str) -> list[dict]:
@@ -117,15 +117,15 @@ def load_task_source(src: TaskSourceCfg, family: str, cache_dir: str, where: str
     return examples
 
 
-def with_task_options(family, cfg: Config):
-    """A task family with the run's prompt style, demonstration style and answer reader (families without
-    options, e.g. a user's own, are used as they are)."""
-    if not hasattr(family, "with_options"):
-        return family
+def with_task_options(task, cfg: Config):
+    """A Task with the run's prompt style, demonstration style and answer reader (Tasks without options,
+    e.g. a user's own protocol-only one, are used as they are)."""
+    if not hasattr(task, "with_options"):
+        return task
     options = dict(prompt_style=cfg.rollout.prompt_style, demonstration_style=cfg.sft.demonstration_style)
     if cfg.train.box_last_line_only:
         options["box_last_line_only"] = True
-    return family.with_options(**options)
+    return task.with_options(**options)
 
 
 def build_tasks(cfg: Config) -> list[RunTask]:
@@ -134,12 +134,12 @@ def build_tasks(cfg: Config) -> list[RunTask]:
     out = []
     for i, t in enumerate(cfg.tasks):
         try:
-            family = task_family(t.family, cfg)
+            task = configured_task(t.family, cfg)
         except (KeyError, ValueError, ImportError) as err:
             raise ConfigError(f"config error: tasks.{i}.family: {err}") from None
         train = load_task_source(t.train, t.family, cfg.data_dir, f"tasks.{i}.train")
         held_out = load_task_source(t.eval, t.family, cfg.data_dir, f"tasks.{i}.eval") if t.eval is not None else []
-        out.append(RunTask(t.name, family, train, held_out))
+        out.append(RunTask(t.name, task, train, held_out))
     return out
 
 
@@ -202,4 +202,4 @@ def improvement_mode(cfg: Config) -> str:
 
 
 __all__ = ["build_mesh", "check_mesh", "build_model", "build_tasks", "build_sampler", "build_weight_optimizer",
-           "improvement_mode", "load_task_source", "resample_rounds", "task_family", "with_task_options", "RunTask"]
+           "configured_task", "improvement_mode", "load_task_source", "resample_rounds", "with_task_options", "RunTask"]

@@ -19,15 +19,15 @@ from mtgrpo_jax.train.update import init_opt_state, make_sft_update_fn
 
 def demonstration_rows(tasks, policy, examples_per_task: int) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, completion ids ending in the end-of-turn token) for each demonstrable train example of
-    `tasks` (the run's tasks: name, family, train examples)."""
+    `tasks` (the run's tasks: name, Task, train examples)."""
     rows = []
-    for task in tasks:
-        for ex in task.train[:examples_per_task]:
-            text = task.family.demonstration(ex)
+    for run_task in tasks:
+        for ex in run_task.train[:examples_per_task]:
+            text = run_task.task.demonstration(ex)
             if text is None:
                 continue
             completion = policy.tokenizer(text, add_special_tokens=False)["input_ids"] + [policy.end_of_turn_id]
-            rows.append((policy.prompt_ids(task.family, ex), completion))
+            rows.append((policy.prompt_ids(run_task.task, ex), completion))
     if not rows:
         raise ValueError("sft: no task could produce a demonstration (sft.steps > 0 needs at least one)")
     return rows

@@ -20,13 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from mtgrpo_jax.config import Config, SamplerCfg, save_config
 from mtgrpo_jax.data import TaskSet
 from mtgrpo_jax.models import save_pretrained
-from mtgrpo_jax.parallel import BATCH_AXES, host_to_global, to_host
+from mtgrpo_jax.parallel import batch_sharding, host_to_global, to_host
 from mtgrpo_jax.parallel.mesh import on_mesh
 from mtgrpo_jax.rl import group_advantages, zero_gradient_mask
 from mtgrpo_jax.rollout import Buckets
@@ -105,8 +103,8 @@ class Trainer:
         self.settings = update_settings(cfg, self.micro_batches)
         self.rows = s.batch_size * s.group_size
         self.micro_rows = self.rows // (o.mini_batches * self.micro_batches)
-        batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
-        constrain = lambda b: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sharding), b)
+        self.batch_sharding = batch_sharding(self.mesh)
+        constrain = lambda b: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.batch_sharding), b)
         self.update_fn = make_update_fn(self.graphdef, self.tx, self.settings, constrain)
         chunks = self.rows // self.micro_rows
         self.objective_fn = make_objective_fn(self.graphdef, self.settings, chunks)
@@ -118,7 +116,6 @@ class Trainer:
         self.ref_params = jax.tree.map(jnp.copy, self.params) if cfg.loss.beta > 0 else None
         self.recompute_old_logprobs = cfg.optim.recompute_old_logprobs or (
             self.settings.improvement != "none" and cfg.weighting.improvement_old_logprobs == "recompute")
-        self.batch_sharding = batch_sharding
         self.history: list[dict] = []
         self.step = 0
         self._stop_requested = False
@@ -177,15 +174,15 @@ class Trainer:
             slots = [i for i, x in enumerate(task_ids) if x == t]
             for i, ex in zip(slots, self.taskset.take(t, len(slots))):
                 examples[i] = ex
-        prompts = [self.policy.prompt_ids(self.tasks[t].family, ex) for t, ex in zip(task_ids, examples)]
+        prompts = [self.policy.prompt_ids(self.tasks[t].task, ex) for t, ex in zip(task_ids, examples)]
         G = cfg.sampler.group_size
         t0 = time.perf_counter()
         out = self.policy.generate(prompts, self._rollout_key(step, call), n=G, params=self.params)
         t1 = time.perf_counter()
-        families = {self.tasks[t].name: self.tasks[t].family for t in set(task_ids)}
+        by_name = {self.tasks[t].name: self.tasks[t].task for t in set(task_ids)}
         run_items = [dict(ex, task=self.tasks[t].name) for t, ex in zip(task_ids, examples) for _ in range(G)]
         scores, score_stats = score_batch(run_items, list(out.texts), workers=cfg.train.score_workers,
-                                          timeout_s=cfg.train.score_timeout_s, tasks=families)
+                                          timeout_s=cfg.train.score_timeout_s, tasks=by_name)
         score_stats = score_stats.as_dict()
         t2 = time.perf_counter()
         rewards = np.asarray([s.reward for s in scores], np.float32).reshape(-1, G)

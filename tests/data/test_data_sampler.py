@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 from mtgrpo_jax.data import (
-    DynamicSamplingSampler,
+    DynamicSampler,
+    PlainSampler,
     RatioPreservingSampler,
-    UniformSampler,
-    WeightedSampler,
     largest_remainder,
     make_sampler,
 )
@@ -66,7 +65,7 @@ def simulate(sampler, weights_fn, steps=200, accept=ACCEPT, seed=123):
 @pytest.mark.parametrize("weights", sorted(WEIGHTS))
 def test_ratio_preserving_shares_track_z_while_weighted_is_biased(variant, weights):
     rp = simulate(RatioPreservingSampler(3, 32, 8, variant=variant, seed=0), WEIGHTS[weights])
-    wt = simulate(WeightedSampler(3, 32, 8, seed=0), WEIGHTS[weights])
+    wt = simulate(DynamicSampler(3, 32, 8, follow_weights=True, seed=0), WEIGHTS[weights])  # weights only
     print(f"\n[{variant}/{weights}] mean |share - z|: ratio-preserving {rp['gap']:.4f}, weighted {wt['gap']:.4f}; "
           f"shares rp {np.round(rp['mean_shares'], 3)} weighted {np.round(wt['mean_shares'], 3)}")
     assert rp["gap"] < 0.03
@@ -79,7 +78,7 @@ def test_ratio_preserving_shares_track_z_while_weighted_is_biased(variant, weigh
 
 def test_weighted_sampler_shares_follow_weights_times_acceptance():
     z = np.array([0.2, 0.3, 0.5])
-    wt = simulate(WeightedSampler(3, 32, 8, seed=0), lambda t: z)
+    wt = simulate(DynamicSampler(3, 32, 8, follow_weights=True, seed=0), lambda t: z)
     expected = z * ACCEPT / (z * ACCEPT).sum()
     assert np.allclose(wt["mean_shares"], expected, atol=0.03)
 
@@ -120,17 +119,21 @@ def test_spent_budget_returns_smaller_batch_and_metric():
     metrics = result.metrics(["zebra", "countdown", "arc"])
     assert metrics["sampler/budget_exhausted"] == 1.0 and metrics["sampler/batch_fill"] < 1.0
     # nothing accepted at all
-    for sampler in (RatioPreservingSampler(3, 8, seed=0), DynamicSamplingSampler(3, 8, resample_budget=2, seed=0),
-                    WeightedSampler(3, 8, resample_budget=2, seed=0)):
+    for sampler in (RatioPreservingSampler(3, 8, seed=0), DynamicSampler(3, 8, resample_budget=2, seed=0),
+                    DynamicSampler(3, 8, resample_budget=2, follow_weights=True, seed=0)):
         result = sampler.sample(np.full(3, 1 / 3), make_generator([0.0, 0.0, 0.0]))
         assert result.num_groups == 0 and result.budget_exhausted and np.all(result.shares == 0)
         assert result.metrics()["sampler/num_groups"] == 0.0
 
 
-@pytest.mark.parametrize("kind", ["ratio_preserving", "uniform", "dynamic", "weighted"])
-def test_seeded_runs_identical(kind):
+# Every `sampler.kind`; dynamic with the task weights is the weights-only ablation.
+KINDS = [("ratio_preserving", {}), ("plain", {}), ("dynamic", {}), ("dynamic", {"follow_weights": True})]
+
+
+@pytest.mark.parametrize("kind,options", KINDS)
+def test_seeded_runs_identical(kind, options):
     def trace(seed):
-        sampler = make_sampler(kind, 3, 16, 4, seed=seed)
+        sampler = make_sampler(kind, 3, 16, 4, seed=seed, **options)
         out = simulate(sampler, WEIGHTS["drifting"], steps=30, seed=7)
         return [(r.task_ids.tolist(), r.rounds, r.groups) for r in out["results"]]
 
@@ -138,9 +141,9 @@ def test_seeded_runs_identical(kind):
     assert trace(5) != trace(6)
 
 
-@pytest.mark.parametrize("kind", ["ratio_preserving", "uniform", "dynamic", "weighted"])
-def test_state_round_trips(kind):
-    sampler = make_sampler(kind, 3, 16, 4, seed=1)
+@pytest.mark.parametrize("kind,options", KINDS)
+def test_state_round_trips(kind, options):
+    sampler = make_sampler(kind, 3, 16, 4, seed=1, **options)
     generate = make_generator(ACCEPT, seed=9)
     for t in range(10):
         sampler.sample(WEIGHTS["drifting"](t), generate)
@@ -148,7 +151,7 @@ def test_state_round_trips(kind):
     generator_state = copy.deepcopy(generate.rng.bit_generator.state)
     expected = [sampler.sample(WEIGHTS["drifting"](t), generate) for t in range(10, 15)]
 
-    restored = make_sampler(kind, 3, 16, 4, seed=999)
+    restored = make_sampler(kind, 3, 16, 4, seed=999, **options)
     restored.set_state(state)
     generate.rng.bit_generator.state = generator_state
     again = [restored.sample(WEIGHTS["drifting"](t), generate) for t in range(10, 15)]
@@ -157,23 +160,33 @@ def test_state_round_trips(kind):
         if a.rho is not None:
             assert np.array_equal(a.rho, b.rho)
     with pytest.raises(ValueError, match="kind"):
-        make_sampler("weighted" if kind != "weighted" else "uniform", 3, 16).set_state(state)
+        make_sampler("dynamic" if kind != "dynamic" else "plain", 3, 16).set_state(state)
     with pytest.raises(ValueError, match="tasks"):
-        make_sampler(kind, 4, 16).set_state(state)
+        make_sampler(kind, 4, 16, **options).set_state(state)
 
 
-def test_uniform_sampler_returns_everything_generated():
-    sampler = UniformSampler(3, 64, 8, seed=0)
+def test_state_of_the_plain_sampler_under_its_old_kind_name_restores():
+    sampler = PlainSampler(3, 16, 4, follow_weights=True, seed=1)
+    sampler.sample(WEIGHTS["drifting"](0), make_generator(ACCEPT))
+    state = {**sampler.get_state(), "kind": "uniform"}  # as checkpoints before the rename hold it
+    restored = PlainSampler(3, 16, 4, follow_weights=True, seed=2)
+    restored.set_state(state)
+    assert restored.sample(WEIGHTS["drifting"](1), make_generator(ACCEPT)).task_ids.tolist() == \
+        sampler.sample(WEIGHTS["drifting"](1), make_generator(ACCEPT)).task_ids.tolist()
+
+
+def test_plain_sampler_returns_everything_generated():
+    sampler = PlainSampler(3, 64, 8, seed=0)
     generate = make_generator(ACCEPT)
     result = sampler.sample(np.array([1.0, 0.0, 0.0]), generate)  # GRPO ignores the weights
     assert result.num_groups == 64 and len(generate.calls) == 1 and result.rounds == 0
     assert 0 < result.accepted.sum() < 64 and np.all(result.counts > 0)
-    follow = UniformSampler(3, 64, 8, follow_weights=True, seed=0).sample(np.array([1.0, 0.0, 0.0]), generate)
+    follow = PlainSampler(3, 64, 8, follow_weights=True, seed=0).sample(np.array([1.0, 0.0, 0.0]), generate)
     assert follow.counts.tolist() == [64, 0, 0]
 
 
 def test_dynamic_sampling_refills_until_batch_is_full():
-    sampler = DynamicSamplingSampler(3, 32, 8, oversample=1.0, resample_budget=10, seed=0)
+    sampler = DynamicSampler(3, 32, 8, oversample=1.0, resample_budget=10, seed=0)
     generate = make_generator([0.3, 0.3, 0.3])
     result = sampler.sample(np.array([0.0, 0.0, 1.0]), generate)  # DAPO ignores the weights
     assert result.num_groups == 32 and result.accepted.all() and result.rounds >= 2
@@ -252,7 +265,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="unknown sampler kind"):
         make_sampler("mine", 3, 8)
     with pytest.raises(ValueError, match="unexpected keyword"):
-        make_sampler("uniform", 3, 8, acceptance_cap=2.0)
+        make_sampler("plain", 3, 8, acceptance_cap=2.0)
 
 
 def test_metrics_are_flat_scalars():

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mtgrpo_jax.models import apply_chat_template, load_tokenizer, tiny_config
+from mtgrpo_jax.models import load_tokenizer, prompt_text, tiny_config
 from mtgrpo_jax.models.tokenizer import TINY_TOKENIZER_DIR
 
 
@@ -34,19 +34,19 @@ def test_round_trip_and_digit_split():
 def test_chat_template_and_plain_fallback(tmp_path):
     tok = load_tokenizer()
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
-    text = apply_chat_template(tok, messages)
+    text = prompt_text(tok, messages)
     assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
     assert tok(text)["input_ids"][0] == 1
-    assert not apply_chat_template(tok, messages, add_generation_prompt=False).endswith("assistant\n")
+    assert not prompt_text(tok, messages, add_generation_prompt=False).endswith("assistant\n")
 
     plain_dir = tmp_path / "plain"
     shutil.copytree(TINY_TOKENIZER_DIR, plain_dir)
     (plain_dir / "chat_template.jinja").unlink()
     plain = load_tokenizer(plain_dir)
     assert not plain.chat_template
-    assert apply_chat_template(plain, messages) == "System: Be brief.\nUser: 2+2?\nAssistant:"
+    assert prompt_text(plain, messages) == "System: Be brief.\nUser: 2+2?\nAssistant:"
     with pytest.raises(ValueError, match="needs 'role' and 'content'"):
-        apply_chat_template(tok, [{"text": "hi"}])
+        prompt_text(tok, [{"text": "hi"}])
     with pytest.raises(FileNotFoundError, match="no tokenizer files"):
         load_tokenizer(tmp_path)
 

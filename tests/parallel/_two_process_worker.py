@@ -15,7 +15,7 @@ from flax import nnx  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 from mtgrpo_jax.models import load_pretrained, save_pretrained  # noqa: E402
-from mtgrpo_jax.parallel import batch_sharding, initialize_distributed, make_mesh, sharded_forward  # noqa: E402
+from mtgrpo_jax.parallel import batch_sharding, initialize_distributed, make_mesh  # noqa: E402
 
 
 def main() -> None:
@@ -32,7 +32,8 @@ def main() -> None:
     sharding = batch_sharding(mesh, 2)
     ids = jax.make_array_from_callback(ids.shape, sharding, lambda idx: ids[idx])
     mask = jax.make_array_from_callback(mask.shape, sharding, lambda idx: mask[idx])
-    logits = sharded_forward(model, mesh)(nnx.state(model), ids, mask)
+    with jax.set_mesh(mesh):  # the model's forward across both processes' devices
+        logits = nnx.jit(lambda m, i, a: m(i, attention_mask=a))(model, ids, mask)
     logits = np.asarray(multihost_utils.process_allgather(logits, tiled=True))
     if jax.process_index() == 0:
         np.save(out, logits)

@@ -1,15 +1,15 @@
-"""Meshes, partition rules and the sharded forward on 8 fake CPU devices (data 2 x fsdp 2 x tensor 2)."""
+"""Meshes, partition rules and the model's forward under them on 8 fake CPU devices (data 2 x fsdp 2 x tensor 2)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AxisType
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mtgrpo_jax.models import ModelConfig, Transformer, load_pretrained, save_pretrained
-from mtgrpo_jax.parallel import batch_sharding, cache_sharding, logical_to_spec, make_mesh, shard_model, sharded_forward
+from mtgrpo_jax.parallel import batch_sharding, logical_to_spec, make_mesh, shard_model
 
 CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, tie_word_embeddings=False)
@@ -38,6 +38,18 @@ def _unsharded(model, ids, mask):
     return np.asarray(nnx.jit(lambda m, i, a: m(i, attention_mask=a))(model, jnp.asarray(ids), jnp.asarray(mask)))
 
 
+def _on_mesh(model, mesh, ids, mask):
+    """The model's forward as the trainer runs it: its (sharded) parameters as they are, the batch over
+    (data, fsdp), the mesh active so that the model's activation constraints apply."""
+    ids, mask = (jax.device_put(x, batch_sharding(mesh, 2)) for x in (ids, mask))
+    with jax.set_mesh(mesh):
+        return nnx.jit(lambda m, i, a: m(i, attention_mask=a))(model, ids, mask)
+
+
+# The model's KV cache [L, B, S, Hkv, D]: batch over (data, fsdp), kv heads over tensor.
+CACHE_SPEC = P(None, ("data", "fsdp"), None, "tensor", None)
+
+
 def test_make_mesh(mesh):
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
     assert mesh.axis_types == (AxisType.Auto,) * 3
@@ -57,7 +69,6 @@ def test_partition_rules(mesh):
     # a dim the mesh axis does not divide stays replicated instead of failing
     assert logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), (2, 32, 1, 8), mesh, "train") == \
         P(None, "fsdp", None, None)
-    assert cache_sharding(mesh, 2).spec == P(None, ("data", "fsdp"), None, "tensor", None)
     with pytest.raises(ValueError, match="unknown sharding layout 'pipeline'"):
         logical_to_spec(q_proj, (2, 32, 4, 8), mesh, "pipeline")
 
@@ -79,8 +90,8 @@ def test_sharded_forward_equals_unsharded(mesh, batch, layout):
         assert q.addressable_shards[0].data.shape == (2, 32, 2, 8)
     assert all(not v.get_value().sharding.is_fully_replicated for k, v in params.items()
                if k[-1] not in ("input_norm", "post_attn_norm", "final_norm"))
-    logits = sharded_forward(model, mesh, layout)(nnx.state(model), ids, mask)
-    assert logits.sharding.spec == P(("data", "fsdp"), None, None)
+    logits = _on_mesh(model, mesh, ids, mask)
+    assert logits.sharding.spec == P(("data", "fsdp"), None, "tensor")  # the model's own logits constraint
     np.testing.assert_allclose(np.asarray(logits)[mask], reference[mask], atol=1e-5)
 
 
@@ -96,7 +107,7 @@ def test_load_pretrained_into_mesh_and_reshard(mesh, batch, tmp_path):
     np.testing.assert_array_equal(np.asarray(embed), np.asarray(model.embed.get_value()))
     shard_model(loaded, mesh, "serve")  # train -> serve reshard, values unchanged
     assert loaded.layers.down_proj.get_value().sharding.spec == P(None, "tensor", None)
-    logits = sharded_forward(loaded, mesh, "serve")(nnx.state(loaded), ids, mask)
+    logits = _on_mesh(loaded, mesh, ids, mask)
     np.testing.assert_allclose(np.asarray(logits)[mask], reference[mask], atol=1e-5)
 
 
@@ -107,7 +118,7 @@ def test_cache_decode_under_mesh(mesh, batch):
     reference = _unsharded(model, ids, mask)
     shard_model(model, mesh, "serve")
     cache = model.init_cache(4, 8, dtype=jnp.float32)
-    cache = jax.device_put(cache, cache_sharding(mesh, CFG.num_key_value_heads))
+    cache = jax.device_put(cache, NamedSharding(mesh, CACHE_SPEC))
     positions = np.maximum(mask.cumsum(1) - 1, 0)
 
     @nnx.jit
@@ -116,7 +127,7 @@ def test_cache_decode_under_mesh(mesh, batch):
 
     with jax.set_mesh(mesh):
         logits, cache = prefill(model, jax.device_put(ids, batch_sharding(mesh)), positions, cache, mask)
-    assert cache.k.sharding.is_equivalent_to(cache_sharding(mesh, CFG.num_key_value_heads), 5)
+    assert cache.k.sharding.is_equivalent_to(NamedSharding(mesh, CACHE_SPEC), 5)  # the model keeps that layout
     np.testing.assert_allclose(np.asarray(logits)[mask], reference[mask], atol=1e-5)
 
 

@@ -3,7 +3,7 @@
 
 Tolerances (float32 on CPU; the two sides differ only in summation order): log-softmax within 2e-3 of
 transformers at every position of a 40-token prompt with identical argmax; greedy decoding identical for 64
-tokens; the sampler's token log-probs and the trainer's agree to a ratio in [0.95, 1.05] on every token.
+tokens; the rollout engine's token log-probs and the trainer's agree to a ratio in [0.95, 1.05] on every token.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def test_greedy_generation_matches_transformers_for_64_tokens(smollm2_model, smo
     import torch
 
     from mtgrpo_jax.models import load_tokenizer
-    from mtgrpo_jax.rollout import Buckets, Sampler, SamplingParams
+    from mtgrpo_jax.rollout import Buckets, RolloutEngine, SamplingParams
 
     ref_model, _ = smollm2_reference
     tok = load_tokenizer(smollm2_dir)
@@ -75,8 +75,8 @@ def test_greedy_generation_matches_transformers_for_64_tokens(smollm2_model, smo
         ref = ref_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                  do_sample=False, max_new_tokens=64, min_new_tokens=64, pad_token_id=tok.pad_token_id)
     ref_new = ref[0, len(ids):].tolist()
-    sampler = Sampler(smollm2_model, tok, Buckets(prompt_lengths=(64,), batch_sizes=(1,)))
-    out = sampler.generate([ids], SamplingParams(n=1, temperature=0.0, max_new_tokens=64, ignore_eos=True),
+    engine = RolloutEngine(smollm2_model, tok, Buckets(prompt_lengths=(64,), batch_sizes=(1,)))
+    out = engine.generate([ids], SamplingParams(n=1, temperature=0.0, max_new_tokens=64, ignore_eos=True),
                            jax.random.key(0))
     ours = np.asarray(out.tokens)[0].tolist()
     assert len(ref_new) == 64
@@ -115,7 +115,7 @@ def _cli(args: list[str], timeout: int = 1500) -> subprocess.CompletedProcess:
     return done
 
 
-def test_two_training_steps_move_parameters_with_sampler_trainer_ratios_in_band(smollm2_dir, tmp_path):
+def test_two_training_steps_move_parameters_with_engine_trainer_ratios_in_band(smollm2_dir, tmp_path):
     from safetensors.numpy import load_file
 
     run = tmp_path / "run"
@@ -137,7 +137,7 @@ def test_two_training_steps_move_parameters_with_sampler_trainer_ratios_in_band(
     assert [r["step"] for r in steps] == [1, 2]
     for rec in steps:
         assert rec["train/valid_rows"] == 8 and rec["train/skipped"] == 0 and rec["train/empty_step"] == 0
-        # one mini-batch: its ratios are those of the trainer's log-probs to the sampler's, before any update
+        # one mini-batch: its ratios are those of the trainer's log-probs to the rollout engine's, before any update
         assert RATIO_BAND[0] <= rec["train/ratio_min"] <= rec["train/ratio_max"] <= RATIO_BAND[1], rec
     before, after = load_file(smollm2_dir / "model.safetensors"), load_file(run / "hf_final" / "model.safetensors")
     assert before.keys() == after.keys()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from mtgrpo_jax.models import ModelConfig
-from mtgrpo_jax.rollout import Buckets, Sampler, SamplingParams, kv_cache_bytes_per_row, rollout_chunk_rows
-from tests.rollout.test_rollout_sampler import make_model
+from mtgrpo_jax.rollout import Buckets, RolloutEngine, SamplingParams, kv_cache_bytes_per_row, rollout_chunk_rows
+from tests.rollout.test_rollout_engine import make_model
 
 PROMPTS = [[5, 9, 2], [7, 1, 4, 4, 8, 3, 2, 6, 11], [13], [3, 3, 3, 3], [8, 1], [2, 40, 17]]
 
@@ -33,10 +33,10 @@ def test_chunk_rows_arithmetic():
 def test_budgeted_chunks_equal_one_call(params):
     model = make_model("qwen2")
     buckets = Buckets(prompt_lengths=(16,), batch_sizes=(1, 2, 8))
-    one = Sampler(model, None, buckets)
+    one = RolloutEngine(model, None, buckets)
     # room for exactly 2 prompts x 3 samples x (16 + 6) positions: chunks of 2, 2, 2 prompts
     per_row = kv_cache_bytes_per_row(model.config, 16 + 6, jnp.float32)
-    chunked = Sampler(model, None, buckets, kv_cache_budget_gib=(2 * 3 + 1) * per_row / 2**30)
+    chunked = RolloutEngine(model, None, buckets, kv_cache_budget_gib=(2 * 3 + 1) * per_row / 2**30)
     key = jax.random.key(7)
     a = one.generate(PROMPTS, params, key)
     b = chunked.generate(PROMPTS, params, key)

@@ -60,15 +60,15 @@ def test_one_line_of_config_generates_and_scores_a_user_family(importable, tmp_p
 
     cfg = _config(tmp_path, f"{{name: vowels, family: '{SPEC}', train: {{level: 1, n: 12}}, eval: {{level: 2, n: 5, seed: 3}}}}")
     (task,) = build_tasks(cfg)
-    assert task.family.family == "vowels" and task.family.prompt_style == "compact"
+    assert task.task.family == "vowels" and task.task.prompt_style == "compact"
     assert len(task.train) == 12 and len(task.eval) == 5
     assert {e["difficulty"] for e in task.train} == {1} and {e["difficulty"] for e in task.eval} == {2}
     assert all(3 <= len(e["question"].split("'")[1]) <= 5 for e in task.train)
     for example in task.train + task.eval:
         word = example["question"].split("'")[1]
         assert example["answer"] == str(sum(c in "aeiou" for c in word))
-        assert task.family.score(task.family.demonstration(example), example).reward == 1.0
-        assert task.family.score("\\boxed{99}", example).reward == 0.1
+        assert task.task.score(task.task.demonstration(example), example).reward == 1.0
+        assert task.task.score("\\boxed{99}", example).reward == 0.1
     cached = sorted(p.name for p in (tmp_path / "data").rglob("*_level*.parquet"))
     assert cached == ["test_level2.parquet", "train_level1.parquet"]
     assert build_tasks(cfg)[0].train == task.train  # read back from the cache, unchanged
@@ -92,7 +92,7 @@ def test_user_family_reads_any_file_with_mapped_columns(importable, tmp_path):
         assert [e["answer"] for e in task.train] == ["3", "0"] and [e["difficulty"] for e in task.train] == [1, 2]
         assert [e["answer"] for e in task.eval] == ["0"]
         assert all(e["task"] == SPEC for e in task.train)
-        assert task.family.score("\\boxed{3}", task.train[0]).correct
+        assert task.task.score("\\boxed{3}", task.train[0]).correct
     from mtgrpo_jax.config import ConfigError
 
     bad = (f"{{name: vowels, family: '{SPEC}', train: {{path: {tmp_path / 'words.jsonl'}, "

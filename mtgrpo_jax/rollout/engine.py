@@ -8,7 +8,7 @@ everything on device:
 2. share: the prompt is prefilled once, not n times. The fast decode path keeps each prompt's
    keys/values once and reads them once per step for all n samples; its decode cache holds the B*n
    rows' M generated slots. (The model path repeats the prompt's k/v for its n samples into a
-   cache of B*n rows and P + M slots.) The decode cache is preallocated by the sampler and donated
+   cache of B*n rows and P + M slots.) The decode cache is preallocated by the engine and donated
    to the program, which hands it back: steady state holds one copy, and a call with the same
    shapes reuses it;
 3. decode: a `lax.while_loop` that feeds one token per row, writes k/v in place
@@ -81,7 +81,7 @@ class SamplingParams:
 
 @dataclasses.dataclass(frozen=True)
 class Buckets:
-    """Static shapes the sampler pads to: prompt lengths (tokens) and batch sizes (prompts, before
+    """Static shapes the engine pads to: prompt lengths (tokens) and batch sizes (prompts, before
     the n-fold expansion). A request larger than the largest batch bucket runs in chunks of it."""
 
     prompt_lengths: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
@@ -110,7 +110,7 @@ class Buckets:
 
 @dataclasses.dataclass
 class RolloutOutput:
-    """What `Sampler.generate` returns (host NumPy arrays). Rows are prompt-major: prompt i's
+    """What `RolloutEngine.generate` returns (host NumPy arrays). Rows are prompt-major: prompt i's
     samples are rows i*n .. i*n+n-1.
 
     tokens      int32 [N*n, M]  completion ids; pad id after a row finished
@@ -171,7 +171,7 @@ def rollout_chunk_rows(cfg, budget_gib: float, *, positions: int, n: int, dtype,
                        shards: int = 1) -> int:
     """Rows (= prompts x n: a prompt's n samples are never split) per rollout call whose KV cache fits
     `budget_gib` GiB per device, the cache being split over `shards` devices (the mesh's data x fsdp, times
-    tensor when it divides the kv heads). With `batch_sizes` (the sampler's batch buckets, in prompts) the
+    tensor when it divides the kv heads). With `batch_sizes` (the engine's batch buckets, in prompts) the
     prompt count is the largest bucket that fits, since a call's cache is allocated for its bucket.
 
     Raises ValueError when not even one prompt (or the smallest bucket) fits."""
@@ -193,7 +193,7 @@ def _is_shape(x) -> bool:
     return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
 
 
-class Sampler:
+class RolloutEngine:
     """Generates completions from an NNX `Transformer` (see the module docstring for the design).
 
     Args:
@@ -384,7 +384,7 @@ class Sampler:
         if not self.truncate_prompts:
             i = long[0]
             raise ValueError(f"prompt {i} has {len(prompts[i])} tokens, more than the largest prompt bucket "
-                             f"({limit}); add a bucket or construct the Sampler with truncate_prompts=True")
+                             f"({limit}); add a bucket or construct the RolloutEngine with truncate_prompts=True")
         self.num_truncated_prompts += len(long)
         return [p[-limit:] if len(p) > limit else p for p in prompts], len(long)
 

@@ -1,4 +1,4 @@
-"""The rollout sampler end to end on tiny real `Transformer`s of every family (float32 for parity).
+"""The rollout engine end to end on tiny real `Transformer`s of every family (float32 for parity).
 
 Chi-square tests reject at alpha = 0.001 (fixed seeds: deterministic)."""
 
@@ -12,7 +12,7 @@ from flax import nnx
 from scipy import stats
 
 from mtgrpo_jax.models import ModelConfig, Transformer, decode
-from mtgrpo_jax.rollout import Buckets, Sampler, SamplingParams, to_serve_layout
+from mtgrpo_jax.rollout import Buckets, RolloutEngine, SamplingParams, to_serve_layout
 
 ALPHA = 1e-3
 BASE = dict(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -48,10 +48,10 @@ def models():
 
 
 @pytest.fixture(scope="module")
-def samplers(models):
-    """One sampler per family shared by the tests below, so that tests using the same shapes and
+def engines(models):
+    """One engine per family shared by the tests below, so that tests using the same shapes and
     sampling mode reuse one compiled program (XLA:CPU compiles take seconds)."""
-    return {f: Sampler(m, None, BUCKETS) for f, m in models.items()}
+    return {f: RolloutEngine(m, None, BUCKETS) for f, m in models.items()}
 
 
 M = 8
@@ -85,12 +85,12 @@ def reference_greedy(model, prompt, steps):
 
 
 @pytest.mark.parametrize("family,impl", [("qwen2", "fast"), ("qwen3", "fast"), ("llama", "fast"), ("qwen2", "model")])
-def test_greedy_matches_stepwise_argmax_and_logprobs(models, samplers, family, impl):
+def test_greedy_matches_stepwise_argmax_and_logprobs(models, engines, family, impl):
     model = models[family]
-    sampler = samplers[family] if impl == "fast" else Sampler(model, None, BUCKETS, decode_impl=impl)
-    assert sampler.decode_impl == impl
+    engine = engines[family] if impl == "fast" else RolloutEngine(model, None, BUCKETS, decode_impl=impl)
+    assert engine.decode_impl == impl
     m = M
-    out = sampler.generate(PROMPTS, GREEDY)
+    out = engine.generate(PROMPTS, GREEDY)
     assert out.tokens.shape == (3, m) and out.tokens.dtype == np.int32 and out.mask.all()
     assert out.finish_reason == ["length"] * 3
     seen = set()
@@ -108,12 +108,12 @@ def test_blocked_cache_and_phased_decode_match_stepwise_argmax(models, block, ma
     """Cache blocks that do not divide the prompt bucket or the cache, several blocks per phase
     (masked writes) and one block per phase all give the reference greedy path and logprobs."""
     model = models["qwen3"]
-    sampler = Sampler(model, None, BUCKETS, attention_block=block, max_phases=max_phases)
-    assert sampler.attention_block == block
+    engine = RolloutEngine(model, None, BUCKETS, attention_block=block, max_phases=max_phases)
+    assert engine.attention_block == block
     m = 12
-    phases = sampler._phases(m)
+    phases = engine._phases(m)
     assert len(phases) == (1 if block is None else max_phases if block == 5 else 4)
-    out = sampler.generate(PROMPTS, dataclasses.replace(GREEDY, max_new_tokens=m))
+    out = engine.generate(PROMPTS, dataclasses.replace(GREEDY, max_new_tokens=m))
     for i, prompt in enumerate(PROMPTS):
         expect = reference_greedy(model, prompt, m)
         assert out.tokens[i].tolist() == expect, (block, i)
@@ -126,8 +126,8 @@ def test_blocked_cache_and_phased_decode_match_stepwise_argmax(models, block, ma
 def test_decode_phases_cover_every_step_once_in_order(models, m, block, max_phases):
     """Every decode step t in [0, m - 1) runs in exactly one phase, phases run in order, and the
     generated slot t a step writes lies in the blocks its phase may write and read."""
-    sampler = Sampler(models["qwen2"], None, BUCKETS, attention_block=block, max_phases=max_phases)
-    phases = sampler._phases(m)
+    engine = RolloutEngine(models["qwen2"], None, BUCKETS, attention_block=block, max_phases=max_phases)
+    phases = engine._phases(m)
     assert 1 <= len(phases) <= max_phases
     starts = np.concatenate([[0], np.cumsum(decode.block_sizes(m, block))])
     t, seen = 0, []
@@ -140,10 +140,10 @@ def test_decode_phases_cover_every_step_once_in_order(models, m, block, max_phas
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_sampled_logprobs_equal_full_forward_log_softmax_at_temperature(models, samplers, family):
-    model, sampler = models[family], samplers[family]
+def test_sampled_logprobs_equal_full_forward_log_softmax_at_temperature(models, engines, family):
+    model, engine = models[family], engines[family]
     temperature = 0.8
-    out = sampler.generate(PROMPTS, SamplingParams(n=2, temperature=temperature, top_k=20, top_p=0.9,
+    out = engine.generate(PROMPTS, SamplingParams(n=2, temperature=temperature, top_k=20, top_p=0.9,
                                                    max_new_tokens=8), jax.random.key(1))
     assert out.tokens.shape == (6, 8) and out.prompt_index.tolist() == [0, 0, 1, 1, 2, 2]
     for r in range(6):
@@ -158,8 +158,8 @@ def test_sampled_logprobs_equal_full_forward_log_softmax_at_temperature(models, 
 def test_first_token_frequencies_match_softmax_chi_square(models):
     model = models["qwen2"]
     prompt, temperature, n = [3, 14, 15], 1.5, 4096
-    sampler = Sampler(model, None, Buckets(prompt_lengths=(8,), batch_sizes=(1,)))
-    out = sampler.generate([prompt], SamplingParams(n=n, temperature=temperature, max_new_tokens=1), jax.random.key(7))
+    engine = RolloutEngine(model, None, Buckets(prompt_lengths=(8,), batch_sizes=(1,)))
+    out = engine.generate([prompt], SamplingParams(n=n, temperature=temperature, max_new_tokens=1), jax.random.key(7))
     counts = np.bincount(out.tokens[:, 0], minlength=model.config.vocab_size)
     logits = full_forward_log_softmax(model, prompt)[-1]
 
@@ -176,13 +176,13 @@ def test_first_token_frequencies_match_softmax_chi_square(models):
     assert p_value(temperature * 1.15) < ALPHA  # negative control: a 15 % wrong temperature is detected
 
 
-def test_finished_rows_stay_finished_and_other_rows_are_unaffected(samplers):
-    sampler = samplers["qwen3"]
-    free = sampler.generate(PROMPTS, SAMPLE, jax.random.key(5))
-    compiles = sampler.num_compiles
+def test_finished_rows_stay_finished_and_other_rows_are_unaffected(engines):
+    engine = engines["qwen3"]
+    free = engine.generate(PROMPTS, SAMPLE, jax.random.key(5))
+    compiles = engine.num_compiles
     stops = tuple(range(0, 61, 12))  # a twelfth of the vocabulary stops a row
-    out = sampler.generate(PROMPTS, dataclasses.replace(SAMPLE, stop_token_ids=stops), jax.random.key(5))
-    assert sampler.num_compiles == compiles  # the stop list is data, not part of the program
+    out = engine.generate(PROMPTS, dataclasses.replace(SAMPLE, stop_token_ids=stops), jax.random.key(5))
+    assert engine.num_compiles == compiles  # the stop list is data, not part of the program
     saw_stop = saw_length = False
     for r in range(6):
         hits = np.flatnonzero(np.isin(free.tokens[r], stops))
@@ -193,7 +193,7 @@ def test_finished_rows_stay_finished_and_other_rows_are_unaffected(samplers):
         np.testing.assert_allclose(out.logprobs[r, :expect_len], free.logprobs[r, :expect_len], atol=1e-6)
         # ... and masked, padded and zero afterwards
         assert out.mask[r].tolist() == [True] * expect_len + [False] * (M - expect_len)
-        assert (out.tokens[r, expect_len:] == sampler.pad_token_id).all()
+        assert (out.tokens[r, expect_len:] == engine.pad_token_id).all()
         assert (out.logprobs[r, expect_len:] == 0).all()
         reason = "stop" if len(hits) else "length"
         assert out.finish_reason[r] == reason
@@ -202,27 +202,27 @@ def test_finished_rows_stay_finished_and_other_rows_are_unaffected(samplers):
     assert saw_stop and saw_length
 
 
-def test_loop_stops_as_soon_as_every_row_stopped(samplers):
-    sampler = samplers["qwen2"]
+def test_loop_stops_as_soon_as_every_row_stopped(engines):
+    engine = engines["qwen2"]
     m = M
-    free = sampler.generate(PROMPTS, GREEDY)
+    free = engine.generate(PROMPTS, GREEDY)
     assert free.num_decode_steps == m - 1
     # stop on every token the greedy rows produce at position 3: each row stops at or before index 3
     stops = tuple(sorted(set(free.tokens[:, 3].tolist())))
-    out = sampler.generate(PROMPTS, dataclasses.replace(GREEDY, stop_token_ids=stops))
+    out = engine.generate(PROMPTS, dataclasses.replace(GREEDY, stop_token_ids=stops))
     first = [int(np.flatnonzero(np.isin(row, stops))[0]) for row in free.tokens]
     assert out.lengths.tolist() == [f + 1 for f in first]
     assert out.num_decode_steps == max(first) < m - 1  # token t needs t forward passes after prefill
     assert out.finish_reason == ["stop"] * 3
-    every = sampler.generate(PROMPTS, dataclasses.replace(GREEDY, stop_token_ids=tuple(range(61))))
+    every = engine.generate(PROMPTS, dataclasses.replace(GREEDY, stop_token_ids=tuple(range(61))))
     assert every.num_decode_steps == 0 and every.lengths.tolist() == [1, 1, 1]
 
 
-def test_n_samples_differ_and_are_reproducible_from_the_key(samplers):
-    sampler = samplers["qwen3"]
-    a = sampler.generate(PROMPTS, SAMPLE, jax.random.key(11))
-    b = sampler.generate(PROMPTS, SAMPLE, jax.random.key(11))
-    c = sampler.generate(PROMPTS, SAMPLE, jax.random.key(12))
+def test_n_samples_differ_and_are_reproducible_from_the_key(engines):
+    engine = engines["qwen3"]
+    a = engine.generate(PROMPTS, SAMPLE, jax.random.key(11))
+    b = engine.generate(PROMPTS, SAMPLE, jax.random.key(11))
+    c = engine.generate(PROMPTS, SAMPLE, jax.random.key(12))
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_array_equal(a.logprobs, b.logprobs)
     assert not np.array_equal(a.tokens, c.tokens)
@@ -231,32 +231,32 @@ def test_n_samples_differ_and_are_reproducible_from_the_key(samplers):
 
 
 def test_twenty_varied_calls_compile_at_most_one_program_per_bucket(models):
-    sampler = Sampler(models["qwen2"], None, BUCKETS)  # 2 prompt x 2 batch buckets
+    engine = RolloutEngine(models["qwen2"], None, BUCKETS)  # 2 prompt x 2 batch buckets
     rng = np.random.default_rng(0)
     seen = set()
     for call in range(20):
         batch = int(rng.integers(1, 5))
         prompts = [rng.integers(0, 61, size=int(rng.integers(1, 17))).tolist() for _ in range(batch)]
-        out = sampler.generate(prompts, SAMPLE, jax.random.key(call))
+        out = engine.generate(prompts, SAMPLE, jax.random.key(call))
         assert out.tokens.shape == (batch * 2, M)
         seen.add((out.prompt_ids.shape[1], 2 if batch <= 2 else 4))
-    assert sampler.num_compiles == len(seen) <= BUCKETS.count == 4
+    assert engine.num_compiles == len(seen) <= BUCKETS.count == 4
 
 
-def test_requests_above_the_largest_batch_bucket_run_in_chunks(samplers):
-    sampler = samplers["qwen2"]
+def test_requests_above_the_largest_batch_bucket_run_in_chunks(engines):
+    engine = engines["qwen2"]
     prompts = PROMPTS * 3  # 9 prompts, largest batch bucket 4: chunks of 4, 4 and 1
-    out = sampler.generate(prompts, SAMPLE, jax.random.key(3))
+    out = engine.generate(prompts, SAMPLE, jax.random.key(3))
     assert out.tokens.shape == (18, M) and out.prompt_ids.shape == (9, 16)
     # a row's randomness depends on (key, row number) only, not on chunking or the batch bucket
-    first = sampler.generate(PROMPTS, SAMPLE, jax.random.key(3))
+    first = engine.generate(PROMPTS, SAMPLE, jax.random.key(3))
     np.testing.assert_array_equal(out.tokens[:6], first.tokens)
-    last = sampler.generate(prompts, SAMPLE, jax.random.key(3))
+    last = engine.generate(prompts, SAMPLE, jax.random.key(3))
     np.testing.assert_array_equal(out.tokens, last.tokens)
 
 
-def test_prompt_info_for_the_trainer(samplers):
-    out = samplers["qwen2"].generate(PROMPTS, SAMPLE, jax.random.key(0))
+def test_prompt_info_for_the_trainer(engines):
+    out = engines["qwen2"].generate(PROMPTS, SAMPLE, jax.random.key(0))
     assert out.prompt_ids.shape == (3, 16) and out.prompt_lengths.tolist() == [3, 9, 1]
     for i, p in enumerate(PROMPTS):
         assert out.prompt_ids[i][out.prompt_mask[i]].tolist() == p
@@ -265,18 +265,18 @@ def test_prompt_info_for_the_trainer(samplers):
 
 
 def test_bad_inputs_raise_clear_errors(models):
-    sampler = Sampler(models["qwen2"], None, BUCKETS)
+    engine = RolloutEngine(models["qwen2"], None, BUCKETS)
     with pytest.raises(ValueError, match="stop token id 99 is outside"):
-        sampler.generate([[1]], SamplingParams(temperature=0.0, stop_token_ids=(99,)))
+        engine.generate([[1]], SamplingParams(temperature=0.0, stop_token_ids=(99,)))
     ok = SamplingParams(n=1, temperature=0.0, max_new_tokens=2)
     with pytest.raises(ValueError, match="empty prompt list"):
-        sampler.generate([], ok)
+        engine.generate([], ok)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
-        sampler.generate([[1], []], ok)
+        engine.generate([[1], []], ok)
     with pytest.raises(ValueError, match=r"prompt 0 has 17 tokens, more than the largest prompt bucket \(16\)"):
-        sampler.generate([list(range(17))], ok)
+        engine.generate([list(range(17))], ok)
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        sampler.generate([[1, 61]], ok)
+        engine.generate([[1, 61]], ok)
     with pytest.raises(ValueError, match="n must be a positive integer"):
         SamplingParams(n=0)
     with pytest.raises(ValueError, match="n must be a positive integer"):
@@ -288,55 +288,55 @@ def test_bad_inputs_raise_clear_errors(models):
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1.0)
     with pytest.raises(ValueError, match="needs a PRNG key"):
-        sampler.generate([[1]], SamplingParams(temperature=1.0, max_new_tokens=2))
+        engine.generate([[1]], SamplingParams(temperature=1.0, max_new_tokens=2))
     with pytest.raises(ValueError, match="decode_impl"):
-        Sampler(models["qwen2"], None, BUCKETS, decode_impl="nope")
+        RolloutEngine(models["qwen2"], None, BUCKETS, decode_impl="nope")
     with pytest.raises(ValueError, match="attention_block must be a positive integer"):
-        Sampler(models["qwen2"], None, BUCKETS, attention_block=0)
+        RolloutEngine(models["qwen2"], None, BUCKETS, attention_block=0)
     with pytest.raises(ValueError, match="max_phases must be a positive integer"):
-        Sampler(models["qwen2"], None, BUCKETS, max_phases=0)
-    assert sampler.num_compiles == 0
+        RolloutEngine(models["qwen2"], None, BUCKETS, max_phases=0)
+    assert engine.num_compiles == 0
 
 
 def test_truncation_when_configured_is_counted(models):
-    sampler = Sampler(models["qwen2"], None, BUCKETS, truncate_prompts=True)
+    engine = RolloutEngine(models["qwen2"], None, BUCKETS, truncate_prompts=True)
     long = list(range(1, 21))  # 20 tokens, largest bucket 16: keeps the last 16
-    out = sampler.generate([long, [1, 2]], GREEDY)
-    assert out.num_truncated == 1 and sampler.num_truncated_prompts == 1
+    out = engine.generate([long, [1, 2]], GREEDY)
+    assert out.num_truncated == 1 and engine.num_truncated_prompts == 1
     assert out.prompt_ids[0].tolist() == long[-16:]
-    same = sampler.generate([long[-16:], [1, 2]], GREEDY)
+    same = engine.generate([long[-16:], [1, 2]], GREEDY)
     np.testing.assert_array_equal(out.tokens, same.tokens)
-    assert same.num_truncated == 0 and sampler.num_truncated_prompts == 1
+    assert same.num_truncated == 0 and engine.num_truncated_prompts == 1
 
 
-def test_the_decode_cache_is_reused_and_donated(samplers):
-    sampler = samplers["qwen3"]
-    sampler.generate(PROMPTS, SAMPLE, jax.random.key(0))
-    held = sampler._cache[1]
+def test_the_decode_cache_is_reused_and_donated(engines):
+    engine = engines["qwen3"]
+    engine.generate(PROMPTS, SAMPLE, jax.random.key(0))
+    held = engine._cache[1]
     first_leaf = jax.tree.leaves(held)[0]
-    sampler.generate(PROMPTS, SAMPLE, jax.random.key(1))
+    engine.generate(PROMPTS, SAMPLE, jax.random.key(1))
     assert first_leaf.is_deleted()  # donated to the program, not copied
-    assert jax.tree.leaves(sampler._cache[1])[0].shape == first_leaf.shape
+    assert jax.tree.leaves(engine._cache[1])[0].shape == first_leaf.shape
 
 
-def test_mesh_sampler_matches_single_device_and_reports_reshard_cost(samplers):
+def test_mesh_engine_matches_single_device_and_reports_reshard_cost(engines):
     from mtgrpo_jax.parallel import make_mesh, shard_model
 
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (fake) devices")
-    model = make_model("qwen2")  # same weights as samplers["qwen2"]'s model, but its own copy to reshard
+    model = make_model("qwen2")  # same weights as engines["qwen2"]'s model, but its own copy to reshard
     params = SAMPLE
-    single = samplers["qwen2"].generate(PROMPTS, params, jax.random.key(9))
+    single = engines["qwen2"].generate(PROMPTS, params, jax.random.key(9))
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     shard_model(model, mesh, "train")  # the trainer's FSDP layout
-    sampler = Sampler(model, None, Buckets(prompt_lengths=(8, 16), batch_sizes=(4,)), mesh=mesh)
-    out = sampler.generate(PROMPTS, params, jax.random.key(9))
+    engine = RolloutEngine(model, None, Buckets(prompt_lengths=(8, 16), batch_sizes=(4,)), mesh=mesh)
+    out = engine.generate(PROMPTS, params, jax.random.key(9))
     np.testing.assert_array_equal(out.tokens, single.tokens)
     np.testing.assert_allclose(out.logprobs, single.logprobs, atol=1e-4)
-    assert sampler.last_reshard_seconds > 0
+    assert engine.last_reshard_seconds > 0
     served, seconds = to_serve_layout(nnx.state(model), mesh)
     q = served["layers"]["q_proj"]
     assert seconds >= 0 and q.sharding.spec[0] is None and "tensor" in tuple(q.sharding.spec)
     assert "fsdp" not in str(q.sharding.spec)
     with pytest.raises(ValueError, match="not multiples of the mesh"):
-        Sampler(model, None, Buckets(prompt_lengths=(8,), batch_sizes=(2,)), mesh=mesh)
+        RolloutEngine(model, None, Buckets(prompt_lengths=(8,), batch_sizes=(2,)), mesh=mesh)
