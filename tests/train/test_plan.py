@@ -152,3 +152,89 @@ def test_micro_batch_search_finds_the_fewest_that_fit_in_few_compiles(extra):
     assert len(set(calls) - {best}) <= 5  # a handful of compiles, not one per candidate
     calls.clear()
     assert plan_mod.choose_micro_batches(counts, per_mini, 1e9, peak) == counts[-1]  # nothing fits: the smallest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Costs that count every loop trip: the layer scan and the chunked logprob scans, checked against a hand count.
+
+def _cost_config(tmp_path, layers: int) -> str:
+    """The tiny config at `layers` layers, its vocabulary large enough that the chunked LM head weighs as much
+    as the layers (so a head counted one chunk in 16 would show), XLA attention (whose score matmuls the
+    cost analysis sees) and block remat."""
+    cfg = yaml.safe_load(yaml.safe_dump(TINY))
+    cfg["model"].update(attention="xla", remat="block")
+    cfg["model"]["overrides"] = {"num_hidden_layers": layers, "vocab_size": 4096}
+    cfg["loss"] = {"logprob_chunk": 8, "vocab_chunk": 1024}  # 32 completion positions: 4 blocks x 4 slices
+    path = tmp_path / f"cost{layers}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _hand_count(mc, tokens_per_row: int, rows: int, query_len: int, head_positions: int, passes: int,
+                head_passes: int) -> tuple[float, float]:
+    """(FLOPs of one layer, FLOPs of the LM head), all devices: 2 per multiply-add of the q/k/v/o and MLP
+    projections at every token, XLA attention's full [query_len, tokens] scores and their use on the values,
+    the head at `head_positions` per row; `passes` forward passes' worth of the layers (1 forward, 2 its
+    backward, 1 the rematerialised forward), `head_passes` of the head."""
+    h, d, i = mc.hidden_size, mc.head_dim, mc.intermediate_size
+    nq, nkv = mc.num_attention_heads, mc.num_key_value_heads
+    projections = h * nq * d * 2 + h * nkv * d * 2 + 3 * h * i
+    layer = (2 * projections * query_len + 4 * query_len * tokens_per_row * nq * d) * rows * passes
+    head = 2 * h * mc.vocab_size * head_positions * rows * head_passes
+    return layer, head
+
+
+@pytest.mark.slow
+def test_plan_costs_count_every_layer_and_logprob_chunk(tmp_path):
+    pytest.importorskip("libtpu")
+    got, mcs = {}, {}
+    for layers in (2, 4):
+        cfg = load_config(_cost_config(tmp_path, layers))
+        result = plan_mod.plan(cfg, "v5e:2x2", only={"policy_update", "rollout_prefill"})
+        got[layers], mcs[layers] = result.programs, plan_mod.model_config(cfg)
+        for p in result.programs.values():
+            assert p.cost_counted == f"unrolled at 1 and 2 layers, extrapolated to {layers}"
+    devices = 4
+    rows, prompt, completion = 4 * 4, 64, 32  # sampler 4 prompts x 4 samples; prompt bucket; max_new_tokens
+    seq = prompt + completion
+    # The update: forward, backward (2) and the block-rematerialised forward of every layer; the head chunks
+    # are checkpointed too, so their forward runs twice.
+    layer, head = _hand_count(mcs[2], seq, rows, seq, completion, passes=4, head_passes=4)
+    per_layer = got[4]["policy_update"].flops - got[2]["policy_update"].flops
+    # What the hand count leaves out (norms, rope, softmax, silu, the optimizer) is a few percent at this size.
+    assert 1.0 <= per_layer / (2 * layer / devices) <= 1.15
+    assert 1.0 <= got[2]["policy_update"].flops / ((2 * layer + head) / devices) <= 1.15
+    # The rollout prefill: 8 prompts (a round of 2 x 4) into a prompt-sized cache, the head at the last position.
+    layer, head = _hand_count(mcs[2], prompt, 8, prompt, 1, passes=1, head_passes=1)
+    per_layer = got[4]["rollout_prefill"].flops - got[2]["rollout_prefill"].flops
+    assert 1.0 <= per_layer / (2 * layer / devices) <= 1.15
+    assert 1.0 <= got[2]["rollout_prefill"].flops / ((2 * layer + head) / devices) <= 1.15
+    for name in ("policy_update", "rollout_prefill"):
+        p = got[4][name]
+        assert p.roofline_s == pytest.approx(max(p.flops / plan_mod.resolve_topology("v5e:2x2").chip.peak_flops,
+                                                 p.bytes_accessed / plan_mod.resolve_topology("v5e:2x2").chip.hbm_bandwidth))
+        assert p.bytes_accessed > got[2][name].bytes_accessed  # the second pair of layers' weights and activations
+
+
+def test_cost_falls_back_to_the_compiled_count_when_a_variant_does_not_compile():
+    import optax
+
+    from mtgrpo_jax.parallel import make_mesh
+
+    cfg = load_config(None, ["model.overrides.num_hidden_layers=3"])
+    mc = plan_mod.model_config(cfg)
+    depths = plan_mod.Depths(cfg, mc, make_mesh(fsdp=-1), optax.sgd(0.1), real=None)
+
+    def build(depth):
+        raise RuntimeError("no such op\nsecond line")
+
+    cost = depths.cost(build)
+    assert cost.flops is None and cost.bytes_accessed is None
+    assert cost.how.startswith("as compiled") and "RuntimeError: no such op second line" in cost.how
+    compiled = plan_mod._Compiled(plan_mod._RefusedMemory(0), flops=7.0, bytes_accessed=3.0, compile_s=0.0)
+    report = plan_mod._report("x", compiled, plan_mod.resolve_topology("v5e:2x2"), calls=1, scale=2, cost=cost)
+    assert (report.flops, report.bytes_accessed, report.cost_counted) == (14.0, 6.0, cost.how)
+    counted = plan_mod.Cost(100.0, 50.0, "unrolled")
+    report = plan_mod._report("x", compiled, plan_mod.resolve_topology("v5e:2x2"), calls=1, scale=2, cost=counted,
+                              extra_flops=1.0, extra_how=" + more")
+    assert (report.flops, report.bytes_accessed, report.cost_counted) == (201.0, 100.0, "unrolled + more")
