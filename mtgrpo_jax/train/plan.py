@@ -334,6 +334,7 @@ class Cost:
     bytes_accessed: float | None
     how: str
     compile_s: float = 0.0
+    per_layer: tuple[float, float] | None = None  # (FLOPs, bytes) one more layer adds: cost(2) - cost(1)
 
 
 @dataclasses.dataclass
@@ -371,9 +372,10 @@ class Depths:
     shapes, so the line is exact up to XLA's per-program fusion choices. Those variants are cheap to
     compile (one or two layers); only their cost is read, never their memory."""
 
-    def __init__(self, cfg: Config, mc: ModelConfig, mesh, tx, real: Depth):
+    def __init__(self, cfg: Config, mc: ModelConfig, mesh, tx, real: Depth | None = None):
+        """`real`: the model at its own depth when the caller has built it already (else built on demand)."""
         self.cfg, self.mc, self.mesh, self.tx = cfg, mc, mesh, tx
-        self._at = {mc.num_hidden_layers: real}
+        self._at = {} if real is None else {mc.num_hidden_layers: real}
 
     def at(self, layers: int) -> Depth:
         if layers not in self._at:
@@ -385,7 +387,7 @@ class Depths:
 
     @property
     def real(self) -> Depth:
-        return self._at[self.mc.num_hidden_layers]
+        return self.at(self.mc.num_hidden_layers)
 
     def cost(self, build: Callable[[Depth], tuple]) -> Cost:
         layers = self.mc.num_hidden_layers
@@ -403,9 +405,9 @@ class Depths:
         if layers == 1:
             return Cost(counted[0].flops, counted[0].bytes_accessed, "unrolled at 1 layer", elapsed)
         c1, c2 = counted
-        return Cost(c1.flops + (layers - 1) * (c2.flops - c1.flops),
-                    c1.bytes_accessed + (layers - 1) * (c2.bytes_accessed - c1.bytes_accessed),
-                    f"unrolled at 1 and 2 layers, extrapolated to {layers}", elapsed)
+        step = (c2.flops - c1.flops, c2.bytes_accessed - c1.bytes_accessed)
+        return Cost(c1.flops + (layers - 1) * step[0], c1.bytes_accessed + (layers - 1) * step[1],
+                    f"unrolled at 1 and 2 layers, extrapolated to {layers}", elapsed, step)
 
 
 # ---------------------------------------------------------------------------------------------------------------
