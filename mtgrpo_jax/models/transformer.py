@@ -2,9 +2,10 @@
 SwiGLU), with an optional KV cache so training, scoring and the rollout engine share one module.
 
 Layout choices, and why:
-- Layer weights are stacked along a leading `layers` axis and the blocks run under `jax.lax.scan`:
-  compile time stays flat in depth (a 28-layer model compiles like a 1-layer one) and the KV cache is
-  naturally one `[L, B, S, Hkv, D]` array per k/v.
+- Layer weights are stacked along a leading `layers` axis and the blocks run under `jax.lax.scan`
+  (`mtgrpo_jax.loops.scan`, which `mtgrpo plan` unrolls to count every layer's cost): compile time
+  stays flat in depth (a 28-layer model compiles like a 1-layer one) and the KV cache is naturally one
+  `[L, B, S, Hkv, D]` array per k/v.
 - Projection kernels keep heads as their own axis (`[L, H, N, D]`), so tensor parallelism over heads
   is a single partition rule instead of a reshaping convention.
 - Every parameter carries `logical_axes` metadata; `mtgrpo_jax.parallel` maps those names to mesh
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mtgrpo_jax import loops
 from mtgrpo_jax.models import decode
 from mtgrpo_jax.models.attention import attend, causal_attention, resolve_attention
 from mtgrpo_jax.models.config import ModelConfig
@@ -254,7 +256,7 @@ class Transformer(nnx.Module):
             def step(x, w):
                 x, _ = block(w, x, cos, sin, mask, None, None, None)
                 return x, None
-            x, _ = jax.lax.scan(step, x, weights)
+            x, _ = loops.scan(step, x, weights)
             new_cache = None
         else:
             def step(carry, xs):
@@ -263,7 +265,7 @@ class Transformer(nnx.Module):
                 x, (k_all, v_all) = block(w, x, cos, sin, mask, (k_all, v_all), layer, cache_index)
                 return (x, k_all, v_all), None
             layers = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
-            (x, k_all, v_all), _ = jax.lax.scan(step, (x, cache.k, cache.v), (weights, layers))
+            (x, k_all, v_all), _ = loops.scan(step, (x, cache.k, cache.v), (weights, layers))
             new_cache = KVCache(k_all, v_all)
 
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)

@@ -6,13 +6,16 @@ with an online log-sum-exp, rematerialising each slice in the backward pass.
 `token_logprobs_from_hidden` is what the training programs use at scale: it takes the final hidden states
 and the LM head matrix and chunks the head matmul itself, over positions and over the vocabulary, each
 chunk under `jax.checkpoint`, so float32 `[rows, T, V]` logits never exist (at a 152k vocabulary they
-are 2.5 GB a row at 4k tokens). Both agree with the plain computation to float32 rounding.
+are 2.5 GB a row at 4k tokens). Both agree with the plain computation to float32 rounding. The chunk
+loops are `mtgrpo_jax.loops.scan`, so `mtgrpo plan` can unroll them to count every chunk's cost.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from mtgrpo_jax import loops
 
 
 def _check(logits, tokens, temperature, chunk_size):
@@ -81,7 +84,7 @@ def token_logprobs_from_logits(logits, tokens, temperature: float = 1.0, *, chun
     full_chunk = stats_of(chunk_size)
     # The first slice seeds the carry, so the running max is finite before any exp(m_old - m_new).
     carry = full_chunk(0)
-    carry, _ = jax.lax.scan(lambda c, i: (_merge(c, full_chunk(i * chunk_size)), None), carry,
+    carry, _ = loops.scan(lambda c, i: (_merge(c, full_chunk(i * chunk_size)), None), carry,
                             jnp.arange(1, n_full))
     if vocab % chunk_size:
         carry = _merge(carry, stats_of(vocab % chunk_size)(n_full * chunk_size))
@@ -119,7 +122,7 @@ def _head_stats(h, head, tokens, temperature, vocab_chunk: int):
         def body(c, i):
             stats, tgt = piece(i * width, width)
             return (_merge(c[0], stats), c[1] + tgt), None
-        (carry, target), _ = jax.lax.scan(body, (carry, target), jnp.arange(1, n_full))
+        (carry, target), _ = loops.scan(body, (carry, target), jnp.arange(1, n_full))
     if vocab % width:
         stats, tgt = piece(n_full * width, vocab % width)
         carry, target = _merge(carry, stats), target + tgt
@@ -165,7 +168,7 @@ def token_logprobs_from_hidden(hidden, head, tokens, temperature: float = 1.0, *
         h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(n, blocks, seq_chunk, -1).swapaxes(0, 1)
         tok = jnp.pad(tokens, ((0, 0), (0, pad))).reshape(n, blocks, seq_chunk).swapaxes(0, 1)
         one = jax.checkpoint(block)
-        _, (logp, entropy) = jax.lax.scan(lambda c, xs: (c, one(*xs)), None, (h, tok))
+        _, (logp, entropy) = loops.scan(lambda c, xs: (c, one(*xs)), None, (h, tok))
         logp = logp.swapaxes(0, 1).reshape(n, -1)[:, :t]
         entropy = entropy.swapaxes(0, 1).reshape(n, -1)[:, :t]
     return (logp, entropy) if return_entropy else logp

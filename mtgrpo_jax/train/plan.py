@@ -8,11 +8,30 @@ function (`make_update_fn`, `make_logprob_fn`, `make_objective_fn`, `make_sft_up
 The compiled program's `memory_analysis()` says what it needs per device and `cost_analysis()` its FLOPs
 and bytes accessed per device.
 
-XLA's cost analysis counts a loop body once, whatever its trip count: the update's scan over
-mini-batches x micro-batches, the chunked logprob scans and the decode `while_loop` are scaled here by
-their trip counts, so each program's `flops`, `bytes_accessed` and `roofline_s` are for one call of it.
-The decode loop is priced at `max_new_tokens - 1` steps (every row running to the limit: an upper bound),
-each reading the whole static KV cache as the compiled program does.
+How costs are counted. XLA's `cost_analysis()` counts a while loop's body once, whatever its trip
+count, and the programs loop at three levels:
+- the decoder layers (`Transformer.trunk`'s layer scan) and the chunked token logprobs (the
+  position-block and vocabulary-slice scans of `rl.logprobs`) run through `mtgrpo_jax.loops.scan`. For
+  each program that has them (rollout prefill, old/reference logprobs, policy update, improvement, SFT
+  step) two cost-only variants are compiled with the model at 1 and 2 layers (abstract, same shapes
+  otherwise) under `loops.unrolled_scans()`, so those scans are open code that the cost analysis counts
+  in full, and the cost is extrapolated to the real depth L: cost(L) = cost(1) + (L - 1) x (cost(2) -
+  cost(1)) (`Depths.cost`). Memory, peak and fit always come from the real, scanned program. If a
+  variant fails to compile, the program keeps its as-compiled cost (each loop body once, an
+  under-count) and its `cost_counted` says so.
+- the update's scan over mini-batches x micro-batches and the old/reference/improvement forwards' scan
+  over row chunks stay loops: their cost is scaled by the trip count (`scale=chunks`), so the optimizer
+  update, once per mini-batch, is counted once per micro-batch (a small over-count of elementwise work).
+- the decode `while_loop`s are priced at `max_new_tokens - 1` steps (every row running to the limit: an
+  upper bound), each step the loop body as compiled (the fast decode step runs its layers in Python,
+  so the body is the whole step), reading the KV cache blocks written so far (the whole static cache
+  when it is one block, the TPU default); see `rollout_programs`.
+Each program's `flops`, `bytes_accessed` and `roofline_s` are per device for one call of it.
+A Pallas kernel (splash attention on TPU) is a custom call whose FLOPs the cost analysis does not see
+unless the kernel states them; the splash kernel does not, so the attention score matmuls are missing
+from the training programs' FLOPs when `model.attention` resolves to splash (about 2 x 2 x T/2 x
+heads x head_dim per token per layer forward; small beside the projections below a few thousand
+tokens, a few tens of percent above).
 
 Which programs: the rollout prefill (with everything before the decode loop) and the rollout program
 (prefill + decode loop) for one chunk of a sampler round; the old-logprob forward when
@@ -28,6 +47,7 @@ optimizer state, the reference parameters).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -41,6 +61,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mtgrpo_jax import loops
 from mtgrpo_jax.config import Config, ConfigError
 from mtgrpo_jax.models import ModelConfig, Transformer, tiny_config
 from mtgrpo_jax.parallel import BATCH_AXES, make_mesh, state_shardings
@@ -193,10 +214,12 @@ class ProgramPlan:
     compile_s: float
     calls_per_step: float  # how often one training step runs it (0: not part of a step, e.g. SFT)
     knob: str = ""  # what to change when it does not fit
+    cost_counted: str = ""  # how `flops` and `bytes_accessed` were counted (see the module docstring)
+    cost_compile_s: float = 0.0  # compile time of the cost-only variants (1 and 2 layers, loops unrolled)
 
     def as_json(self) -> dict:
         keys = ("argument_bytes", "output_bytes", "temp_bytes", "peak_bytes", "flops", "bytes_accessed", "roofline_s",
-                "fits", "compile_s", "calls_per_step")
+                "fits", "compile_s", "calls_per_step", "cost_counted", "cost_compile_s")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -242,16 +265,27 @@ def device_bytes(tree) -> int:
 
 def _report(name: str, c: _Compiled, topo: Topology, *, calls: float, scale: float = 1.0,
             flops: float | None = None, bytes_accessed: float | None = None, knob: str = "",
-            resident: int = 0) -> ProgramPlan:
+            resident: int = 0, cost: Cost | None = None, extra_flops: float = 0.0,
+            extra_how: str = "") -> ProgramPlan:
     """`resident`: bytes per device that stay allocated while the program runs without being among its
-    arguments (the optimizer state during rollout, ...); they count against HBM like its own."""
+    arguments (the optimizer state during rollout, ...); they count against HBM like its own. `cost`: the
+    program's FLOPs and bytes with every layer and logprob-chunk trip counted (`Depths.cost`), used in
+    place of the compiled program's own when it has them; `scale` multiplies either. `extra_flops`: work
+    the cost analysis cannot see (a Pallas kernel's), added per call after scaling."""
+    how = "as compiled"
+    if cost is not None:
+        how = cost.how
+        if cost.flops is not None:
+            flops, bytes_accessed = cost.flops, cost.bytes_accessed
     m = c.memory
     peak = peak_bytes(m) + resident
-    f = (c.flops if flops is None else flops) * scale
+    f = (c.flops if flops is None else flops) * scale + extra_flops
+    how += extra_how if extra_flops else ""
     b = (c.bytes_accessed if bytes_accessed is None else bytes_accessed) * scale
     roofline = max(f / topo.chip.peak_flops, b / topo.chip.hbm_bandwidth)
     return ProgramPlan(name, int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.temp_size_in_bytes),
-                       peak, f, b, roofline, peak <= topo.chip.hbm_bytes, c.compile_s, calls, knob)
+                       peak, f, b, roofline, peak <= topo.chip.hbm_bytes, c.compile_s, calls, knob, how,
+                       cost.compile_s if cost is not None else 0.0)
 
 
 def _is_oom(err: Exception) -> bool:
@@ -286,6 +320,94 @@ def _try_compile(fn, *args, mesh=None, **kwargs):
         if not _is_oom(err):
             raise
         return _Compiled(_RefusedMemory(_oom_bytes(err)), 0.0, 0.0, time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Counting every loop trip: the model at 1 and 2 layers, its scans unrolled
+
+
+@dataclasses.dataclass
+class Cost:
+    """A program's FLOPs and bytes per device at the model's depth (None: not counted, `how` says why)."""
+
+    flops: float | None
+    bytes_accessed: float | None
+    how: str
+    compile_s: float = 0.0
+    per_layer: tuple[float, float] | None = None  # (FLOPs, bytes) one more layer adds: cost(2) - cost(1)
+
+
+@dataclasses.dataclass
+class Depth:
+    """The run's model at some number of decoder layers, abstract and sharded as the trainer shards it."""
+
+    model: Transformer
+    graphdef: Any
+    params: Any
+    opt_state: Any
+
+
+def splash_attention_flops(mc: ModelConfig, rows: int, length: int, passes: float) -> float:
+    """FLOPs of the splash kernel's matmuls for `rows` sequences of `length` tokens through every layer, all
+    devices together (XLA's cost analysis sees a Pallas kernel as a custom call without FLOPs). Causal:
+    length x (length + 1) / 2 query-key pairs per row and query head, two matmuls over head_dim (scores,
+    then values) of 2 FLOPs per multiply-add. `passes`: forward passes' worth of this work (a forward 1;
+    its backward 2 more, for dQ, dK, dV and dP; a rematerialised forward 1 more)."""
+    pairs = length * (length + 1) / 2
+    return passes * 4.0 * pairs * mc.num_attention_heads * mc.head_dim * rows * mc.num_hidden_layers
+
+
+def _one_line(err: Exception) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}"
+
+
+class Depths:
+    """The model at its real depth and, for cost counting, at 1 and 2 layers.
+
+    A program is given as `build(depth) -> (jitted fn, args, kwargs)`; `cost(build)` compiles it at 1 and
+    2 layers with `loops.unrolled_scans()` (so the layer scan and the chunked logprob scans are open code
+    that XLA's cost analysis counts in full) and extrapolates linearly to the real depth:
+    cost(L) = cost(1) + (L - 1) x (cost(2) - cost(1)). Every layer is the same block at the same
+    shapes, so the line is exact up to XLA's per-program fusion choices. Those variants are cheap to
+    compile (one or two layers); only their cost is read, never their memory."""
+
+    def __init__(self, cfg: Config, mc: ModelConfig, mesh, tx, real: Depth | None = None):
+        """`real`: the model at its own depth when the caller has built it already (else built on demand)."""
+        self.cfg, self.mc, self.mesh, self.tx = cfg, mc, mesh, tx
+        self._at = {} if real is None else {mc.num_hidden_layers: real}
+
+    def at(self, layers: int) -> Depth:
+        if layers not in self._at:
+            model = abstract_model(self.cfg, dataclasses.replace(self.mc, num_hidden_layers=layers))
+            graphdef, params, _ = nnx.split(model, nnx.Param, ...)
+            params = sharded_abstract_state(params, self.mesh, "train")
+            self._at[layers] = Depth(model, graphdef, params, abstract_opt_state(self.tx, params, self.mesh))
+        return self._at[layers]
+
+    @property
+    def real(self) -> Depth:
+        return self.at(self.mc.num_hidden_layers)
+
+    def cost(self, build: Callable[[Depth], tuple]) -> Cost:
+        layers = self.mc.num_hidden_layers
+        start = time.perf_counter()
+        try:
+            with loops.unrolled_scans():
+                counted = []
+                for n in (1, 2) if layers > 1 else (1,):
+                    fn, args, kwargs = build(self.at(n))
+                    counted.append(compile_program(fn, *args, mesh=self.mesh, **kwargs))
+        except Exception as err:  # noqa: BLE001 - the plan falls back to the scanned cost and says why
+            return Cost(None, None, f"as compiled, loop bodies once (the unrolled cost variant failed: "
+                                    f"{_one_line(err)})", time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        if layers == 1:
+            return Cost(counted[0].flops, counted[0].bytes_accessed, "unrolled at 1 layer", elapsed)
+        c1, c2 = counted
+        step = (c2.flops - c1.flops, c2.bytes_accessed - c1.bytes_accessed)
+        return Cost(c1.flops + (layers - 1) * step[0], c1.bytes_accessed + (layers - 1) * step[1],
+                    f"unrolled at 1 and 2 layers, extrapolated to {layers}", elapsed, step)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -409,6 +531,7 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
     tx = make_optimizer(o.learning_rate, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
                         warmup_steps=o.warmup_steps)
     opt_state = abstract_opt_state(tx, params, mesh)
+    depths = Depths(cfg, mc, mesh, tx, Depth(model, graphdef, params, opt_state))
     rows = cfg.sampler.batch_size * cfg.sampler.group_size
     prompt_len, completion_len = max(cfg.rollout.prompt_buckets), cfg.rollout.max_new_tokens
     batch_sh = NamedSharding(mesh, P(BATCH_AXES))
@@ -429,13 +552,33 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
             p.knob = _knob(cfg, name, mesh, micro)
         programs[name] = p
         say(f"{name}: peak {p.peak_bytes / 2**30:.2f} GiB / {topo.chip.hbm_bytes / 2**30:.2f} GiB, "
-            f"compiled in {p.compile_s:.1f} s")
+            f"compiled in {p.compile_s:.1f} s; cost {p.cost_counted}"
+            + (f" ({p.cost_compile_s:.1f} s)" if p.cost_compile_s else ""))
+
+    seq = prompt_len + completion_len
+    forward_passes = 1
+    training_passes = 3 + (cfg.model.remat != "none")  # forward, backward (2), the rematerialised forward
+
+    def attention(n_rows: int, passes: float) -> dict:
+        """The splash kernel's FLOPs per device, which the cost analysis does not see (`_report`'s extra)."""
+        if model_options(cfg).get("attention") != "splash":
+            return {}
+        return dict(extra_flops=splash_attention_flops(mc, n_rows, seq, passes) / len(devices),
+                    extra_how=" + splash attention counted analytically")
+
+    def measure(build: Callable[[Depth], tuple], what: str) -> tuple[_Compiled, Cost]:
+        """The real program (its memory) and its cost with every layer and logprob chunk counted."""
+        say(f"compiling {what} ...")
+        fn, args, kwargs = build(depths.real)
+        compiled = _try_compile(fn, *args, mesh=mesh, **kwargs)
+        say(f"compiling {what} at 1 and 2 layers, loops unrolled, for its cost ...")
+        return compiled, depths.cost(build)
 
     # Rollout: the engine's program for one chunk of prompts, and its prefill alone (to split the cost).
     roll = {}
     if wanted("rollout_prefill") or wanted("rollout_decode"):
         roll = rollout_programs(cfg, model, mesh, topo, prompts_per_round(cfg), say,
-                                with_loop=wanted("rollout_decode"))
+                                with_loop=wanted("rollout_decode"), depths=depths)
     for name, (compiled, kw) in roll.items():
         add(name, compiled, **{**kw, "calls": kw["calls"] * rollout_rounds}, resident=p_bytes + o_bytes + ref_bytes)
 
@@ -443,35 +586,50 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
     ids, mask = batch.input_ids, batch.attention_mask
     old_wanted = cfg.optim.recompute_old_logprobs and wanted("old_logprobs")
     if old_wanted or (cfg.loss.beta > 0 and wanted("reference_logprobs")):
-        say("compiling the logprob forward ...")
-        fn = make_logprob_fn(graphdef, completion_len, cfg.rollout.temperature, chunks,
-                             seq_chunk=cfg.loss.logprob_chunk, vocab_chunk=cfg.loss.vocab_chunk)
-        c = _try_compile(fn, params, ids, mask, mesh=mesh)
+        def logprob_program(d: Depth):
+            fn = make_logprob_fn(d.graphdef, completion_len, cfg.rollout.temperature, chunks,
+                                 seq_chunk=cfg.loss.logprob_chunk, vocab_chunk=cfg.loss.vocab_chunk)
+            return fn, (d.params, ids, mask), {}
+
+        c, cost = measure(logprob_program, "the logprob forward")
         if cfg.optim.recompute_old_logprobs and wanted("old_logprobs"):
-            add("old_logprobs", c, calls=1, scale=chunks, resident=o_bytes + ref_bytes)
+            add("old_logprobs", c, calls=1, scale=chunks, resident=o_bytes + ref_bytes, cost=cost,
+                **attention(rows, forward_passes))
         if cfg.loss.beta > 0 and wanted("reference_logprobs"):
-            add("reference_logprobs", c, calls=1, scale=chunks, resident=p_bytes + o_bytes)
+            add("reference_logprobs", c, calls=1, scale=chunks, resident=p_bytes + o_bytes, cost=cost,
+                **attention(rows, forward_passes))
     if wanted("policy_update"):
-        say("compiling the policy update ...")
-        c = _try_compile(make_update_fn(graphdef, tx, settings, constrain), params, opt_state, batch, mesh=mesh)
-        add("policy_update", c, calls=1, scale=chunks, resident=ref_bytes)
+        def update_program(d: Depth):
+            return make_update_fn(d.graphdef, tx, settings, constrain), (d.params, d.opt_state, batch), {}
+
+        c, cost = measure(update_program, "the policy update")
+        # The release's `minibatch_sum` estimator runs one more forward of every mini-batch inside the update.
+        estimators = {settings.improvement} | ({"minibatch_sum"} if settings.improvement_diagnostics else set())
+        passes = training_passes + ("minibatch_sum" in estimators)
+        add("policy_update", c, calls=1, scale=chunks, resident=ref_bytes, cost=cost, **attention(rows, passes))
     needs_forward = settings.improvement == "step_mean" or settings.improvement_diagnostics
     if needs_forward and wanted("improvement"):
-        say("compiling the improvement forward ...")
-        c = _try_compile(make_objective_fn(graphdef, settings, chunks), params, batch, mesh=mesh)
-        add("improvement", c, calls=1, scale=chunks, resident=o_bytes + ref_bytes)
+        def improvement_program(d: Depth):
+            return make_objective_fn(d.graphdef, settings, chunks), (d.params, batch), {}
+
+        c, cost = measure(improvement_program, "the improvement forward")
+        add("improvement", c, calls=1, scale=chunks, resident=o_bytes + ref_bytes, cost=cost,
+            **attention(rows, forward_passes))
     if cfg.sft.steps > 0 and wanted("sft_step"):
-        say("compiling the SFT step ...")
         sft_tx = optax.adamw(cfg.sft.learning_rate, b1=0.9, b2=0.99, weight_decay=cfg.sft.weight_decay)
         sft_rows = cfg.sft.batch_size
-        sft_state = abstract_opt_state(sft_tx, params, mesh)
         total = prompt_len + completion_len
         sd = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh)  # noqa: E731
-        c = _try_compile(make_sft_update_fn(graphdef, sft_tx, completion_len, seq_chunk=cfg.loss.logprob_chunk,
-                                            vocab_chunk=cfg.loss.vocab_chunk), params, sft_state,
-                         sd((sft_rows, total), jnp.int32), sd((sft_rows, total), jnp.bool_),
-                         sd((sft_rows, completion_len), jnp.bool_), mesh=mesh)
-        add("sft_step", c, calls=0, resident=o_bytes + ref_bytes)
+        sft_batch = (sd((sft_rows, total), jnp.int32), sd((sft_rows, total), jnp.bool_),
+                     sd((sft_rows, completion_len), jnp.bool_))
+
+        def sft_program(d: Depth):
+            fn = make_sft_update_fn(d.graphdef, sft_tx, completion_len, seq_chunk=cfg.loss.logprob_chunk,
+                                    vocab_chunk=cfg.loss.vocab_chunk)
+            return fn, (d.params, abstract_opt_state(sft_tx, d.params, mesh), *sft_batch), {}
+
+        c, cost = measure(sft_program, "the SFT step")
+        add("sft_step", c, calls=0, resident=o_bytes + ref_bytes, cost=cost, **attention(sft_rows, training_passes))
 
     step = sum(p.roofline_s * p.calls_per_step for p in programs.values())
     rollout = sum(p.roofline_s * p.calls_per_step for n, p in programs.items() if n.startswith("rollout"))
@@ -496,11 +654,16 @@ def rollout_chunk_prompts(cfg: Config, prompts: int, engine, prompt_len: int) ->
     return min(per_call, prompts)
 
 
-def rollout_programs(cfg: Config, model, mesh, topo: Topology, prompts: int, say, with_loop: bool = True) -> dict:
+def rollout_programs(cfg: Config, model, mesh, topo: Topology, prompts: int, say, with_loop: bool = True,
+                     depths: Depths | None = None) -> dict:
     """The rollout `RolloutEngine`'s program for one chunk of prompts (prefill + decode loop: its memory is the
     real peak) and what it does before the loop alone (the prefill, the prompts' k/v in the decode
-    layout, the loop's weights). The decode loop's cost is the whole program's less that part's, once
-    per step (XLA counts a loop body once), times `max_new_tokens - 1` steps."""
+    layout, the loop's weights). The prefill's cost is counted layer by layer through `depths` (when
+    given). The decode loop's cost is the whole program's less the prefill's, both as compiled (their
+    layer scans counted alike, once), which leaves each decode loop's body once: the fast decode step
+    runs its layers in Python, so a body is one whole step. With the cache in blocks the program runs
+    one loop per phase, each body reading the blocks written so far, and the phases split the steps
+    about evenly, so the loop costs (the bodies' sum / phases) x `max_new_tokens - 1` steps."""
     from mtgrpo_jax.rollout.engine import Buckets
     from mtgrpo_jax.train.policy import build_engine
 
@@ -530,7 +693,7 @@ def rollout_programs(cfg: Config, model, mesh, topo: Topology, prompts: int, say
     graphdef = nnx.graphdef(model)
     dtype = engine.cache_dtype
 
-    def prefill(state, prompt_ids, prompt_mask):
+    def prefill(graphdef, state, prompt_ids, prompt_mask):
         # What the engine's program does before its decode loop (`RolloutEngine._run`, steps 1 and 2).
         mdl = nnx.merge(graphdef, state)
         positions = jnp.maximum(jnp.cumsum(prompt_mask.astype(jnp.int32), axis=1) - 1, 0)
@@ -544,20 +707,27 @@ def rollout_programs(cfg: Config, model, mesh, topo: Topology, prompts: int, say
         last = mdl.logits(hidden[:, -1:])[:, 0]
         return last, mdl.decode_prefix(cache, prompt_mask, dtype), mdl.decode_weights()
 
-    pre = _try_compile(jax.jit(prefill), state, ids, mask, mesh=mesh)
+    def prefill_program(d: Depth):
+        return (jax.jit(functools.partial(prefill, nnx.graphdef(d.model))),
+                (sharded_abstract_state(nnx.state(d.model), mesh, "serve"), ids, mask), {})
+
+    pre = _try_compile(jax.jit(functools.partial(prefill, graphdef)), state, ids, mask, mesh=mesh)
+    pre_cost = None
+    if depths is not None:
+        say("compiling the rollout prefill at 1 and 2 layers, loops unrolled, for its cost ...")
+        pre_cost = depths.cost(prefill_program)
+    prefill_entry = ("rollout_prefill", (pre, dict(calls=chunks, cost=pre_cost)))
     if not with_loop:
-        return {"rollout_prefill": (pre, dict(calls=chunks))}
+        return dict([prefill_entry])
     say(f"compiling the rollout program ({rows} rows, {m} new tokens) ...")
     full = _try_compile(engine._program, state, cache, ids, mask, key, scalar(jnp.int32), scalar(jnp.int32),
                         scalar(jnp.float32), scalar(jnp.float32), stop, mesh=mesh, n=n, max_new_tokens=m,
                         greedy=greedy, top_k=int(r.top_k), use_top_p=r.top_p < 1.0)
-    steps = max(m - 1, 0)
+    steps = max(m - 1, 0) / len(engine._phases(m))
     loop_flops = max(full.flops - pre.flops, 0.0) * steps
     loop_bytes = max(full.bytes_accessed - pre.bytes_accessed, 0.0) * steps
-    return {
-        "rollout_prefill": (pre, dict(calls=chunks)),
-        "rollout_decode": (full, dict(calls=chunks, flops=loop_flops, bytes_accessed=loop_bytes)),
-    }
+    how = f"(program - prefill, loop bodies once) x {max(m - 1, 0)} steps / {len(engine._phases(m))} phase(s)"
+    return dict([prefill_entry, ("rollout_decode", (full, dict(calls=chunks, cost=Cost(loop_flops, loop_bytes, how))))])
 
 
 # ---------------------------------------------------------------------------------------------------------------

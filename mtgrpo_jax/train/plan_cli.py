@@ -26,6 +26,9 @@ def _table(result) -> str:
                      f"{p.peak_bytes / hbm:>6.0%} {p.flops / 1e12:>9.2f} {p.bytes_accessed / 1e9:>9.1f} "
                      f"{p.roofline_s:>9.3f}s {p.calls_per_step:>6g} {p.compile_s:>7.1f}s"
                      + ("" if p.fits else "  DOES NOT FIT"))
+    for name, p in result.programs.items():  # FLOPs and bytes that do not count every loop trip
+        if p.cost_counted.startswith("as compiled"):
+            lines.append(f"  {name}: cost {p.cost_counted}")
     lines.append(f"step estimate (roofline, per chip; rollout at max_new_tokens): {result.step_time_estimate_s:.1f} s, "
                  f"rollout {result.rollout_share:.0%} of it")
     return "\n".join(lines)

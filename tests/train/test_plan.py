@@ -54,6 +54,8 @@ def test_tiny_plan_compiles_rollout_update_and_improvement_for_v5e(tiny_config, 
     for name, p in result["programs"].items():
         assert p["fits"] and 0 < p["peak_bytes"] < result["hbm_bytes_per_device"], name
         assert p["peak_bytes"] >= p["argument_bytes"] and p["flops"] > 0 and p["roofline_s"] > 0, name
+        # every layer and logprob chunk counted (a 1-layer model: its one variant, loops unrolled)
+        assert p["cost_counted"].startswith("unrolled at 1 layer" if name != "rollout_decode" else "(program"), name
     # The update holds the parameters and the AdamW moments (bf16 params, so 3 x 2 bytes per parameter at
     # least), split over the 4 chips by FSDP.
     n_params = plan_mod.model_config(load_config(tiny_config)).num_params()
@@ -152,3 +154,126 @@ def test_micro_batch_search_finds_the_fewest_that_fit_in_few_compiles(extra):
     assert len(set(calls) - {best}) <= 5  # a handful of compiles, not one per candidate
     calls.clear()
     assert plan_mod.choose_micro_batches(counts, per_mini, 1e9, peak) == counts[-1]  # nothing fits: the smallest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Costs that count every loop trip: the layer scan and the chunked logprob scans, checked against a hand count.
+
+def _cost_config(tmp_path, layers: int) -> str:
+    """The tiny config at `layers` layers, its vocabulary large enough that the chunked LM head is a quarter of
+    the work (so a head counted one chunk in 16 would show), XLA attention (whose score matmuls the cost
+    analysis sees) and block remat."""
+    cfg = yaml.safe_load(yaml.safe_dump(TINY))
+    cfg["model"].update(attention="xla", remat="block")
+    cfg["model"]["overrides"] = {"num_hidden_layers": layers, "vocab_size": 16384}
+    cfg["loss"] = {"logprob_chunk": 8, "vocab_chunk": 4096}  # 32 completion positions: 4 blocks x 4 slices
+    path = tmp_path / f"cost{layers}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _hand_count(mc, tokens_per_row: int, rows: int, query_len: int, head_positions: int, passes: int,
+                head_passes: int) -> float:
+    """FLOPs, all devices: 2 per multiply-add of the q/k/v/o and MLP projections at every query position,
+    XLA attention's full [query_len, tokens] scores and their use on the values, in every layer, `passes`
+    forward passes' worth (1 forward, 2 its backward, 1 the rematerialised forward); the LM head at
+    `head_positions` per row, `head_passes` times."""
+    h, d, i = mc.hidden_size, mc.head_dim, mc.intermediate_size
+    nq, nkv = mc.num_attention_heads, mc.num_key_value_heads
+    projections = h * nq * d * 2 + h * nkv * d * 2 + 3 * h * i
+    layer = (2 * projections * query_len + 4 * query_len * tokens_per_row * nq * d) * rows * passes
+    head = 2 * h * mc.vocab_size * head_positions * rows * head_passes
+    return mc.num_hidden_layers * layer + head
+
+
+@pytest.mark.slow
+def test_update_cost_counts_every_layer_and_logprob_chunk(tmp_path):
+    """The update's cost from the 1- and 2-layer unrolled variants, extrapolated to 3 layers, equals the
+    3-layer program compiled fully unrolled, and its per-layer and LM-head parts agree with a hand count."""
+    pytest.importorskip("libtpu")
+    import dataclasses
+
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from mtgrpo_jax import loops
+    from mtgrpo_jax.parallel import BATCH_AXES, make_mesh
+    from mtgrpo_jax.parallel.topology import topology_devices
+    from mtgrpo_jax.train.update import make_update_fn
+
+    cfg = load_config(_cost_config(tmp_path, 3))
+    mc = plan_mod.model_config(cfg)
+    topo = plan_mod.resolve_topology("v5e:2x2")
+    mesh = make_mesh(fsdp=-1, devices=topology_devices(topo))
+    tx = plan_mod.make_optimizer(1e-6, b1=0.9, b2=0.99, weight_decay=0.01, grad_clip=1.0)
+    rows, prompt, completion = 4 * 4, 64, 32  # sampler 4 prompts x 4 samples; prompt bucket; max_new_tokens
+    batch_sh = NamedSharding(mesh, P(BATCH_AXES))
+    batch = plan_mod.abstract_batch(rows, prompt, completion, batch_sh)
+    settings = plan_mod.update_settings(cfg, 2)
+    constrain = lambda b: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sh), b)  # noqa: E731
+
+    def update_program(d):
+        return make_update_fn(d.graphdef, tx, settings, constrain), (d.params, d.opt_state, batch), {}
+
+    depths = plan_mod.Depths(cfg, mc, mesh, tx)
+    cost = depths.cost(update_program)
+    assert cost.how == "unrolled at 1 and 2 layers, extrapolated to 3"
+    with loops.unrolled_scans():
+        fn, args, _ = update_program(depths.at(3))
+        direct = plan_mod.compile_program(fn, *args, mesh=mesh)
+    assert cost.flops == pytest.approx(direct.flops, rel=0.01)
+    assert cost.bytes_accessed == pytest.approx(direct.bytes_accessed, rel=0.05)
+    # The scan over 2 mini-batches x 2 micro-batches stays a loop (the plan scales it): its body is one
+    # micro-batch of 4 rows, over the 4 devices. A layer: forward, backward (2) and the block-rematerialised
+    # forward. What the hand count leaves out (norms, rope, softmax, silu) is about 1 % at this size.
+    one = dataclasses.replace(mc, num_hidden_layers=1)
+    layer = _hand_count(one, prompt + completion, rows // 4, prompt + completion, completion, passes=4,
+                        head_passes=0) / 4
+    assert 1.0 <= cost.per_layer[0] / layer <= 1.05
+    # The rest is the LM head at the 32 completion positions, in 4 position blocks x 4 vocabulary slices: at
+    # least its forward, its backward (2) and the checkpointed forward (4 passes; one chunk in 16 counted would
+    # be 1/16 of that). The nested checkpoints (position blocks, then vocabulary slices) recompute it once or
+    # twice more in the compiled update, hence the upper bound.
+    head = _hand_count(dataclasses.replace(mc, num_hidden_layers=0), prompt + completion, rows // 4, 1, completion,
+                       passes=0, head_passes=4) / 4
+    rest = cost.flops - 3 * cost.per_layer[0]
+    print(f"update: per layer {cost.per_layer[0]:.4g} (hand {layer:.4g}), rest {rest:.4g} (head hand {head:.4g})")
+    assert 1.0 <= rest / head <= 1.6
+
+
+@pytest.mark.slow
+def test_prefill_cost_counts_every_layer(tmp_path):
+    pytest.importorskip("libtpu")
+    cfg = load_config(_cost_config(tmp_path, 3))
+    p = plan_mod.plan(cfg, "v5e:2x2", only={"rollout_prefill"}).programs["rollout_prefill"]
+    assert p.cost_counted == "unrolled at 1 and 2 layers, extrapolated to 3"
+    # 8 prompts (a round of 2 x 4) of 64 tokens into a prompt-sized cache, the head at the last position only.
+    hand = _hand_count(plan_mod.model_config(cfg), 64, 8, 64, 1, passes=1, head_passes=1) / 4
+    assert 1.0 <= p.flops / hand <= 1.1
+    topo = plan_mod.resolve_topology("v5e:2x2")
+    assert p.roofline_s == pytest.approx(max(p.flops / topo.chip.peak_flops, p.bytes_accessed / topo.chip.hbm_bandwidth))
+
+
+def test_cost_falls_back_to_the_compiled_count_when_a_variant_does_not_compile():
+    import optax
+
+    from mtgrpo_jax.parallel import make_mesh
+
+    cfg = load_config(None, ["model.overrides.num_hidden_layers=3"])
+    mc = plan_mod.model_config(cfg)
+    depths = plan_mod.Depths(cfg, mc, make_mesh(fsdp=-1), optax.sgd(0.1))
+
+    def build(depth):
+        raise RuntimeError("no such op\nsecond line")
+
+    cost = depths.cost(build)
+    assert cost.flops is None and cost.bytes_accessed is None
+    assert cost.how.startswith("as compiled") and "RuntimeError: no such op second line" in cost.how
+    compiled = plan_mod._Compiled(plan_mod._RefusedMemory(0), flops=7.0, bytes_accessed=3.0, compile_s=0.0)
+    report = plan_mod._report("x", compiled, plan_mod.resolve_topology("v5e:2x2"), calls=1, scale=2, cost=cost)
+    assert (report.flops, report.bytes_accessed, report.cost_counted) == (14.0, 6.0, cost.how)
+    counted = plan_mod.Cost(100.0, 50.0, "unrolled")
+    report = plan_mod._report("x", compiled, plan_mod.resolve_topology("v5e:2x2"), calls=1, scale=2, cost=counted,
+                              extra_flops=1.0, extra_how=" + more")
+    assert (report.flops, report.bytes_accessed, report.cost_counted) == (201.0, 100.0, "unrolled + more")
