@@ -372,9 +372,10 @@ class Depths:
     shapes, so the line is exact up to XLA's per-program fusion choices. Those variants are cheap to
     compile (one or two layers); only their cost is read, never their memory."""
 
-    def __init__(self, cfg: Config, mc: ModelConfig, mesh, tx, real: Depth | None = None):
-        """`real`: the model at its own depth when the caller has built it already (else built on demand)."""
-        self.cfg, self.mc, self.mesh, self.tx = cfg, mc, mesh, tx
+    def __init__(self, cfg: Config, mc: ModelConfig, mesh, tx, real: Depth | None = None, enabled: bool = True):
+        """`real`: the model at its own depth when the caller has built it already (else built on demand).
+        `enabled=False`: `cost` compiles nothing and leaves the program's cost as compiled."""
+        self.cfg, self.mc, self.mesh, self.tx, self.enabled = cfg, mc, mesh, tx, enabled
         self._at = {} if real is None else {mc.num_hidden_layers: real}
 
     def at(self, layers: int) -> Depth:
@@ -390,6 +391,8 @@ class Depths:
         return self.at(self.mc.num_hidden_layers)
 
     def cost(self, build: Callable[[Depth], tuple]) -> Cost:
+        if not self.enabled:
+            return Cost(None, None, "as compiled, loop bodies once (--count-loops counts every layer and chunk)")
         layers = self.mc.num_hidden_layers
         start = time.perf_counter()
         try:
@@ -507,9 +510,13 @@ PROGRAMS = ("rollout_prefill", "rollout_decode", "old_logprobs", "reference_logp
 
 
 def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only: set[str] | None = None,
-         progress: Callable[[str], None] | None = None) -> Plan:
+         progress: Callable[[str], None] | None = None, count_loops: bool = False) -> Plan:
     """Compiles the step's programs for `topology` at `cfg`'s shapes and returns their costs (`only`: just
-    these programs, by name; the step estimate then covers only them)."""
+    these programs, by name; the step estimate then covers only them). `count_loops`: also compile each
+    layered program's 1- and 2-layer unrolled variants (`Depths`) so its FLOPs and bytes count every layer
+    and logprob chunk. Off by default: at the paper's sizes libtpu 0.0.42.1 aborted the process (a CHECK in
+    its memory-bound loop optimizer) compiling exp3's unrolled update variant on v5p-16, which no fallback
+    can catch; without it a layered program's cost counts its loop bodies once (about 1/L of the truth)."""
     say = progress or (lambda _: None)
     bad = sorted(set(only or ()) - set(PROGRAMS))
     if bad:
@@ -531,7 +538,7 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
     tx = make_optimizer(o.learning_rate, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
                         warmup_steps=o.warmup_steps)
     opt_state = abstract_opt_state(tx, params, mesh)
-    depths = Depths(cfg, mc, mesh, tx, Depth(model, graphdef, params, opt_state))
+    depths = Depths(cfg, mc, mesh, tx, Depth(model, graphdef, params, opt_state), enabled=count_loops)
     rows = cfg.sampler.batch_size * cfg.sampler.group_size
     prompt_len, completion_len = max(cfg.rollout.prompt_buckets), cfg.rollout.max_new_tokens
     batch_sh = NamedSharding(mesh, P(BATCH_AXES))
@@ -571,7 +578,8 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
         say(f"compiling {what} ...")
         fn, args, kwargs = build(depths.real)
         compiled = _try_compile(fn, *args, mesh=mesh, **kwargs)
-        say(f"compiling {what} at 1 and 2 layers, loops unrolled, for its cost ...")
+        if depths.enabled:
+            say(f"compiling {what} at 1 and 2 layers, loops unrolled, for its cost ...")
         return compiled, depths.cost(build)
 
     # Rollout: the engine's program for one chunk of prompts, and its prefill alone (to split the cost).
@@ -714,7 +722,8 @@ def rollout_programs(cfg: Config, model, mesh, topo: Topology, prompts: int, say
     pre = _try_compile(jax.jit(functools.partial(prefill, graphdef)), state, ids, mask, mesh=mesh)
     pre_cost = None
     if depths is not None:
-        say("compiling the rollout prefill at 1 and 2 layers, loops unrolled, for its cost ...")
+        if depths.enabled:
+            say("compiling the rollout prefill at 1 and 2 layers, loops unrolled, for its cost ...")
         pre_cost = depths.cost(prefill_program)
     prefill_entry = ("rollout_prefill", (pre, dict(calls=chunks, cost=pre_cost)))
     if not with_loop:

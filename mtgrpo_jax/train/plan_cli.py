@@ -47,6 +47,9 @@ def main(argv: list[str], prog: str = "mtgrpo plan") -> int:
                    help="sampler rounds per step in the estimate (each a full round at max_new_tokens; default 1)")
     p.add_argument("--only", help="compile only these programs (comma-separated names, e.g. policy_update)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--count-loops", action="store_true",
+                   help="count every layer and logprob chunk in the FLOPs and bytes (compiles each layered program "
+                        "again at 1 and 2 layers, unrolled; without it a loop body counts once)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. mesh.tensor=2")
     args = p.parse_args(argv)
     # The programs compile for the slice through libtpu; the host backend only traces, so it stays CPU.
@@ -58,7 +61,7 @@ def main(argv: list[str], prog: str = "mtgrpo plan") -> int:
         cfg = resolve_config(args)
         say = lambda msg: print(f"[plan] {msg}", file=sys.stderr, flush=True)  # noqa: E731 - stdout stays the result
         result = plan(cfg, args.topology, rollout_rounds=args.rollout_rounds, progress=say,
-                      only=set(args.only.split(",")) if args.only else None)
+                      only=set(args.only.split(",")) if args.only else None, count_loops=args.count_loops)
     except (ConfigError, TopologyError, PlanError) as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
