@@ -11,10 +11,12 @@ and bytes accessed per device.
 How costs are counted. XLA's `cost_analysis()` counts a while loop's body once, whatever its trip
 count, and the programs loop at three levels:
 - the decoder layers (`Transformer.trunk`'s layer scan) and the chunked token logprobs (the
-  position-block and vocabulary-slice scans of `rl.logprobs`) run through `mtgrpo_jax.loops.scan`. For
-  each program that has them (rollout prefill, old/reference logprobs, policy update, improvement, SFT
-  step) two cost-only variants are compiled with the model at 1 and 2 layers (abstract, same shapes
-  otherwise) under `loops.unrolled_scans()`, so those scans are open code that the cost analysis counts
+  position-block and vocabulary-slice scans of `rl.logprobs`) run through `mtgrpo_jax.loops.scan`. By
+  default their bodies count once (about 1/L of a program's FLOPs and bytes; `cost_counted` says "as
+  compiled"). With `count_loops` (`mtgrpo plan --count-loops`; opt-in because libtpu 0.0.42.1 aborted
+  the process on exp3's unrolled update variant), for each program that has them (rollout prefill,
+  old/reference logprobs, policy update, improvement, SFT step) two cost-only variants are compiled
+  with the model at 1 and 2 layers (abstract, same shapes otherwise) under `loops.unrolled_scans()`, so those scans are open code that the cost analysis counts
   in full, and the cost is extrapolated to the real depth L: cost(L) = cost(1) + (L - 1) x (cost(2) -
   cost(1)) (`Depths.cost`). Memory, peak and fit always come from the real, scanned program. If a
   variant fails to compile, the program keeps its as-compiled cost (each loop body once, an
@@ -28,16 +30,14 @@ count, and the programs loop at three levels:
   when it is one block, the TPU default); see `rollout_programs`.
 Each program's `flops`, `bytes_accessed` and `roofline_s` are per device for one call of it.
 A Pallas kernel (splash attention on TPU) is a custom call whose FLOPs the cost analysis does not see
-unless the kernel states them; the splash kernel does not, so the attention score matmuls are missing
-from the training programs' FLOPs when `model.attention` resolves to splash (about 2 x 2 x T/2 x
-heads x head_dim per token per layer forward; small beside the projections below a few thousand
-tokens, a few tens of percent above).
+unless the kernel states them; the splash kernel does not, so when `model.attention` resolves to splash
+its score and value matmuls are added to those programs' FLOPs by formula (`splash_attention_flops`).
 
 Which programs: the rollout prefill (with everything before the decode loop) and the rollout program
 (prefill + decode loop) for one chunk of a sampler round; the old-logprob forward when
 `optim.recompute_old_logprobs`; the reference forward when `loss.beta > 0`; the policy update (all
-mini-batches x micro-batches of a step); the improvement forward after the update when the task weighting reads it
-(`weighting.improvement: step_mean`, or `improvement_diagnostics`; the `minibatch_sum` and `fresh`
+mini-batches x micro-batches of a step); the improvement forward after the update when the task
+weighting reads it (`weighting.improvement: step_mean`, or `improvement_diagnostics`; the `minibatch_sum` and `fresh`
 estimators are computed inside the update);
 the SFT step when `sft.steps > 0` (completions at `max_new_tokens`, an upper bound; not part of a step).
 Each program's peak also counts what stays resident while it runs (the policy's parameters and
@@ -615,8 +615,7 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
         estimators = {settings.improvement} | ({"minibatch_sum"} if settings.improvement_diagnostics else set())
         passes = training_passes + ("minibatch_sum" in estimators)
         add("policy_update", c, calls=1, scale=chunks, resident=ref_bytes, cost=cost, **attention(rows, passes))
-    needs_forward = settings.improvement == "step_mean" or settings.improvement_diagnostics
-    if needs_forward and wanted("improvement"):
+    if settings.improvement_forward and wanted("improvement"):
         def improvement_program(d: Depth):
             return make_objective_fn(d.graphdef, settings, chunks), (d.params, batch), {}
 

@@ -212,7 +212,7 @@ class Trainer:
         Returns (rows, update metrics, every estimator's rows when diagnosing, seconds spent on the
         step_mean estimator's own forward)."""
         K, s = len(self.tasks), self.settings
-        step_mean = s.improvement == "step_mean" or s.improvement_diagnostics
+        step_mean = s.improvement_forward
         before = objective_at_behaviour(s, batch) if step_mean else None
         self.params, self.opt_state, upd, rows = self.update_fn(self.params, self.opt_state, batch)
         upd = to_host(upd)

@@ -85,6 +85,11 @@ class UpdateSettings(NamedTuple):
     # metrics as improvement/<name> [M, K], to measure how the estimators agree on one trajectory.
     improvement_diagnostics: bool = False
 
+    @property
+    def improvement_forward(self) -> bool:
+        """Whether the step runs the `step_mean` estimator's own forward after the update."""
+        return self.improvement == "step_mean" or self.improvement_diagnostics
+
 
 def _split(batch: Batch, parts: int) -> Batch:
     return jax.tree.map(lambda x: x.reshape((parts, x.shape[0] // parts) + x.shape[1:]), batch)
