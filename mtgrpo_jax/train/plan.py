@@ -231,14 +231,14 @@ class _Compiled:
     compile_s: float
 
 
-def compile_program(fn, *args, mesh=None, **kwargs) -> _Compiled:
+def compile_program(fn, *args, mesh=None, compiler_options: dict | None = None, **kwargs) -> _Compiled:
     """Lowers and compiles a jitted `fn` at abstract `args` (under `mesh` when the caller runs it so)."""
     start = time.perf_counter()
     if mesh is not None:
         with jax.set_mesh(mesh):
-            compiled = fn.lower(*args, **kwargs).compile()
+            compiled = fn.lower(*args, **kwargs).compile(compiler_options)
     else:
-        compiled = fn.lower(*args, **kwargs).compile()
+        compiled = fn.lower(*args, **kwargs).compile(compiler_options)
     elapsed = time.perf_counter() - start
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, (list, tuple)):  # older jax: one dict per device program
@@ -370,7 +370,14 @@ class Depths:
     that XLA's cost analysis counts in full) and extrapolates linearly to the real depth:
     cost(L) = cost(1) + (L - 1) x (cost(2) - cost(1)). Every layer is the same block at the same
     shapes, so the line is exact up to XLA's per-program fusion choices. Those variants are cheap to
-    compile (one or two layers); only their cost is read, never their memory."""
+    compile (one or two layers); only their cost is read, never their memory.
+
+    On TPU they compile with libtpu's memory-bound loop optimizer off: it places buffers in on-chip memory
+    (no effect on FLOPs or HBM bytes counted) and libtpu 0.0.42.1 aborted the whole process with a CHECK
+    failure in it (`memory_bound_loop_optimizer.cc:198`) on exp3's unrolled update, which no `except` can
+    catch."""
+
+    TPU_COST_OPTIONS = {"xla_tpu_memory_bound_loop_optimizer_options": "enabled:false"}
 
     def __init__(self, cfg: Config, mc: ModelConfig, mesh, tx, real: Depth | None = None, enabled: bool = True):
         """`real`: the model at its own depth when the caller has built it already (else built on demand).
@@ -396,11 +403,13 @@ class Depths:
         layers = self.mc.num_hidden_layers
         start = time.perf_counter()
         try:
+            tpu = self.mesh.devices.flat[0].platform == "tpu"
             with loops.unrolled_scans():
                 counted = []
                 for n in (1, 2) if layers > 1 else (1,):
                     fn, args, kwargs = build(self.at(n))
-                    counted.append(compile_program(fn, *args, mesh=self.mesh, **kwargs))
+                    counted.append(compile_program(fn, *args, mesh=self.mesh,
+                                                   compiler_options=self.TPU_COST_OPTIONS if tpu else None, **kwargs))
         except Exception as err:  # noqa: BLE001 - the plan falls back to the scanned cost and says why
             return Cost(None, None, f"as compiled, loop bodies once (the unrolled cost variant failed: "
                                     f"{_one_line(err)})", time.perf_counter() - start)
