@@ -1,7 +1,8 @@
 """Arithmetic: short integer questions ("What is 7 + 5?") a tiny model can partly learn on CPU.
 
-Levels grow in difficulty: 1 adds two single digits; 2 adds a single digit to, or subtracts it from,
-a two-digit number; 3 multiplies two single digits; 4 computes `a * b + c` with a two-digit `c`.
+Levels: 1 adds two single digits; 2 adds a single digit to, or subtracts it from, a two-digit number;
+3 multiplies two single digits; 4 computes `a * b + c` with a two-digit `c`; 5 subtracts one single digit
+from another (100 facts like levels 1 and 3, with negative answers).
 Items are generated in pure Python (no reasoning-gym), one `random.Random` per item, so item `i` of
 a (seed, level) stream does not depend on which slice is generated.
 
@@ -31,6 +32,7 @@ LEVELS: dict[int, dict[str, Any]] = {
     2: {"forms": ["a + b", "a - b"], "a": [10, 99], "b": [0, 9]},
     3: {"forms": ["a * b"], "a": [0, 9], "b": [0, 9]},
     4: {"forms": ["a * b + c"], "a": [0, 9], "b": [0, 9], "c": [10, 99]},
+    5: {"forms": ["a - b"], "a": [0, 9], "b": [0, 9]},
 }
 
 QUESTION_TEMPLATE = "What is {expression}? Give the final answer in \\boxed{{}}."

@@ -17,9 +17,9 @@ from mtgrpo_jax.rollout.packing import pack_left_padded
 from mtgrpo_jax.train.update import init_opt_state, make_sft_update_fn
 
 
-def demonstration_rows(tasks, policy, examples_per_task: int) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids ending in the end-of-turn token) for each demonstrable train example of
-    `tasks` (the run's tasks: name, Task, train examples)."""
+def demonstration_rows(tasks, policy, examples_per_task: int) -> list[tuple[str, list[int], list[int]]]:
+    """(task name, prompt ids, completion ids ending in the end-of-turn token) for each demonstrable train
+    example of `tasks` (the run's tasks: name, Task, train examples)."""
     rows = []
     for run_task in tasks:
         for ex in run_task.train[:examples_per_task]:
@@ -27,10 +27,23 @@ def demonstration_rows(tasks, policy, examples_per_task: int) -> list[tuple[list
             if text is None:
                 continue
             completion = policy.tokenizer(text, add_special_tokens=False)["input_ids"] + [policy.end_of_turn_id]
-            rows.append((policy.prompt_ids(run_task.task, ex), completion))
+            rows.append((run_task.name, policy.prompt_ids(run_task.task, ex), completion))
     if not rows:
         raise ValueError("sft: no task could produce a demonstration (sft.steps > 0 needs at least one)")
     return rows
+
+
+def row_probabilities(names: list[str], sft_weight: dict[str, float]) -> np.ndarray | None:
+    """Each demonstration row's probability of being drawn, so that a task's share of the draws is its
+    `sft_weight` over the sum of the weights of the tasks that have rows. None when every weight is 1:
+    rows are then drawn alike (each task's share is its share of the rows), the draw without weights."""
+    if all(sft_weight.get(name, 1.0) == 1.0 for name in set(names)):
+        return None
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    p = np.array([sft_weight.get(name, 1.0) / counts[name] for name in names])
+    return p / p.sum()
 
 
 def run_sft(cfg: Config, tasks, policy, graphdef, params, batch_sharding) -> tuple[object, dict]:
@@ -38,7 +51,9 @@ def run_sft(cfg: Config, tasks, policy, graphdef, params, batch_sharding) -> tup
     state, split with `graphdef`). Returns the new parameters and the metrics record."""
     sft = cfg.sft
     t0 = time.perf_counter()
-    rows = demonstration_rows(tasks, policy, sft.examples_per_task)
+    named = demonstration_rows(tasks, policy, sft.examples_per_task)
+    rows = [(p, c) for _, p, c in named]
+    probs = row_probabilities([name for name, _, _ in named], {t.name: t.sft_weight for t in cfg.tasks})
     longest = max(len(p) for p, _ in rows)
     try:
         prompt_len = Buckets.pick(sorted(cfg.rollout.prompt_buckets), longest)
@@ -58,7 +73,10 @@ def run_sft(cfg: Config, tasks, policy, graphdef, params, batch_sharding) -> tup
     show = cfg.logging.console and jax.process_index() == 0
     bar = tqdm(range(sft.steps), desc="sft warm start", disable=not show)
     for _ in bar:
-        idx = rng.choice(n, size=sft.batch_size, replace=n < sft.batch_size)
+        if probs is None:
+            idx = rng.choice(n, size=sft.batch_size, replace=n < sft.batch_size)
+        else:
+            idx = rng.choice(n, size=sft.batch_size, p=probs)
         b = host_to_global((ids[idx], attn[idx], target[idx]), batch_sharding)
         params, opt_state, loss = update(params, opt_state, *b)
         losses.append(float(loss))

@@ -24,7 +24,7 @@ def _parse(question: str) -> tuple[int, str, int, int | None]:
     return int(a), op, int(b), None if c is None else int(c)
 
 
-@pytest.mark.parametrize("level", [1, 2, 3, 4])
+@pytest.mark.parametrize("level", [1, 2, 3, 4, 5])
 def test_levels_have_their_operand_ranges_and_exact_answers(level):
     task = get_task("arithmetic")
     examples = generate_examples("arithmetic", level, 200, seed=7)
@@ -42,15 +42,20 @@ def test_levels_have_their_operand_ranges_and_exact_answers(level):
         elif level == 3:
             assert op == "*" and a in SINGLE and b in SINGLE and c is None
             expected = a * b
+        elif level == 5:
+            assert op == "-" and a in SINGLE and b in SINGLE and c is None
+            expected = a - b
         else:
             assert op == "*" and a in SINGLE and b in SINGLE and c in TWO_DIGIT
             expected = a * b + c
         assert e["answer"] == str(expected)
         assert e["task"] == "arithmetic" and e["difficulty"] == level and e["split"] == "train"
-        assert e["data_source"] == f"arithmetic-{gen.LEVEL_NAMES[level]}-train"
+        assert e["data_source"] == f"arithmetic-{gen._level_name(level)}-train"
         assert e["prompt"] == task.prompt(e)  # the released frame around the question
-    assert ops == ({"+", "-"} if level == 2 else {"*"} if level >= 3 else {"+"})
-    # 200 draws from 100 (level 1, 3) or more possible items: the stream is not degenerate.
+    assert ops == {1: {"+"}, 2: {"+", "-"}, 3: {"*"}, 4: {"*"}, 5: {"-"}}[level]
+    if level == 5:
+        assert any(int(e["answer"]) < 0 for e in examples)  # negative answers: the reader's "-" path
+    # 200 draws from 100 (level 1, 3, 5) or more possible items: the stream is not degenerate.
     assert len({e["question"] for e in examples}) > 50
 
 
@@ -64,7 +69,7 @@ def test_generation_is_deterministic_sliceable_and_seeded():
     assert [e["question"].split("?")[0] for e in generate_examples("arithmetic", 1, 3, seed=0)] == [
         "What is 0 + 7", "What is 9 + 4", "What is 1 + 2"]
     with pytest.raises(ValueError, match="level"):
-        generate_examples("arithmetic", 5, 1)
+        generate_examples("arithmetic", 6, 1)
 
 
 def test_registry_prompts_and_levels():
@@ -80,7 +85,7 @@ def test_registry_prompts_and_levels():
 @pytest.mark.parametrize("last_line_only", [False, True])
 def test_references_and_demonstrations_score_one(style, last_line_only):
     task = get_task("arithmetic", demonstration_style=style, box_last_line_only=last_line_only)
-    for level in (1, 2, 3, 4):
+    for level in (1, 2, 3, 4, 5):
         for e in generate_examples("arithmetic", level, 10, seed=2):
             assert task.score(f"\\boxed{{{task.reference_answer(e)}}}", e).reward == 1.0
             demo = task.demonstration(e)
