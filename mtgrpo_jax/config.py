@@ -93,6 +93,9 @@ class TaskCfg(_Strict):
     family: str  # a registered task family ("countdown", "zebra", "arc_1d", "math", "arithmetic") or "pkg.module:factory"
     train: TaskSourceCfg
     eval: TaskSourceCfg | None = None
+    # The task's share of the warm start's demonstration batches, relative to the other tasks' (all 1:
+    # every demonstration row is drawn alike). A task the model should start out weak on gets less.
+    sft_weight: float = Field(1.0, gt=0.0)
 
 
 class SamplerCfg(_Strict):
@@ -253,9 +256,6 @@ class EvalCfg(_Strict):
     temperature: float = Field(1.0, ge=0.0)
     max_examples: int | None = Field(None, ge=1)  # per task; None: the whole held-out set
     max_new_tokens: int | None = Field(None, ge=1)  # None: rollout.max_new_tokens
-    # The task's share of the warm start's demonstration batches, relative to the other tasks' (all 1:
-    # every demonstration row is drawn alike). A task the model should start out weak on gets less.
-    sft_weight: float = Field(1.0, gt=0.0)
     pass_k: list[int] = Field(default_factory=lambda: [1])
 
 

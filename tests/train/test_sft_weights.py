@@ -29,6 +29,7 @@ def test_task_shares_follow_the_weights_whatever_the_row_counts():
         assert abs(share - expect) < 4 * np.sqrt(expect * (1 - expect) / 20_000)
 
 
-def test_weight_must_be_positive():
-    with pytest.raises(ValueError, match="sft_weight"):
+def test_weight_is_a_task_setting_and_must_be_positive():
+    assert TaskCfg(name="t", family="arithmetic", train={"level": 1, "n": 4}, sft_weight=0.5).sft_weight == 0.5
+    with pytest.raises(ValueError, match="greater than 0"):
         TaskCfg(name="t", family="arithmetic", train={"level": 1, "n": 4}, sft_weight=0.0)
