@@ -56,6 +56,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -397,29 +398,51 @@ class Depths:
     def real(self) -> Depth:
         return self.at(self.mc.num_hidden_layers)
 
-    def cost(self, build: Callable[[Depth], tuple]) -> Cost:
+    def cost(self, build: Callable[..., tuple], rows: int | None = None, min_rows: int = 1) -> Cost:
+        """`build(depth)`, or with `rows` `build(depth, r)`: the program at r rows per chunk (its batch
+        scanned in chunks of r rows). With `rows` above `2 * min_rows` (`min_rows`: the mesh's batch
+        devices) the variants are compiled at `min_rows` and `2 * min_rows` rows too, and the cost,
+        linear in the rows at any depth (a row adds the same work; the optimizer's adds none), is
+        extrapolated along both: 4 small compiles. At the paper's sizes the unrolled logprob chunks of
+        a full micro-batch ask XLA for more HBM than the chip has (exp3's update: 163 GB), and a compile
+        that does not fit returns no cost at all."""
         if not self.enabled:
             return Cost(None, None, "as compiled, loop bodies once (--count-loops counts every layer and chunk)")
         layers = self.mc.num_hidden_layers
+        depths = (1, 2) if layers > 1 else (1,)
+        scaled = rows is not None and rows > 2 * min_rows
+        widths = (min_rows, 2 * min_rows) if scaled else (rows,)
         start = time.perf_counter()
         try:
             tpu = self.mesh.devices.flat[0].platform == "tpu"
+            options = self.TPU_COST_OPTIONS if tpu else None
+            counted = {}
             with loops.unrolled_scans():
-                counted = []
-                for n in (1, 2) if layers > 1 else (1,):
-                    fn, args, kwargs = build(self.at(n))
-                    counted.append(compile_program(fn, *args, mesh=self.mesh,
-                                                   compiler_options=self.TPU_COST_OPTIONS if tpu else None, **kwargs))
+                for r in widths:
+                    for n in depths:
+                        fn, args, kwargs = build(self.at(n)) if r is None else build(self.at(n), r)
+                        c = compile_program(fn, *args, mesh=self.mesh, compiler_options=options, **kwargs)
+                        counted[n, r] = np.array([c.flops, c.bytes_accessed])
         except Exception as err:  # noqa: BLE001 - the plan falls back to the scanned cost and says why
             return Cost(None, None, f"as compiled, loop bodies once (the unrolled cost variant failed: "
                                     f"{_one_line(err)})", time.perf_counter() - start)
         elapsed = time.perf_counter() - start
-        if layers == 1:
-            return Cost(counted[0].flops, counted[0].bytes_accessed, "unrolled at 1 layer", elapsed)
-        c1, c2 = counted
-        step = (c2.flops - c1.flops, c2.bytes_accessed - c1.bytes_accessed)
-        return Cost(c1.flops + (layers - 1) * step[0], c1.bytes_accessed + (layers - 1) * step[1],
-                    f"unrolled at 1 and 2 layers, extrapolated to {layers}", elapsed, step)
+
+        def at_depth(r) -> tuple[np.ndarray, np.ndarray]:  # (cost at the real depth, one layer's) at r rows
+            if layers == 1:
+                return counted[1, r], counted[1, r]
+            per_layer = counted[2, r] - counted[1, r]
+            return counted[1, r] + (layers - 1) * per_layer, per_layer
+
+        how = "unrolled at 1 layer" if layers == 1 else f"unrolled at 1 and 2 layers, extrapolated to {layers}"
+        total, per_layer = at_depth(widths[0])
+        if scaled:
+            (t2, l2), r1 = at_depth(widths[1]), widths[0]
+            total = total + (rows - r1) / r1 * (t2 - total)
+            per_layer = per_layer + (rows - r1) / r1 * (l2 - per_layer)
+            how += f", at {r1} and {2 * r1} rows, extrapolated to {rows}"
+        return Cost(float(total[0]), float(total[1]), how, elapsed,
+                    None if layers == 1 else (float(per_layer[0]), float(per_layer[1])))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -551,7 +574,6 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
     rows = cfg.sampler.batch_size * cfg.sampler.group_size
     prompt_len, completion_len = max(cfg.rollout.prompt_buckets), cfg.rollout.max_new_tokens
     batch_sh = NamedSharding(mesh, P(BATCH_AXES))
-    batch = abstract_batch(rows, prompt_len, completion_len, batch_sh)
     micro = resolve_micro_batches(cfg, mesh, graphdef, params, tx, opt_state=opt_state, hbm_bytes=topo.chip.hbm_bytes,
                                   progress=say)
     settings = update_settings(cfg, micro)
@@ -582,14 +604,18 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
         return dict(extra_flops=splash_attention_flops(mc, n_rows, seq, passes) / len(devices),
                     extra_how=" + splash attention counted analytically")
 
-    def measure(build: Callable[[Depth], tuple], what: str) -> tuple[_Compiled, Cost]:
-        """The real program (its memory) and its cost with every layer and logprob chunk counted."""
+    def measure(build: Callable[[Depth, int], tuple], what: str, rows: int) -> tuple[_Compiled, Cost]:
+        """The real program at `rows` rows per chunk (its memory) and its cost with every layer and logprob
+        chunk counted."""
         say(f"compiling {what} ...")
-        fn, args, kwargs = build(depths.real)
+        fn, args, kwargs = build(depths.real, rows)
         compiled = _try_compile(fn, *args, mesh=mesh, **kwargs)
         if depths.enabled:
             say(f"compiling {what} at 1 and 2 layers, loops unrolled, for its cost ...")
-        return compiled, depths.cost(build)
+        return compiled, depths.cost(build, rows, min_rows=batch_devices(mesh))
+
+    def step_batch(r: int) -> Batch:  # the step's batch with r rows per chunk (rows // chunks in the real one)
+        return abstract_batch(r * chunks, prompt_len, completion_len, batch_sh)
 
     # Rollout: the engine's program for one chunk of prompts, and its prefill alone (to split the cost).
     roll = {}
@@ -600,15 +626,15 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
         add(name, compiled, **{**kw, "calls": kw["calls"] * rollout_rounds}, resident=p_bytes + o_bytes + ref_bytes)
 
     constrain = lambda b: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sh), b)  # noqa: E731
-    ids, mask = batch.input_ids, batch.attention_mask
     old_wanted = cfg.optim.recompute_old_logprobs and wanted("old_logprobs")
     if old_wanted or (cfg.loss.beta > 0 and wanted("reference_logprobs")):
-        def logprob_program(d: Depth):
+        def logprob_program(d: Depth, r: int):
             fn = make_logprob_fn(d.graphdef, completion_len, cfg.rollout.temperature, chunks,
                                  seq_chunk=cfg.loss.logprob_chunk, vocab_chunk=cfg.loss.vocab_chunk)
-            return fn, (d.params, ids, mask), {}
+            b = step_batch(r)
+            return fn, (d.params, b.input_ids, b.attention_mask), {}
 
-        c, cost = measure(logprob_program, "the logprob forward")
+        c, cost = measure(logprob_program, "the logprob forward", rows // chunks)
         if cfg.optim.recompute_old_logprobs and wanted("old_logprobs"):
             add("old_logprobs", c, calls=1, scale=chunks, resident=o_bytes + ref_bytes, cost=cost,
                 **attention(rows, forward_passes))
@@ -616,19 +642,19 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
             add("reference_logprobs", c, calls=1, scale=chunks, resident=p_bytes + o_bytes, cost=cost,
                 **attention(rows, forward_passes))
     if wanted("policy_update"):
-        def update_program(d: Depth):
-            return make_update_fn(d.graphdef, tx, settings, constrain), (d.params, d.opt_state, batch), {}
+        def update_program(d: Depth, r: int):
+            return make_update_fn(d.graphdef, tx, settings, constrain), (d.params, d.opt_state, step_batch(r)), {}
 
-        c, cost = measure(update_program, "the policy update")
+        c, cost = measure(update_program, "the policy update", rows // chunks)
         # The release's `minibatch_sum` estimator runs one more forward of every mini-batch inside the update.
         estimators = {settings.improvement} | ({"minibatch_sum"} if settings.improvement_diagnostics else set())
         passes = training_passes + ("minibatch_sum" in estimators)
         add("policy_update", c, calls=1, scale=chunks, resident=ref_bytes, cost=cost, **attention(rows, passes))
     if settings.improvement_forward and wanted("improvement"):
-        def improvement_program(d: Depth):
-            return make_objective_fn(d.graphdef, settings, chunks), (d.params, batch), {}
+        def improvement_program(d: Depth, r: int):
+            return make_objective_fn(d.graphdef, settings, chunks), (d.params, step_batch(r)), {}
 
-        c, cost = measure(improvement_program, "the improvement forward")
+        c, cost = measure(improvement_program, "the improvement forward", rows // chunks)
         add("improvement", c, calls=1, scale=chunks, resident=o_bytes + ref_bytes, cost=cost,
             **attention(rows, forward_passes))
     if cfg.sft.steps > 0 and wanted("sft_step"):
@@ -636,15 +662,14 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
         sft_rows = cfg.sft.batch_size
         total = prompt_len + completion_len
         sd = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh)  # noqa: E731
-        sft_batch = (sd((sft_rows, total), jnp.int32), sd((sft_rows, total), jnp.bool_),
-                     sd((sft_rows, completion_len), jnp.bool_))
 
-        def sft_program(d: Depth):
+        def sft_program(d: Depth, r: int):
             fn = make_sft_update_fn(d.graphdef, sft_tx, completion_len, seq_chunk=cfg.loss.logprob_chunk,
                                     vocab_chunk=cfg.loss.vocab_chunk)
+            sft_batch = (sd((r, total), jnp.int32), sd((r, total), jnp.bool_), sd((r, completion_len), jnp.bool_))
             return fn, (d.params, abstract_opt_state(sft_tx, d.params, mesh), *sft_batch), {}
 
-        c, cost = measure(sft_program, "the SFT step")
+        c, cost = measure(sft_program, "the SFT step", sft_rows)
         add("sft_step", c, calls=0, resident=o_bytes + ref_bytes, cost=cost, **attention(sft_rows, training_passes))
 
     step = sum(p.roofline_s * p.calls_per_step for p in programs.values())
