@@ -11,16 +11,16 @@ and bytes accessed per device.
 How costs are counted. XLA's `cost_analysis()` counts a while loop's body once, whatever its trip
 count, and the programs loop at three levels:
 - the decoder layers (`Transformer.trunk`'s layer scan) and the chunked token logprobs (the
-  position-block and vocabulary-slice scans of `rl.logprobs`) run through `mtgrpo_jax.loops.scan`. By
-  default their bodies count once (about 1/L of a program's FLOPs and bytes; `cost_counted` says "as
-  compiled"). With `count_loops` (`mtgrpo plan --count-loops`; opt-in because libtpu 0.0.42.1 aborted
-  the process on exp3's unrolled update variant), for each program that has them (rollout prefill,
-  old/reference logprobs, policy update, improvement, SFT step) two cost-only variants are compiled
-  with the model at 1 and 2 layers (abstract, same shapes otherwise) under `loops.unrolled_scans()`, so those scans are open code that the cost analysis counts
+  position-block and vocabulary-slice scans of `rl.logprobs`) run through `mtgrpo_jax.loops.scan`. For
+  each program that has them (rollout prefill, old/reference logprobs, policy update, improvement, SFT
+  step) cost-only variants are compiled with the model at 1 and 2 layers (abstract, same shapes
+  otherwise) under `loops.unrolled_scans()`, so those scans are open code that the cost analysis counts
   in full, and the cost is extrapolated to the real depth L: cost(L) = cost(1) + (L - 1) x (cost(2) -
-  cost(1)) (`Depths.cost`). Memory, peak and fit always come from the real, scanned program. If a
-  variant fails to compile, the program keeps its as-compiled cost (each loop body once, an
-  under-count) and its `cost_counted` says so.
+  cost(1)); with more rows per chunk than twice the batch devices, the variants are compiled at 1 and 2
+  rows per device and extrapolated over the rows as well (`Depths.cost`). Memory, peak and fit always
+  come from the real, scanned program. If a variant fails to compile, the program keeps its
+  as-compiled cost (each loop body once, about 1/L of the truth) and its `cost_counted` says so; so does
+  `count_loops=False` (`mtgrpo plan --no-count-loops`), which skips the variants.
 - the update's scan over mini-batches x micro-batches and the old/reference/improvement forwards' scan
   over row chunks stay loops: their cost is scaled by the trip count (`scale=chunks`), so the optimizer
   update, once per mini-batch, is counted once per micro-batch (a small over-count of elementwise work).
@@ -407,7 +407,7 @@ class Depths:
         a full micro-batch ask XLA for more HBM than the chip has (exp3's update: 163 GB), and a compile
         that does not fit returns no cost at all."""
         if not self.enabled:
-            return Cost(None, None, "as compiled, loop bodies once (--count-loops counts every layer and chunk)")
+            return Cost(None, None, "as compiled, loop bodies once (--no-count-loops: the cost variants were skipped)")
         layers = self.mc.num_hidden_layers
         depths = (1, 2) if layers > 1 else (1,)
         scaled = rows is not None and rows > 2 * min_rows
@@ -542,13 +542,11 @@ PROGRAMS = ("rollout_prefill", "rollout_decode", "old_logprobs", "reference_logp
 
 
 def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only: set[str] | None = None,
-         progress: Callable[[str], None] | None = None, count_loops: bool = False) -> Plan:
+         progress: Callable[[str], None] | None = None, count_loops: bool = True) -> Plan:
     """Compiles the step's programs for `topology` at `cfg`'s shapes and returns their costs (`only`: just
     these programs, by name; the step estimate then covers only them). `count_loops`: also compile each
     layered program's 1- and 2-layer unrolled variants (`Depths`) so its FLOPs and bytes count every layer
-    and logprob chunk. Off by default: at the paper's sizes libtpu 0.0.42.1 aborted the process (a CHECK in
-    its memory-bound loop optimizer) compiling exp3's unrolled update variant on v5p-16, which no fallback
-    can catch; without it a layered program's cost counts its loop bodies once (about 1/L of the truth)."""
+    and logprob chunk; without it a layered program's cost counts its loop bodies once."""
     say = progress or (lambda _: None)
     bad = sorted(set(only or ()) - set(PROGRAMS))
     if bad:

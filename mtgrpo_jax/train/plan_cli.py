@@ -47,9 +47,10 @@ def main(argv: list[str], prog: str = "mtgrpo plan") -> int:
                    help="sampler rounds per step in the estimate (each a full round at max_new_tokens; default 1)")
     p.add_argument("--only", help="compile only these programs (comma-separated names, e.g. policy_update)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--count-loops", action="store_true",
+    p.add_argument("--count-loops", action=argparse.BooleanOptionalAction, default=True,
                    help="count every layer and logprob chunk in the FLOPs and bytes (compiles each layered program "
-                        "again at 1 and 2 layers, unrolled; without it a loop body counts once)")
+                        "again at 1 and 2 layers, unrolled; default). --no-count-loops skips that: faster, and a "
+                        "loop body counts once")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. mesh.tensor=2")
     args = p.parse_args(argv)
     # The programs compile for the slice through libtpu; the host backend only traces, so it stays CPU.

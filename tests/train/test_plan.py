@@ -45,7 +45,7 @@ def _one_line(err: str) -> str:
 @pytest.mark.slow
 def test_tiny_plan_compiles_rollout_update_and_improvement_for_v5e(tiny_config, capsys):
     pytest.importorskip("libtpu")
-    code, out, err = _run(capsys, "--config", tiny_config, "--topology", "v5e:2x2", "--json", "--count-loops")
+    code, out, err = _run(capsys, "--config", tiny_config, "--topology", "v5e:2x2", "--json")
     assert code == 0, err
     result = json.loads(out)
     assert set(result) == {"topology", "devices", "hbm_bytes_per_device", "fits", "step_time_estimate_s", "programs"}
@@ -313,9 +313,9 @@ def test_cost_falls_back_to_the_compiled_count_when_a_variant_does_not_compile()
     compiled = plan_mod._Compiled(plan_mod._RefusedMemory(0), flops=7.0, bytes_accessed=3.0, compile_s=0.0)
     report = plan_mod._report("x", compiled, plan_mod.resolve_topology("v5e:2x2"), calls=1, scale=2, cost=cost)
     assert (report.flops, report.bytes_accessed, report.cost_counted) == (14.0, 6.0, cost.how)
-    # Without --count-loops nothing is compiled for the cost and the report says how it was counted.
+    # With --no-count-loops nothing is compiled for the cost and the report says how it was counted.
     off = plan_mod.Depths(cfg, mc, make_mesh(fsdp=-1), optax.sgd(0.1), enabled=False).cost(build)
-    assert off.flops is None and off.how.startswith("as compiled") and "--count-loops" in off.how
+    assert off.flops is None and off.how.startswith("as compiled") and "--no-count-loops" in off.how
     counted = plan_mod.Cost(100.0, 50.0, "unrolled")
     report = plan_mod._report("x", compiled, plan_mod.resolve_topology("v5e:2x2"), calls=1, scale=2, cost=counted,
                               extra_flops=1.0, extra_how=" + more")
