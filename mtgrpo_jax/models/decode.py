@@ -58,7 +58,7 @@ def cache_shapes(cfg, rows: int, length: int, block: int | None = None):
     return tuple((rows, nkv, d, c) for c in sizes), tuple((rows, nkv, c, d) for c in sizes)
 
 
-def prepare_weights(model) -> dict:
+def prepare_weights(model, positions: int | None = None) -> dict:
     """What the decode loop reads, prepared once before the loop.
 
     Per layer: the projections as plain 2-D matrices (heads flattened: `[H, N*D]`, o_proj
@@ -67,7 +67,10 @@ def prepare_weights(model) -> dict:
     projections stay separate, so each keeps its own tensor-parallel sharding. Everything is cast
     to the activation dtype as the model's block does. Also the embedding table, replicated when a
     mesh is active (a row gather from a vocab-sharded table would otherwise be re-gathered on every
-    step; the model does the same per forward)."""
+    step; the model does the same per forward). And the rotary cos/sin of positions [0, `positions`)
+    (default `max_position_embeddings`), which a step gathers: computed inside the step, XLA fuses cos
+    and sin into each layer's q and k consumers and evaluates them once per element of every one of
+    them (the same values either way)."""
     cfg, dt = model.config, model.dtype
     stacked = model.layers.weights()
     hidden, nd = cfg.hidden_size, cfg.head_dim
@@ -75,7 +78,7 @@ def prepare_weights(model) -> dict:
     embed = model.embed[...]
     if not single_device:
         embed = jax.lax.with_sharding_constraint(embed, jax.sharding.PartitionSpec())
-    layers = []
+    per_layer = []
     for i in range(cfg.num_hidden_layers):
         w = {name: value[i].astype(dt) for name, value in stacked.items()}
         layer = {name: w[name] for name in ("input_norm", "post_attn_norm", "q_norm", "k_norm", "o_bias") if name in w}
@@ -92,8 +95,10 @@ def prepare_weights(model) -> dict:
             layer["gate"], layer["up"] = w["gate_proj"], w["up_proj"]
         layer["o"] = w["o_proj"].reshape(cfg.num_attention_heads * nd, hidden)
         layer["down"] = w["down_proj"]
-        layers.append(layer)
-    return {"layers": layers, "embed": embed}
+        per_layer.append(layer)
+    length = cfg.max_position_embeddings if positions is None else int(positions)
+    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * jnp.asarray(layers.rope_inv_freq(cfg))
+    return {"layers": per_layer, "embed": embed, "rope": (jnp.cos(angles), jnp.sin(angles))}
 
 
 class Prefix(NamedTuple):
@@ -151,8 +156,8 @@ def step(model, weights, prefix: Prefix, cache: DecodeCache, tokens, positions, 
     Returns float32 logits [B, V] and the cache."""
     cfg, dt = model.config, model.dtype
     b = tokens.shape[0]
-    angles = positions.astype(jnp.float32)[:, None, None] * jnp.asarray(layers.rope_inv_freq(cfg))  # [B, 1, D/2]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    # [B, 1, D/2]; a position past the table gives NaN (jnp.take's fill), never a silently wrong angle
+    cos, sin = (jnp.take(table, positions, axis=0)[:, None, :] for table in weights["rope"])
     x = jnp.take(weights["embed"], tokens, axis=0).astype(dt)  # [B, H]
     blocks = len(cache.k[0]) if blocks is None else blocks
     window = sum(v.shape[2] for v in cache.v[0][:blocks])  # generated slots read this step

@@ -206,9 +206,10 @@ class Transformer(nnx.Module):
         """Shapes of one layer's `DecodeCache` k and v blocks for `rows` rows and `length` generated slots."""
         return decode.cache_shapes(self.config, rows, length, block)
 
-    def decode_weights(self) -> dict:
-        """The weights a decode step reads, prepared once before the loop (2-D, activation dtype)."""
-        return decode.prepare_weights(self)
+    def decode_weights(self, positions: int | None = None) -> dict:
+        """The weights a decode step reads, prepared once before the loop (2-D, activation dtype), and
+        the rotary table of positions [0, `positions`) (default `max_position_embeddings`)."""
+        return decode.prepare_weights(self, positions)
 
     def decode_prefix(self, cache: KVCache, prompt_mask, dtype) -> decode.Prefix:
         """The prompts' k/v from a prefilled `KVCache` (`trunk(..., cache=...)`), once per prompt."""

@@ -503,7 +503,7 @@ class RolloutEngine:
                 layer = self._sharding(4, 0, b, 1)
                 prefix = jax.lax.with_sharding_constraint(
                     prefix, decode.Prefix((layer,) * len(prefix.k), (layer,) * len(prefix.v), self._sharding(2, 0, b)))
-            weights = model.decode_weights()
+            weights = model.decode_weights(positions=p + m)  # a row's positions stay below p + m
         else:
             def share(full, part):
                 part = jnp.repeat(part, n, axis=1).astype(full.dtype)
