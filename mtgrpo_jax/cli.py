@@ -20,7 +20,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "rollout"): ("mtgrpo_jax.rollout.bench:main", "rollout tokens/s against transformers"),
     ("bench", "step"): ("mtgrpo_jax.train.bench:main", "training step time by phase, MFU"),
     ("convert",): ("mtgrpo_jax.models.gguf:main", "convert a GGUF model (Llama, Qwen2) to the Hugging Face layout"),
-    ("plan",): ("mtgrpo_jax.train.plan_cli:main", "compile a step for a TPU slice ahead of time: memory, FLOPs, step time"),
+    ("plan",): (
+        "mtgrpo_jax.train.plan_cli:main",
+        "compile a step for a TPU slice ahead of time: memory, FLOPs, step time",
+    ),
     ("report",): ("mtgrpo_jax.train.report:main", "plots and tables from run directories or an experiment directory"),
     ("experiment",): ("mtgrpo_jax.experiment:main", "methods x seeds x grid points, paired by seed, then the report"),
 }
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             module_name, func_name = target.split(":")
             func = getattr(importlib.import_module(module_name), func_name)
             prog = "mtgrpo " + " ".join(path)
-            return int(func(argv[len(path):], prog=prog) or 0)
+            return int(func(argv[len(path) :], prog=prog) or 0)
     if argv and argv[0] not in ("-h", "--help"):
         print(f"mtgrpo: unknown command {' '.join(argv[:2])!r}\n", file=sys.stderr)
         print(_usage(), file=sys.stderr)

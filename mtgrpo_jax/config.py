@@ -47,6 +47,7 @@ class ModelCfg(_Strict):
         from mtgrpo_jax.models.transformer import remat_name  # jax is imported only when a config is checked
 
         return remat_name(value)
+
     # Which prompts suit the checkpoint. base: the released R1-style transcript as raw text. instruct: the
     # task's question as the user turn of the model's chat template. auto: instruct when the tokenizer has a
     # chat template (some base checkpoints, Qwen2.5's among them, ship one: say `base` for those).
@@ -90,7 +91,9 @@ class TaskSourceCfg(_Strict):
 
 class TaskCfg(_Strict):
     name: str  # the run's name for this task, e.g. "countdown-l1"
-    family: str  # a registered task family ("countdown", "zebra", "arc_1d", "math", "arithmetic") or "pkg.module:factory"
+    family: (
+        str  # a registered task family ("countdown", "zebra", "arc_1d", "math", "arithmetic") or "pkg.module:factory"
+    )
     train: TaskSourceCfg
     eval: TaskSourceCfg | None = None
     # The task's share of the warm start's demonstration batches, relative to the other tasks' (all 1:
@@ -310,7 +313,9 @@ class Config(_Strict):
         if self.train.stages:
             total = sum(stage.steps for stage in self.train.stages)
             if total != self.train.steps:
-                raise ValueError(f"train.stages: the stages' steps add up to {total}, not train.steps={self.train.steps}")
+                raise ValueError(
+                    f"train.stages: the stages' steps add up to {total}, not train.steps={self.train.steps}"
+                )
             for i, stage in enumerate(self.train.stages):
                 unknown = sorted(set(stage.tasks) - set(names))
                 if unknown:
@@ -443,8 +448,9 @@ def method_preset_path(name: str) -> Path:
     return path if path.suffix else METHODS_DIR / f"{name}.yaml"
 
 
-def resolve_tree(path: str | os.PathLike | None, overrides: list[str] | None = None,
-                 method: str | os.PathLike | None = None) -> dict:
+def resolve_tree(
+    path: str | os.PathLike | None, overrides: list[str] | None = None, method: str | os.PathLike | None = None
+) -> dict:
     """The merged config tree a run uses, before validation. Later layers win:
 
         defaults  <  the method preset  <  the experiment file  <  its `methods.<method>` block  <  overrides
@@ -459,8 +465,10 @@ def resolve_tree(path: str | os.PathLike | None, overrides: list[str] | None = N
         inherited = [b for b in _base_files(Path(path)) if b.parent == METHODS_DIR.resolve()]
         chosen = method_preset_path(str(method)).resolve()
         if any(b != chosen for b in inherited):
-            raise ConfigError(f"config {path}: its `base` includes the method preset {inherited[0].name}, which would "
-                              f"win over --method; name the default method with `method: {inherited[0].stem}` instead")
+            raise ConfigError(
+                f"config {path}: its `base` includes the method preset {inherited[0].name}, which would "
+                f"win over --method; name the default method with `method: {inherited[0].stem}` instead"
+            )
     per_method = tree.pop("methods", None) or {}
     if not isinstance(per_method, dict):
         raise ConfigError(f"config {path}: `methods` must map method names to config blocks")
@@ -483,8 +491,12 @@ def resolve_tree(path: str | os.PathLike | None, overrides: list[str] | None = N
     return apply_overrides(tree, list(overrides or []))
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None,
-                presets: list[str | os.PathLike] = (), method: str | os.PathLike | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike | None,
+    overrides: list[str] | None = None,
+    presets: list[str | os.PathLike] = (),
+    method: str | os.PathLike | None = None,
+) -> Config:
     """Reads a YAML config with its method preset (see `resolve_tree`), applies dotted overrides,
     validates. `presets` are further YAML files merged over the file (before its `methods` block)."""
     if presets:

@@ -135,8 +135,9 @@ def parse_grid(items: Sequence[str], base_tree: dict) -> list[tuple[str, list[st
         if not _has_key(base_tree, key):
             raise ExperimentError(f"--grid: config has no key {key!r}")
         if key in RUNNER_KEYS or key.startswith(WARM_START_PREFIXES):
-            raise ExperimentError(f"--grid: {key!r} would break the shared warm start of a seed; "
-                                  "run a separate experiment for it")
+            raise ExperimentError(
+                f"--grid: {key!r} would break the shared warm start of a seed; run a separate experiment for it"
+            )
         if any(key == k for k, _ in grid):
             raise ExperimentError(f"--grid: key {key!r} given twice")
         grid.append((key, vals))
@@ -249,9 +250,19 @@ class Job:
 
 
 class Experiment:
-    def __init__(self, config: str | os.PathLike, methods: Sequence[str], seeds: Sequence[int], out: str | os.PathLike,
-                 *, grid: Sequence[str] = (), overrides: Sequence[str] = (), parallel: int = 1,
-                 command: Sequence[str] | None = None, log=print):
+    def __init__(
+        self,
+        config: str | os.PathLike,
+        methods: Sequence[str],
+        seeds: Sequence[int],
+        out: str | os.PathLike,
+        *,
+        grid: Sequence[str] = (),
+        overrides: Sequence[str] = (),
+        parallel: int = 1,
+        command: Sequence[str] | None = None,
+        log=print,
+    ):
         if parallel < 1:
             raise ExperimentError(f"--parallel: must be >= 1, got {parallel}")
         if not methods:
@@ -274,7 +285,9 @@ class Experiment:
         self.base = self._resolve(None, [])  # also rejects bad overrides with the config's own one-line error
         self.grid = parse_grid(grid, self.base)
         self.uses_warm_start = self.base["sft"]["steps"] > 0
-        self.specs = [RunSpec(m, s, point) for s in self.seeds for m in self.methods for point in grid_points(self.grid)]
+        self.specs = [
+            RunSpec(m, s, point) for s in self.seeds for m in self.methods for point in grid_points(self.grid)
+        ]
         self._stop = False
 
     # ---------------------------------------------------------------------------------------- configs
@@ -307,19 +320,34 @@ class Experiment:
             if self.uses_warm_start:
                 extra = self._warm_start_overrides(seed)
                 ws_name = f"warmstart/seed_{seed}"
-                out.append(Job("warm_start", ws_name, self.warm_start_dir(seed),
-                               ["sft", "--config", str(self.config_path), *self.overrides, *extra],
-                               self._resolve(None, extra), seed))
+                out.append(
+                    Job(
+                        "warm_start",
+                        ws_name,
+                        self.warm_start_dir(seed),
+                        ["sft", "--config", str(self.config_path), *self.overrides, *extra],
+                        self._resolve(None, extra),
+                        seed,
+                    )
+                )
             for spec in (s for s in self.specs if s.seed == seed):
                 extra = self._train_overrides(spec)
                 try:
                     resolved = self._resolve(spec.method, extra)
                 except ConfigError as err:
                     raise ExperimentError(f"{spec.name}: {err}") from None
-                out.append(Job("train", spec.name, self.run_dir(spec),
-                               ["train", "--config", str(self.config_path), "--method", spec.method,
-                                *self.overrides, *extra],
-                               resolved, seed, spec=spec, needs=ws_name))
+                out.append(
+                    Job(
+                        "train",
+                        spec.name,
+                        self.run_dir(spec),
+                        ["train", "--config", str(self.config_path), "--method", spec.method, *self.overrides, *extra],
+                        resolved,
+                        seed,
+                        spec=spec,
+                        needs=ws_name,
+                    )
+                )
         return out
 
     # ---------------------------------------------------------------------------------------- state on disk
@@ -339,14 +367,21 @@ class Experiment:
             if diff is not None:
                 raise ExperimentError(
                     f"{self.out} holds an experiment of another config ({diff}: {_get(old_tree, diff)!r} "
-                    f"there, {_get(base_tree, diff)!r} now); use another --out")
+                    f"there, {_get(base_tree, diff)!r} now); use another --out"
+                )
         runs = dict((old or {}).get("runs", {}))
         for spec in self.specs:
-            runs[spec.name] = {"label": spec.label, "method": spec.method, "seed": spec.seed,
-                               "grid": dict(spec.grid), "dir": str(self.run_dir(spec).relative_to(self.out))}
+            runs[spec.name] = {
+                "label": spec.label,
+                "method": spec.method,
+                "seed": spec.seed,
+                "grid": dict(spec.grid),
+                "dir": str(self.run_dir(spec).relative_to(self.out)),
+            }
         self.out.mkdir(parents=True, exist_ok=True)
-        _write_json(path, {"config": str(self.config_path), "overrides": self.overrides, "base_config": base_tree,
-                           "runs": runs})
+        _write_json(
+            path, {"config": str(self.config_path), "overrides": self.overrides, "base_config": base_tree, "runs": runs}
+        )
 
     @staticmethod
     def _check_run_dir(job: Job) -> None:
@@ -365,15 +400,19 @@ class Experiment:
         # A run records what it resolved at its start (the prompt style when model.kind is auto): a value
         # left unset here matches whatever the run resolved it to.
         now = copy.deepcopy(job.config)
-        for section, key, unset in (("model", "kind", "auto"), ("rollout", "prompt_style", None),
-                                    ("rollout", "template", None)):
+        for section, key, unset in (
+            ("model", "kind", "auto"),
+            ("rollout", "prompt_style", None),
+            ("rollout", "template", None),
+        ):
             if now.get(section, {}).get(key) == unset and key in old.get(section, {}):
                 now[section][key] = old[section][key]
         diff = _first_difference(old, now)
         if diff is not None:
             raise ExperimentError(
                 f"run directory {job.run_dir} was made by another config ({diff}: {_get(old, diff)!r} there, "
-                f"{_get(now, diff)!r} now)")
+                f"{_get(now, diff)!r} now)"
+            )
 
     def _is_done(self, job: Job) -> bool:
         marker = job.run_dir / (WARM_START_MARKER if job.kind == "warm_start" else RUN_MARKER)
@@ -382,18 +421,30 @@ class Experiment:
     def _finish(self, job: Job, wall_s: float, cpu_s: float, warm_hashes: dict[int, str]) -> None:
         if job.kind == "warm_start":
             sha = directory_sha256(job.run_dir / "hf_sft")
-            _write_json(job.run_dir / WARM_START_MARKER, {"seed": job.seed, "sha256": sha, "wall_s": wall_s,
-                                                          "cpu_s": cpu_s})
+            _write_json(
+                job.run_dir / WARM_START_MARKER, {"seed": job.seed, "sha256": sha, "wall_s": wall_s, "cpu_s": cpu_s}
+            )
             warm_hashes[job.seed] = sha
             return
         spec = job.spec
         assert spec is not None
-        _write_json(job.run_dir / RUN_MARKER, {
-            "label": spec.label, "method": spec.method, "seed": spec.seed, "grid": dict(spec.grid),
-            "warm_start": ({"path": str(self.warm_start_dir(spec.seed) / "hf_sft"), "sha256": warm_hashes[spec.seed]}
-                           if self.uses_warm_start else None),
-            "command": ["mtgrpo", *job.argv], "wall_s": wall_s, "cpu_s": cpu_s,
-        })
+        _write_json(
+            job.run_dir / RUN_MARKER,
+            {
+                "label": spec.label,
+                "method": spec.method,
+                "seed": spec.seed,
+                "grid": dict(spec.grid),
+                "warm_start": (
+                    {"path": str(self.warm_start_dir(spec.seed) / "hf_sft"), "sha256": warm_hashes[spec.seed]}
+                    if self.uses_warm_start
+                    else None
+                ),
+                "command": ["mtgrpo", *job.argv],
+                "wall_s": wall_s,
+                "cpu_s": cpu_s,
+            },
+        )
 
     # ---------------------------------------------------------------------------------------- scheduling
     def _request_stop(self, signum, frame) -> None:  # noqa: ARG002
@@ -410,8 +461,13 @@ class Experiment:
             log_file.flush()
             # Its own session: a Ctrl-C at the terminal reaches the runner only, which asks the child to
             # checkpoint (SIGTERM) instead of killing it mid-step.
-            job.process = subprocess.Popen([*self.command, *job.argv], stdout=log_file, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, start_new_session=True)
+            job.process = subprocess.Popen(
+                [*self.command, *job.argv],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         job.started = time.perf_counter()
         self.log(f"[experiment] start {job.name} (log: {log_path.relative_to(self.out)})")
 
@@ -485,9 +541,11 @@ class Experiment:
         recorded = _read_json(job.run_dir / WARM_START_MARKER) or {}
         sha = directory_sha256(job.run_dir / "hf_sft")
         if recorded.get("sha256") != sha:
-            raise ExperimentError(f"warm start {job.run_dir / 'hf_sft'} changed since it was trained "
-                                  f"(sha256 {sha[:12]}, recorded {str(recorded.get('sha256'))[:12]}); delete "
-                                  f"{job.run_dir} to retrain it and the runs of seed {job.seed}")
+            raise ExperimentError(
+                f"warm start {job.run_dir / 'hf_sft'} changed since it was trained "
+                f"(sha256 {sha[:12]}, recorded {str(recorded.get('sha256'))[:12]}); delete "
+                f"{job.run_dir} to retrain it and the runs of seed {job.seed}"
+            )
         return sha
 
 
@@ -501,14 +559,26 @@ def main(argv: Sequence[str] | None = None, prog: str = "mtgrpo experiment") -> 
     parser.add_argument("--config", "-c", required=True, help="the experiment's YAML config (no method in it needed)")
     parser.add_argument("--methods", required=True, help="comma-separated method presets, e.g. grpo,dapo,mt_grpo")
     parser.add_argument("--seeds", required=True, help="comma-separated seeds, e.g. 0,1,2")
-    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                        help="a config key and its values; repeat for a Cartesian product")
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a config key and its values; repeat for a Cartesian product",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="the experiment directory")
     parser.add_argument("--parallel", type=int, default=1, help="runs at once (default 1)")
-    parser.add_argument("--baseline", default=None, help="the report's baseline label (default: dapo if run, else the first method)")
-    parser.add_argument("--thresholds", default=None,
-                        help="worst-task accuracy thresholds of the report, comma-separated (default: 0.2,0.3,0.4,0.5)")
-    parser.add_argument("--no-report", action="store_true", help="only run; `mtgrpo report DIR` writes the report later")
+    parser.add_argument(
+        "--baseline", default=None, help="the report's baseline label (default: dapo if run, else the first method)"
+    )
+    parser.add_argument(
+        "--thresholds",
+        default=None,
+        help="worst-task accuracy thresholds of the report, comma-separated (default: 0.2,0.3,0.4,0.5)",
+    )
+    parser.add_argument(
+        "--no-report", action="store_true", help="only run; `mtgrpo report DIR` writes the report later"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides for every run")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
@@ -518,18 +588,26 @@ def main(argv: Sequence[str] | None = None, prog: str = "mtgrpo experiment") -> 
         return 2
     try:
         methods = parse_methods(args.methods)
-        experiment = Experiment(args.config, methods, parse_seeds(args.seeds), args.out, grid=args.grid,
-                                overrides=args.overrides, parallel=args.parallel)
+        experiment = Experiment(
+            args.config,
+            methods,
+            parse_seeds(args.seeds),
+            args.out,
+            grid=args.grid,
+            overrides=args.overrides,
+            parallel=args.parallel,
+        )
         t0 = time.perf_counter()
         result = experiment.run()
     except (ExperimentError, ConfigError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    print(f"[experiment] {len(result['done'])} run(s) done, {len(result['skipped'])} already finished, "
-          f"{len(result['failed'])} failed, {len(result['stopped'])} left to resume "
-          f"({time.perf_counter() - t0:.0f} s)")
+    print(
+        f"[experiment] {len(result['done'])} run(s) done, {len(result['skipped'])} already finished, "
+        f"{len(result['failed'])} failed, {len(result['stopped'])} left to resume "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
     if not args.no_report and not result["stopped"]:
-
         baseline = args.baseline or ("dapo" if "dapo" in methods else methods[0])
         try:
             written = write_experiment_report(experiment.out, baseline=baseline, thresholds=thresholds)

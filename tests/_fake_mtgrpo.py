@@ -66,15 +66,23 @@ def main(argv: list[str]) -> int:
     warm = Path(cfg.model.path) if cfg.model.path else None
     ckpt = out / "fake_checkpoint.json"
     start = json.loads(ckpt.read_text())["step"] if ckpt.exists() else 0
-    _log({"cmd": "train", "method": cfg.method, "seed": cfg.seed, "dir": str(out), "start": start,
-          "warm_sha": _sha(warm) if warm else None, "sft_steps": cfg.sft.steps})
+    _log(
+        {
+            "cmd": "train",
+            "method": cfg.method,
+            "seed": cfg.seed,
+            "dir": str(out),
+            "start": start,
+            "warm_sha": _sha(warm) if warm else None,
+            "sft_steps": cfg.sft.steps,
+        }
+    )
     kill = os.environ.get("FAKE_MTGRPO_KILL", "")
     flag = Path(os.environ["FAKE_MTGRPO_LOG"] + ".killed")
     names = [t.name for t in cfg.tasks]
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
-    with MetricsWriter(out, tensorboard=False, console=False, is_primary=True,
-                       resume_step=start if start else -1) as w:
+    with MetricsWriter(out, tensorboard=False, console=False, is_primary=True, resume_step=start if start else -1) as w:
         if start == 0:
             w.write(0, {"split": "eval", **{f"eval/{n}/accuracy": accuracy(cfg.method, cfg.seed, n, 0) for n in names}})
         for step in range(start + 1, cfg.train.steps + 1):
@@ -84,8 +92,10 @@ def main(argv: list[str]) -> int:
             rec.update({f"task/{n}/share": (0.5 if n == "hard" else 0.25) for n in names})
             w.write(step, rec)
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-                w.write(step, {"split": "eval",
-                               **{f"eval/{n}/accuracy": accuracy(cfg.method, cfg.seed, n, step) for n in names}})
+                w.write(
+                    step,
+                    {"split": "eval", **{f"eval/{n}/accuracy": accuracy(cfg.method, cfg.seed, n, step) for n in names}},
+                )
             ckpt.write_text(json.dumps({"step": step}))
             if kill and str(out).endswith(kill.split(":")[0]) and step == int(kill.split(":")[1]) and not flag.exists():
                 flag.write_text("")

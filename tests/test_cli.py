@@ -7,7 +7,9 @@ from mtgrpo_jax import cli
 
 def _machine(monkeypatch, *, modules=(), devices=()):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name in modules else None)
-    monkeypatch.setattr(cli.glob, "glob", lambda pattern: [d for d in devices if d.startswith(pattern.split("*")[0].split("[")[0])])
+    monkeypatch.setattr(
+        cli.glob, "glob", lambda pattern: [d for d in devices if d.startswith(pattern.split("*")[0].split("[")[0])]
+    )
 
 
 def test_libtpu_without_a_tpu_goes_to_cpu(monkeypatch):

@@ -34,8 +34,17 @@ def test_method_preset_merges_over_a_config():
 
 
 def test_dotted_overrides_reach_every_level(tmp_path):
-    cfg = load_config(None, ["optim.learning_rate=3e-4", "sampler.batch_size=16", "output_dir=" + str(tmp_path),
-                             "rollout.prompt_buckets=[64,128]", "weighting.kind=mt_grpo", "weighting.lam=0.5"])
+    cfg = load_config(
+        None,
+        [
+            "optim.learning_rate=3e-4",
+            "sampler.batch_size=16",
+            "output_dir=" + str(tmp_path),
+            "rollout.prompt_buckets=[64,128]",
+            "weighting.kind=mt_grpo",
+            "weighting.lam=0.5",
+        ],
+    )
     assert cfg.optim.learning_rate == 3e-4 and cfg.sampler.batch_size == 16
     assert cfg.rollout.prompt_buckets == [64, 128] and cfg.weighting.lam == 0.5
     assert cfg.output_dir == str(tmp_path)
@@ -106,8 +115,10 @@ def test_paper_experiments_carry_the_published_hyperparameters():
                     assert (ROOT / src.path).is_file(), src.path  # every data file a paper config names exists
 
 
-PAPER = {"exp1": dict(filter="strict", lam=0.2, weight_decay=1e-5, budget=10, clip=0.1),
-         "exp2": dict(filter="lenient", lam=0.3, weight_decay=1e-4, budget=2, clip=0.1)}
+PAPER = {
+    "exp1": dict(filter="strict", lam=0.2, weight_decay=1e-5, budget=10, clip=0.1),
+    "exp2": dict(filter="lenient", lam=0.3, weight_decay=1e-4, budget=2, clip=0.1),
+}
 
 
 @pytest.mark.parametrize("exp", sorted(PAPER))
@@ -120,8 +131,12 @@ def test_method_presets_keep_the_experiments_own_values(exp, method):
     assert cfg.method == (method or "mt_grpo")
     assert cfg.sampler.resample_budget == want["budget"] and cfg.weighting.weight_decay == want["weight_decay"]
     assert cfg.train.box_last_line_only  # the released last-line answer reader
-    block = {"grpo": dict(filter="none"), "sec_grpo": dict(filter="none"), "mt_grpo_reg": dict(lam=0.2),
-             "grpo_iwu": dict(lam=0.25, clip=0.1) if exp == "exp1" else dict(lam=1.2, clip=0.2)}.get(method, {})
+    block = {
+        "grpo": dict(filter="none"),
+        "sec_grpo": dict(filter="none"),
+        "mt_grpo_reg": dict(lam=0.2),
+        "grpo_iwu": dict(lam=0.25, clip=0.1) if exp == "exp1" else dict(lam=1.2, clip=0.2),
+    }.get(method, {})
     want = {**want, **block}
     assert cfg.sampler.filter == want["filter"]
     assert cfg.weighting.lam == want["lam"] and cfg.weighting.improvement_clip == want["clip"]
@@ -130,26 +145,51 @@ def test_method_presets_keep_the_experiments_own_values(exp, method):
     assert cfg.sampler.kind == kinds.get(method, "ratio_preserving")
     released = method == "mt_grpo_released"
     assert cfg.sampler.variant == ("released" if released else "paper") and cfg.weighting.released_parity == (
-        released or method == "mt_grpo_reg")
+        released or method == "mt_grpo_reg"
+    )
     assert cfg.optim.b2 == (0.999 if released else 0.99)
-    assert cfg.sampler.budget_counts == ("generations" if method in ("dapo", "sec_dapo", "mt_grpo_released")
-                                         else "resamples")
+    assert cfg.sampler.budget_counts == (
+        "generations" if method in ("dapo", "sec_dapo", "mt_grpo_released") else "resamples"
+    )
     assert cfg.sampler.acceptance_aware == (not released or exp == "exp2")
     assert cfg.sampler.ratio_from_step == (10 if released and exp == "exp2" else 0)
 
 
 def test_config_command_prints_what_train_would_run(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "mtgrpo_jax.cli", "config", "--config",
-                          str(ROOT / "configs" / "paper" / "exp2.yaml"), "--method", "dapo", "weighting.lam=0.9",
-                          "output_dir=" + str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mtgrpo_jax.cli",
+            "config",
+            "--config",
+            str(ROOT / "configs" / "paper" / "exp2.yaml"),
+            "--method",
+            "dapo",
+            "weighting.lam=0.9",
+            "output_dir=" + str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     printed = yaml.safe_load(out.stdout)
-    expected = load_config(ROOT / "configs" / "paper" / "exp2.yaml", ["weighting.lam=0.9", "output_dir=" + str(tmp_path)],
-                           method="dapo")
+    expected = load_config(
+        ROOT / "configs" / "paper" / "exp2.yaml", ["weighting.lam=0.9", "output_dir=" + str(tmp_path)], method="dapo"
+    )
     assert printed == yaml.safe_load(dump_config(expected))
-    assert printed["method"] == "dapo" and printed["sampler"]["filter"] == "lenient" and printed["weighting"]["lam"] == 0.9
-    bad = subprocess.run([sys.executable, "-m", "mtgrpo_jax.cli", "config", "--method", "nope"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert (
+        printed["method"] == "dapo" and printed["sampler"]["filter"] == "lenient" and printed["weighting"]["lam"] == 0.9
+    )
+    bad = subprocess.run(
+        [sys.executable, "-m", "mtgrpo_jax.cli", "config", "--method", "nope"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "no preset 'nope'" in bad.stderr and bad.stderr.count("\n") <= 1
 
 

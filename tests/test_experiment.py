@@ -22,9 +22,24 @@ FAKE = [sys.executable, str(Path(__file__).with_name("_fake_mtgrpo.py"))]
 CONFIG = {
     "model": {"init": "random", "dtype": "float32"},
     "tasks": [
-        {"name": "easy", "family": "arithmetic", "train": {"level": 1, "n": 8, "seed": 1}, "eval": {"level": 1, "n": 4, "seed": 9}},
-        {"name": "mid", "family": "arithmetic", "train": {"level": 2, "n": 8, "seed": 2}, "eval": {"level": 2, "n": 4, "seed": 8}},
-        {"name": "hard", "family": "arithmetic", "train": {"level": 4, "n": 8, "seed": 3}, "eval": {"level": 4, "n": 4, "seed": 7}},
+        {
+            "name": "easy",
+            "family": "arithmetic",
+            "train": {"level": 1, "n": 8, "seed": 1},
+            "eval": {"level": 1, "n": 4, "seed": 9},
+        },
+        {
+            "name": "mid",
+            "family": "arithmetic",
+            "train": {"level": 2, "n": 8, "seed": 2},
+            "eval": {"level": 2, "n": 4, "seed": 8},
+        },
+        {
+            "name": "hard",
+            "family": "arithmetic",
+            "train": {"level": 4, "n": 8, "seed": 3},
+            "eval": {"level": 4, "n": 4, "seed": 7},
+        },
     ],
     "sampler": {"batch_size": 4, "group_size": 4},
     "optim": {"mini_batches": 2},
@@ -75,7 +90,8 @@ def test_runs_every_method_and_seed_from_one_warm_start_per_seed(setup):
             assert saved["seed"] == seed and saved["method"] == m
             # same held-out prompts for every method of the experiment
             assert [{k: t["eval"][k] for k in ("level", "n", "seed")} for t in saved["tasks"]] == [
-                    t["eval"] for t in CONFIG["tasks"]]
+                t["eval"] for t in CONFIG["tasks"]
+            ]
     assert directory_sha256(out / "warmstart/seed_0/hf_sft") != directory_sha256(out / "warmstart/seed_1/hf_sft")
 
     # A rerun finds everything finished and starts nothing.
@@ -112,10 +128,17 @@ def test_killed_experiment_rerun_finishes_only_the_missing_runs(setup, monkeypat
 def test_grid_points_are_runs_of_their_own(setup):
     cfg, log, out = setup
     result = experiment(cfg, out, methods=("mt_grpo",), seeds=(0,), grid=["weighting.lam=0.1,0.5"]).run()
-    assert sorted(result["done"]) == ["mt_grpo+weighting.lam=0.1/seed_0", "mt_grpo+weighting.lam=0.5/seed_0",
-                                      "warmstart/seed_0"]
-    lams = {json.loads((d / "experiment_run.json").read_text())["grid"]["weighting.lam"]:
-            yaml.safe_load((d / "config.yaml").read_text())["weighting"]["lam"] for d in (out / "runs").glob("*/seed_0")}
+    assert sorted(result["done"]) == [
+        "mt_grpo+weighting.lam=0.1/seed_0",
+        "mt_grpo+weighting.lam=0.5/seed_0",
+        "warmstart/seed_0",
+    ]
+    lams = {
+        json.loads((d / "experiment_run.json").read_text())["grid"]["weighting.lam"]: yaml.safe_load(
+            (d / "config.yaml").read_text()
+        )["weighting"]["lam"]
+        for d in (out / "runs").glob("*/seed_0")
+    }
     assert lams == {"0.1": 0.1, "0.5": 0.5}
 
 
@@ -135,16 +158,22 @@ def test_run_directory_of_another_config_is_refused(setup, tmp_path):
     assert len(calls(log)) == n
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--methods", "grpo,bogus", "--seeds", "0"], "--methods: unknown method 'bogus'"),
-    (["--methods", "grpo", "--seeds", ""], "--seeds: no seeds given"),
-    (["--methods", "grpo", "--seeds", "0,x"], "--seeds: not a comma-separated list of integers"),
-    (["--methods", "grpo", "--seeds", "0", "--grid", "weighting.lamb=0.1,0.2"], "--grid: config has no key 'weighting.lamb'"),
-    (["--methods", "grpo", "--seeds", "0", "--grid", "sft.steps=1,2"], "would break the shared warm start"),
-    (["--methods", "grpo", "--seeds", "0", "seed=3"], "the experiment sets seed itself"),
-    (["--methods", "grpo", "--seeds", "0", "optim.lr=3"], "unknown key 'optim.lr'"),
-    (["--methods", "grpo", "--seeds", "0", "--thresholds", "0.1,2"], "thresholds must be accuracies in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--methods", "grpo,bogus", "--seeds", "0"], "--methods: unknown method 'bogus'"),
+        (["--methods", "grpo", "--seeds", ""], "--seeds: no seeds given"),
+        (["--methods", "grpo", "--seeds", "0,x"], "--seeds: not a comma-separated list of integers"),
+        (
+            ["--methods", "grpo", "--seeds", "0", "--grid", "weighting.lamb=0.1,0.2"],
+            "--grid: config has no key 'weighting.lamb'",
+        ),
+        (["--methods", "grpo", "--seeds", "0", "--grid", "sft.steps=1,2"], "would break the shared warm start"),
+        (["--methods", "grpo", "--seeds", "0", "seed=3"], "the experiment sets seed itself"),
+        (["--methods", "grpo", "--seeds", "0", "optim.lr=3"], "unknown key 'optim.lr'"),
+        (["--methods", "grpo", "--seeds", "0", "--thresholds", "0.1,2"], "thresholds must be accuracies in [0, 1]"),
+    ],
+)
 def test_bad_input_is_one_line(setup, capsys, argv, message):
     cfg, log, out = setup
     assert main(["--config", str(cfg), "--out", str(out), *argv]) == 2
@@ -188,26 +217,53 @@ def test_real_tiny_experiment(tmp_path, monkeypatch):
     """Two methods, one seed, the real `mtgrpo train` on a tiny model: the warm start is shared and the
     report says how the methods compare."""
     cfg = tmp_path / "tiny.yaml"
-    tiny = {**CONFIG, "model": {"init": "random", "dtype": "float32", "overrides": {
-        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "num_key_value_heads": 1}},
-        "data_dir": str(tmp_path / "data"), "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
-        "rollout": {"max_new_tokens": 6, "prompt_style": "compact", "prompt_buckets": [64], "batch_buckets": [4, 8, 16]},
+    tiny = {
+        **CONFIG,
+        "model": {
+            "init": "random",
+            "dtype": "float32",
+            "overrides": {
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 1,
+            },
+        },
+        "data_dir": str(tmp_path / "data"),
+        "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
+        "rollout": {
+            "max_new_tokens": 6,
+            "prompt_style": "compact",
+            "prompt_buckets": [64],
+            "batch_buckets": [4, 8, 16],
+        },
         "sampler": {"batch_size": 4, "group_size": 2, "resample_budget": 1},
         "sft": {"steps": 3, "batch_size": 8, "examples_per_task": 8, "demonstration_style": "answer"},
         "train": {"steps": 1, "eval_every": 1, "checkpoint_every": 1},
-        "eval": {"n": 2, "max_examples": 2}, "logging": {"console": False, "tensorboard": False}}
+        "eval": {"n": 2, "max_examples": 2},
+        "logging": {"console": False, "tensorboard": False},
+    }
     cfg.write_text(yaml.safe_dump(tiny))
     out = tmp_path / "exp"
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("XLA_FLAGS", "")  # one CPU device per run, as a user's machine has
-    rc = main(["--config", str(cfg), "--methods", "grpo,mt_grpo", "--seeds", "0", "--out", str(out), "--baseline", "grpo"])
+    rc = main(
+        ["--config", str(cfg), "--methods", "grpo,mt_grpo", "--seeds", "0", "--out", str(out), "--baseline", "grpo"]
+    )
     assert rc == 0, "\n".join(p.read_text()[-2000:] for p in (out / "logs").glob("*.log"))
-    shas = {json.loads((d / "experiment_run.json").read_text())["warm_start"]["sha256"] for d in (out / "runs").glob("*/seed_0")}
+    shas = {
+        json.loads((d / "experiment_run.json").read_text())["warm_start"]["sha256"]
+        for d in (out / "runs").glob("*/seed_0")
+    }
     assert shas == {directory_sha256(out / "warmstart/seed_0/hf_sft")}
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["methods"]) == {"grpo", "mt_grpo"} and "mt_grpo-vs-grpo" in summary["paired"]
     # the configs the real runs saved are the ones the runner resolves: a rerun skips them all
     again = Experiment(cfg, ["grpo", "mt_grpo"], [0], out, log=lambda *_: None).run()
-    assert again == {"done": [], "skipped": ["warmstart/seed_0", "grpo/seed_0", "mt_grpo/seed_0"], "failed": [],
-                     "stopped": []}
+    assert again == {
+        "done": [],
+        "skipped": ["warmstart/seed_0", "grpo/seed_0", "mt_grpo/seed_0"],
+        "failed": [],
+        "stopped": [],
+    }

@@ -56,8 +56,11 @@ time.sleep(60)
 
 
 def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES",
-                                                                     "JAX_PROCESS_ID", "MTGRPO_", "SLURM_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "MTGRPO_", "SLURM_"))
+    }
     env.update(extra)
     return env
 
@@ -75,8 +78,14 @@ def test_local_multiprocess_joins_one_job(tmp_path):
     out.mkdir()
     # The suite's XLA_FLAGS asks for 8 devices; the launcher's -d must win.
     env = _env(MTGRPO_CMD=f"{sys.executable} {stub}", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run(["bash", str(LOCAL), "-n", "2", "-d", "2", "-l", str(tmp_path / "logs"), str(out), "a.b=1",
-                           "c=x y"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(LOCAL), "-n", "2", "-d", "2", "-l", str(tmp_path / "logs"), str(out), "a.b=1", "c=x y"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     reports = [json.loads((out / f"process_{i}.json").read_text()) for i in range(2)]
     for i, r in enumerate(reports):
@@ -96,17 +105,22 @@ def test_local_multiprocess_stops_the_rest_when_one_fails(tmp_path):
     stub = tmp_path / "failing.py"
     stub.write_text(FAILING_STUB)
     t0 = time.monotonic()
-    proc = subprocess.run(["bash", str(LOCAL), "-n", "2", "-d", "1", "-l", str(tmp_path / "logs"), "cfg.yaml"],
-                          cwd=ROOT, env=_env(MTGRPO_CMD=f"{sys.executable} {stub}"), capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        ["bash", str(LOCAL), "-n", "2", "-d", "1", "-l", str(tmp_path / "logs"), "cfg.yaml"],
+        cwd=ROOT,
+        env=_env(MTGRPO_CMD=f"{sys.executable} {stub}"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 3, proc.stderr
     assert "process 1 exited with status 3" in proc.stderr
     assert time.monotonic() - t0 < 30  # process 0 was stopped, not waited for
 
 
-@pytest.mark.parametrize("args, needle", [(["-n", "0", "c.yaml"], "num_processes must be a positive integer"),
-                                          ([], "missing CONFIG")])
+@pytest.mark.parametrize(
+    "args, needle", [(["-n", "0", "c.yaml"], "num_processes must be a positive integer"), ([], "missing CONFIG")]
+)
 def test_local_multiprocess_refuses_bad_arguments(args, needle):
-    proc = subprocess.run(["bash", str(LOCAL), *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(["bash", str(LOCAL), *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and needle in proc.stderr, proc.stderr

@@ -150,7 +150,7 @@ def test_resume_gives_the_history_of_an_uninterrupted_run(tmp_path):
     assert elapsed[3] == 40.0 and all(40.0 <= e < 45.0 for e in elapsed[4:]) and elapsed == sorted(elapsed)
     scalars, purges = _read_events(tmp_path)
     assert purges == [5]  # tensorboard drops the stale steps 5, 6 of the first run
-    assert ("task/a/reward" in {t for _, t, _ in scalars})
+    assert "task/a/reward" in {t for _, t, _ in scalars}
     # Fresh start in a used directory.
     with _writer(tmp_path, resume_step=-1) as w:
         w.write(1, {"task/a/reward": 0.0})

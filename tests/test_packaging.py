@@ -21,8 +21,12 @@ def test_wheel_ships_method_presets_and_assets(tmp_path):
         shutil.copy(ROOT / name, src / name)
     shutil.copytree(ROOT / "mtgrpo_jax", src / "mtgrpo_jax", ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path / "wheel"
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(out), str(src)], capture_output=True, text=True, timeout=300)
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
     (wheel,) = out.glob("mtgrpo_jax-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

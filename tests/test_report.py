@@ -190,8 +190,12 @@ def _write_experiment(root, final=FINAL, unfinished=()):
                     rec = {f"task/{t}/zero_grad_rate": 0.1 * (i + 1) for i, t in enumerate(EXP_TASKS)}
                     rec.update({f"task/{t}/share": 1 / 3 for t in EXP_TASKS})
                     if method == "mt_grpo":
-                        rec.update({f"task/{t}/weight": [0.2, 0.3, 0.5][i] * step / 2 + (1 / 3) * (1 - step / 2)
-                                    for i, t in enumerate(EXP_TASKS)})
+                        rec.update(
+                            {
+                                f"task/{t}/weight": [0.2, 0.3, 0.5][i] * step / 2 + (1 / 3) * (1 - step / 2)
+                                for i, t in enumerate(EXP_TASKS)
+                            }
+                        )
                     w.write(step, rec)
                 w.write(2, {"split": "eval", **{f"eval/{t}/accuracy": a for t, a in zip(EXP_TASKS, acc)}})
             kind = "mt_grpo" if method == "mt_grpo" else "uniform"
@@ -210,7 +214,7 @@ def test_experiment_statistics_match_a_hand_computation(tmp_path):
     def mean_se(xs):
         n = len(xs)
         m = sum(xs) / n
-        return m, (sum((x - m) ** 2 for x in xs) / (n - 1)) ** 0.5 / n ** 0.5
+        return m, (sum((x - m) ** 2 for x in xs) / (n - 1)) ** 0.5 / n**0.5
 
     for method in FINAL:
         worst = [min(a) for a in FINAL[method].values()]

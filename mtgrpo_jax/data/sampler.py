@@ -424,7 +424,9 @@ class PlainSampler(_Sampler):
 
     kind = "plain"
 
-    def __init__(self, num_tasks: int, batch_size: int, group_size: int = 1, *, follow_weights: bool = False, seed: int = 0):
+    def __init__(
+        self, num_tasks: int, batch_size: int, group_size: int = 1, *, follow_weights: bool = False, seed: int = 0
+    ):
         super().__init__(num_tasks, batch_size, group_size, seed)
         self.follow_weights = bool(follow_weights)
 

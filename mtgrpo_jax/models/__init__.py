@@ -28,6 +28,20 @@ from mtgrpo_jax.models.hf_io import load_pretrained, save_pretrained
 from mtgrpo_jax.models.tokenizer import encode_prompt, load_tokenizer, prompt_text
 from mtgrpo_jax.models.transformer import REMAT_CHOICES, KVCache, Transformer, remat_name
 
-__all__ = ["decode", "ModelConfig", "Transformer", "KVCache", "load_pretrained", "save_pretrained", "load_tokenizer",
-           "prompt_text", "encode_prompt", "tiny_config", "ATTENTION_IMPLEMENTATIONS", "causal_attention", "resolve_attention",
-           "REMAT_CHOICES", "remat_name"]
+__all__ = [
+    "decode",
+    "ModelConfig",
+    "Transformer",
+    "KVCache",
+    "load_pretrained",
+    "save_pretrained",
+    "load_tokenizer",
+    "prompt_text",
+    "encode_prompt",
+    "tiny_config",
+    "ATTENTION_IMPLEMENTATIONS",
+    "causal_attention",
+    "resolve_attention",
+    "REMAT_CHOICES",
+    "remat_name",
+]

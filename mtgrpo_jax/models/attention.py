@@ -44,8 +44,9 @@ def resolve_attention(implementation: str, platform: str | None = None) -> str:
     """The concrete implementation for `implementation` ("auto" picks by `platform`, by default
     `target_platform()`)."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention implementation {implementation!r} "
-                         f"(known: {', '.join(ATTENTION_IMPLEMENTATIONS)})")
+        raise ValueError(
+            f"unknown attention implementation {implementation!r} (known: {', '.join(ATTENTION_IMPLEMENTATIONS)})"
+        )
     if implementation != "auto":
         return implementation
     return _BY_PLATFORM.get(platform or target_platform(), "xla")
@@ -64,8 +65,16 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     return out.reshape(b, t, nq, d)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, implementation: str = "xla", *,
-                     interpret: bool | None = None, block: int | None = None) -> jax.Array:
+def causal_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    valid: jax.Array,
+    implementation: str = "xla",
+    *,
+    interpret: bool | None = None,
+    block: int | None = None,
+) -> jax.Array:
     """Causal grouped-query self-attention of a left-padded batch (see the module docstring).
 
     q `[B, T, Nq, D]`, k/v `[B, T, Nkv, D]`, valid bool `[B, T]`. `interpret` runs the splash kernel in the
@@ -95,9 +104,15 @@ def _cudnn(q, k, v, valid):
     dst = (jnp.arange(t)[None, :] - pad[:, None]) % t
     take = lambda x, idx: jnp.take_along_axis(x, idx[:, :, None, None], axis=1)  # noqa: E731
     lengths = t - pad
-    out = jax.nn.dot_product_attention(take(q, src), take(k, src), take(v, src), is_causal=True,
-                                       query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-                                       implementation="cudnn")
+    out = jax.nn.dot_product_attention(
+        take(q, src),
+        take(k, src),
+        take(v, src),
+        is_causal=True,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        implementation="cudnn",
+    )
     return take(out, dst)
 
 
@@ -107,8 +122,16 @@ def _splash_kernel(group: int, length: int, block: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
     mask = sa.MultiHeadMask([sa.CausalMask((length, length)) for _ in range(group)])
-    sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
-                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    sizes = sa.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
     return sa.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
@@ -136,8 +159,9 @@ def _splash_local(q, k, v, valid, *, interpret: bool, block: int | None):
     # Padding queries form segment 0 with the padding keys: every query row keeps at least itself, so the
     # kernel's softmax never sees an empty row (their outputs are zeroed by the caller).
     kernel = _splash_kernel(g, padded, block, interpret)
-    per_head = jax.vmap(lambda qq, kk, vv, s: kernel(qq, kk, vv, segment_ids=SegmentIds(q=s, kv=s)),
-                        in_axes=(0, 0, 0, None))
+    per_head = jax.vmap(
+        lambda qq, kk, vv, s: kernel(qq, kk, vv, segment_ids=SegmentIds(q=s, kv=s)), in_axes=(0, 0, 0, None)
+    )
     out = jax.vmap(per_head)(qh, kh, vh, seg)  # [B, Nkv, G, T', D]
     return out[:, :, :, :t].transpose(0, 3, 1, 2, 4).reshape(b, t, nq, d).astype(q.dtype)
 
@@ -155,5 +179,10 @@ def _splash(q, k, v, valid, *, interpret: bool, block: int | None):
     kv_spec = divisible_spec((b, 1, nkv, 1), (_BATCH_AXES, None, _HEAD_AXIS, None), sizes)
     batch, heads = kv_spec[0], kv_spec[2]
     spec = jax.sharding.PartitionSpec(batch, None, heads, None)
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, jax.sharding.PartitionSpec(batch, None)),
-                         out_specs=spec, check_vma=False)(q, k, v, valid)
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(spec, spec, spec, jax.sharding.PartitionSpec(batch, None)),
+        out_specs=spec,
+        check_vma=False,
+    )(q, k, v, valid)

@@ -20,8 +20,10 @@ from pathlib import Path
 VOCAB_SIZE = 2048
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Qwen2's pre-tokenizer split (single digits), applied before the byte-level mapping.
-SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -40,8 +42,16 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "tiny_tokenize
 
 # The three demo tasks, then text-rich ones that give the merges enough ordinary English and math words
 # (the demo tasks alone are too repetitive to fill 2048 tokens). zebra_puzzles is slow to generate.
-CORPUS_TASKS = {"countdown": 1.0, "zebra_puzzles": 0.3, "arc_1d": 1.0, "gsm_symbolic": 1.0,
-                "family_relationships": 0.5, "sentence_reordering": 0.5, "syllogism": 0.5, "basic_arithmetic": 0.5}
+CORPUS_TASKS = {
+    "countdown": 1.0,
+    "zebra_puzzles": 0.3,
+    "arc_1d": 1.0,
+    "gsm_symbolic": 1.0,
+    "family_relationships": 0.5,
+    "sentence_reordering": 0.5,
+    "syllogism": 0.5,
+    "basic_arithmetic": 0.5,
+}
 
 
 def build_corpus(n_per_task: int = 400, seed: int = 0) -> list[str]:
@@ -54,8 +64,10 @@ def build_corpus(n_per_task: int = 400, seed: int = 0) -> list[str]:
         for item in reasoning_gym.create_dataset(task, size=max(1, int(n_per_task * share)), seed=seed):
             q, a = item["question"], str(item["answer"])
             texts.append(R1_ZERO_PROMPT.format(question=q) + f" Let me work it out. </think> <answer>{a}</answer>")
-            texts.append(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
-                         f"<think>\nThe answer is {a}.\n</think>\n\\boxed{{{a}}}<|im_end|>")
+            texts.append(
+                f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n"
+                f"<think>\nThe answer is {a}.\n</think>\n\\boxed{{{a}}}<|im_end|>"
+            )
     ops = ["+", "-", "*", "/"]
     for _ in range(3000):
         x, y = rng.randint(0, 999), rng.randint(1, 99)
@@ -71,20 +83,32 @@ def build_tokenizer(out_dir: str | Path = DEFAULT_OUT, *, n_per_task: int = 400,
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(build_corpus(n_per_task, seed), trainer=trainer)
     if tok.get_vocab_size() != VOCAB_SIZE:
         raise RuntimeError(f"trained vocab has {tok.get_vocab_size()} tokens, wanted {VOCAB_SIZE}; grow the corpus")
 
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=SPECIAL_TOKENS[1:], clean_up_tokenization_spaces=False,
-                                   model_max_length=2048)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+        clean_up_tokenization_spaces=False,
+        model_max_length=2048,
+    )
     fast.chat_template = CHAT_TEMPLATE
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

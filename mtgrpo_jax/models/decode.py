@@ -113,9 +113,11 @@ class Prefix(NamedTuple):
 def prefix_from_model_cache(model_cache, prompt_mask, dtype) -> Prefix:
     """The prefilled model cache `[L, Bp, P, Hkv, D]` in the decode layout, one copy per prompt."""
     layers = range(model_cache.k.shape[0])
-    return Prefix(tuple(jnp.transpose(model_cache.k[i], (0, 2, 3, 1)).astype(dtype) for i in layers),
-                  tuple(jnp.transpose(model_cache.v[i], (0, 2, 1, 3)).astype(dtype) for i in layers),
-                  prompt_mask)
+    return Prefix(
+        tuple(jnp.transpose(model_cache.k[i], (0, 2, 3, 1)).astype(dtype) for i in layers),
+        tuple(jnp.transpose(model_cache.v[i], (0, 2, 1, 3)).astype(dtype) for i in layers),
+        prompt_mask,
+    )
 
 
 def _write(blocks, new, slot, slot_axis: int, first: int, stop: int):
@@ -143,8 +145,18 @@ def _write(blocks, new, slot, slot_axis: int, first: int, stop: int):
     return tuple(out)
 
 
-def step(model, weights, prefix: Prefix, cache: DecodeCache, tokens, positions, slot, *,
-         blocks: int | None = None, first_block: int = 0):
+def step(
+    model,
+    weights,
+    prefix: Prefix,
+    cache: DecodeCache,
+    tokens,
+    positions,
+    slot,
+    *,
+    blocks: int | None = None,
+    first_block: int = 0,
+):
     """One token per row: `tokens` int32 [B] at `positions` [B]; its k/v are written at slot
     `slot` (scalar, traced) of the generated-token cache. `weights` from `prepare_weights`; rows are
     prompt-major (row = prompt * n + sample, n = B / Bp).
@@ -163,8 +175,9 @@ def step(model, weights, prefix: Prefix, cache: DecodeCache, tokens, positions, 
     window = sum(v.shape[2] for v in cache.v[0][:blocks])  # generated slots read this step
     bp, p_len = prefix.mask.shape
     n = b // bp
-    mask = jnp.concatenate([jnp.repeat(prefix.mask, n, axis=0),
-                            jnp.broadcast_to(jnp.arange(window)[None, :] <= slot, (b, window))], axis=1)  # [B, P+W]
+    mask = jnp.concatenate(
+        [jnp.repeat(prefix.mask, n, axis=0), jnp.broadcast_to(jnp.arange(window)[None, :] <= slot, (b, window))], axis=1
+    )  # [B, P+W]
     nkv, d = cfg.num_key_value_heads, cfg.head_dim
     group = cfg.num_attention_heads // nkv
     nq = cfg.num_attention_heads
@@ -205,20 +218,34 @@ def step(model, weights, prefix: Prefix, cache: DecodeCache, tokens, positions, 
         qg = q.reshape(b, nkv, group, d).astype(att_dt)  # query head k * group + g reads kv head k
         # The prefix: prompt i's n samples share its k/v, so their queries go in one matrix.
         q_shared = qg.reshape(bp, n, nkv, group, d)
-        prefix_scores = jnp.einsum("bnkgd,bkdp->bnkgp", q_shared, k_prefix.astype(att_dt),
-                                   preferred_element_type=jnp.float32).reshape(b, nkv, group, p_len)
-        scores = jnp.concatenate([prefix_scores] + [
-            jnp.einsum("bkgd,bkds->bkgs", qg, kb.astype(att_dt), preferred_element_type=jnp.float32)
-            for kb in k_cache[:blocks]], axis=-1)
+        prefix_scores = jnp.einsum(
+            "bnkgd,bkdp->bnkgp", q_shared, k_prefix.astype(att_dt), preferred_element_type=jnp.float32
+        ).reshape(b, nkv, group, p_len)
+        scores = jnp.concatenate(
+            [prefix_scores]
+            + [
+                jnp.einsum("bkgd,bkds->bkgs", qg, kb.astype(att_dt), preferred_element_type=jnp.float32)
+                for kb in k_cache[:blocks]
+            ],
+            axis=-1,
+        )
         scores = jnp.where(mask[:, None, None, :], scores * (d**-0.5), _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(att_dt)
-        attn = jnp.einsum("bnkgp,bkpd->bnkgd", probs[..., :p_len].reshape(bp, n, nkv, group, p_len),
-                          v_prefix.astype(att_dt), preferred_element_type=jnp.float32).reshape(b, nkv, group, d)
+        attn = jnp.einsum(
+            "bnkgp,bkpd->bnkgd",
+            probs[..., :p_len].reshape(bp, n, nkv, group, p_len),
+            v_prefix.astype(att_dt),
+            preferred_element_type=jnp.float32,
+        ).reshape(b, nkv, group, d)
         start = p_len
         for vb in v_cache[:blocks]:
             size = vb.shape[2]
-            attn = attn + jnp.einsum("bkgs,bksd->bkgd", probs[..., start:start + size], vb.astype(att_dt),
-                                     preferred_element_type=jnp.float32)
+            attn = attn + jnp.einsum(
+                "bkgs,bksd->bkgd",
+                probs[..., start : start + size],
+                vb.astype(att_dt),
+                preferred_element_type=jnp.float32,
+            )
             start += size
         out = mm(attn.astype(dt).reshape(b, nq * d), w["o"])
         if cfg.o_proj_bias:

@@ -77,11 +77,15 @@ def hf_config(reader) -> dict[str, Any]:
     """config.json for the GGUF's model (architecture metadata -> HF fields)."""
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        raise ValueError(
+            f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
-        raise ValueError("GGUF has a rope_freqs tensor (Llama 3.1-style rope scaling), which this converter does "
-                         "not map back to HF's rope_scaling; convert that model from its HF checkpoint instead")
+        raise ValueError(
+            "GGUF has a rope_freqs tensor (Llama 3.1-style rope scaling), which this converter does "
+            "not map back to HF's rope_scaling; convert that model from its HF checkpoint instead"
+        )
 
     def arch_field(key: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{key}", default)
@@ -130,8 +134,14 @@ def _convert_tokenizer(gguf_path: Path, out: Path) -> None:
     tok.save_pretrained(str(out))
 
 
-def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32",
-                 max_shard_bytes: int = 2 * 1024**3, tokenizer: bool = True) -> Path:
+def convert_gguf(
+    gguf_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    max_shard_bytes: int = 2 * 1024**3,
+    tokenizer: bool = True,
+) -> Path:
     """Writes the HF layout of a GGUF model into `out_dir` and returns it."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
@@ -172,7 +182,9 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dt
     for t in reader.tensors:
         name = hf_name(t.name)
         # GGUF shapes list the fastest axis first; the dequantised array is in NumPy (row-major) order.
-        weight = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+        weight = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(
+            tuple(int(d) for d in reversed(t.shape))
+        )
         if permute and (".attn_q." in t.name or ".attn_k." in t.name):
             heads = cfg["num_attention_heads"] if ".attn_q." in t.name else cfg["num_key_value_heads"]
             weight = unpermute_rotary_rows(weight, heads)
@@ -207,8 +219,11 @@ def main(argv: list[str], prog: str = "mtgrpo convert") -> int:
     import sys
     import time
 
-    p = argparse.ArgumentParser(prog=prog, description="Convert a GGUF model (Llama or Qwen2 architecture) to the "
-                                                       "Hugging Face layout (config.json, safetensors, tokenizer).")
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Convert a GGUF model (Llama or Qwen2 architecture) to the "
+        "Hugging Face layout (config.json, safetensors, tokenizer).",
+    )
     p.add_argument("--gguf", required=True, help="the .gguf file")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtype", choices=sorted(_OUT_DTYPES), default="float32", help="dtype of the written weights")
@@ -220,6 +235,8 @@ def main(argv: list[str], prog: str = "mtgrpo convert") -> int:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2
     cfg = json.loads((out / "config.json").read_text())
-    print(f"{prog}: wrote {cfg['architectures'][0]} ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
-          f"vocab {cfg['vocab_size']}, {args.dtype}) to {out} in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"{prog}: wrote {cfg['architectures'][0]} ({cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
+        f"vocab {cfg['vocab_size']}, {args.dtype}) to {out} in {time.perf_counter() - t0:.1f} s"
+    )
     return 0

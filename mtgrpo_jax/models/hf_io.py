@@ -115,8 +115,10 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike) -> Path:
 
         return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception as e:  # offline, unknown repo, gated, ...
-        raise OSError(f"could not fetch Hub repo {name!r} (no network or HF_HUB_OFFLINE=1, or not a public "
-                      f"repo?): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        raise OSError(
+            f"could not fetch Hub repo {name!r} (no network or HF_HUB_OFFLINE=1, or not a public "
+            f"repo?): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
 
 
 def _weight_files(ckpt: Path) -> dict[str, Path]:
@@ -153,9 +155,16 @@ def _as_dtype(dtype: str | Any) -> np.dtype:
         raise ValueError(f"unknown dtype {dtype!r} (use one of {', '.join(_DTYPES)})") from None
 
 
-def load_pretrained(path_or_repo_id: str | os.PathLike, *, dtype: str | Any = "bfloat16", mesh: jax.sharding.Mesh | None = None,
-                    layout: str = "train", param_dtype: str | Any | None = None, remat: bool | str = "none",
-                    attention: str = "auto") -> Transformer:
+def load_pretrained(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    dtype: str | Any = "bfloat16",
+    mesh: jax.sharding.Mesh | None = None,
+    layout: str = "train",
+    param_dtype: str | Any | None = None,
+    remat: bool | str = "none",
+    attention: str = "auto",
+) -> Transformer:
     """Builds a `Transformer` from an HF checkpoint (local dir or Hub repo id).
 
     `dtype` is the activation dtype and, unless `param_dtype` says otherwise (e.g. float32 master
@@ -167,8 +176,11 @@ def load_pretrained(path_or_repo_id: str | os.PathLike, *, dtype: str | Any = "b
     ckpt = resolve_checkpoint(path_or_repo_id)
     cfg = ModelConfig.from_hf(ckpt)
     files = _weight_files(ckpt)
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
-                                               remat=remat, attention=attention))
+    model = nnx.eval_shape(
+        lambda: Transformer(
+            cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention
+        )
+    )
     graphdef, state = nnx.split(model)
     shardings = None
     if mesh is not None:
@@ -190,20 +202,31 @@ def load_pretrained(path_or_repo_id: str | os.PathLike, *, dtype: str | Any = "b
             expected[name] = _hf_shape(tm, per_layer)
     missing = [n for n in expected if n not in files]
     if missing:
-        raise ValueError(f"checkpoint {ckpt} is missing tensor {missing[0]!r}"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    extra = [n for n in files if n not in expected and not n.endswith(_IGNORED_TENSOR_SUFFIXES)
-             and not (n == "lm_head.weight" and cfg.tie_word_embeddings)]
+        raise ValueError(
+            f"checkpoint {ckpt} is missing tensor {missing[0]!r}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    extra = [
+        n
+        for n in files
+        if n not in expected
+        and not n.endswith(_IGNORED_TENSOR_SUFFIXES)
+        and not (n == "lm_head.weight" and cfg.tie_word_embeddings)
+    ]
     if extra:
-        raise ValueError(f"checkpoint {ckpt} has unexpected tensor {extra[0]!r} for a {cfg.model_type} model with "
-                         f"{cfg.num_hidden_layers} layers" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        raise ValueError(
+            f"checkpoint {ckpt} has unexpected tensor {extra[0]!r} for a {cfg.model_type} model with "
+            f"{cfg.num_hidden_layers} layers" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        )
 
     with _open_all({files[n] for n in expected}) as handles:
         slices = {name: handles[files[name]].get_slice(name) for name in expected}
         for name, shape in expected.items():
             found = tuple(slices[name].get_shape())
             if found != shape:
-                raise ValueError(f"tensor {name!r} in {files[name].name} has shape {list(found)}, expected {list(shape)}")
+                raise ValueError(
+                    f"tensor {name!r} in {files[name].name} has shape {list(found)}, expected {list(shape)}"
+                )
 
         def make(path, var):
             tm = maps[path]
@@ -214,8 +237,10 @@ def load_pretrained(path_or_repo_id: str | os.PathLike, *, dtype: str | Any = "b
                 index = tuple(slice(*s.indices(d)[:2]) for s, d in zip(index, shape))
                 if not tm.stacked:
                     return _to_ours(tm, slices[tm.hf_name], per_layer, index).astype(param_dtype)
-                layers = [_to_ours(tm, slices[tm.hf_name.format(i=i)], per_layer, index[1:])
-                          for i in range(index[0].start, index[0].stop)]
+                layers = [
+                    _to_ours(tm, slices[tm.hf_name.format(i=i)], per_layer, index[1:])
+                    for i in range(index[0].start, index[0].stop)
+                ]
                 return np.stack(layers).astype(param_dtype)
 
             if shardings is None:
@@ -250,8 +275,11 @@ def save_pretrained(model: Transformer, out_dir: str | os.PathLike, *, max_shard
     size = 0
     for tm in _tensor_maps(cfg):
         value = _host_value(flat[tm.path].get_value())
-        tensors = ({tm.hf_name.format(i=i): _to_hf(tm, value[i]) for i in range(value.shape[0])} if tm.stacked
-                   else {tm.hf_name: _to_hf(tm, value)})
+        tensors = (
+            {tm.hf_name.format(i=i): _to_hf(tm, value[i]) for i in range(value.shape[0])}
+            if tm.stacked
+            else {tm.hf_name: _to_hf(tm, value)}
+        )
         for name, t in tensors.items():
             if size + t.nbytes > max_shard_bytes and shards[-1]:
                 shards.append({})

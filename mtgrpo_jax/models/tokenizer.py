@@ -42,16 +42,19 @@ def load_tokenizer(path: str | os.PathLike | None = None):
 def check_tokenizer_fits(tokenizer, vocab_size: int, where: str = "tokenizer") -> None:
     """A tokenizer whose ids reach past the model's embedding table would index garbage: refuse it."""
     if len(tokenizer) > vocab_size:
-        raise ValueError(f"{where}: {len(tokenizer)} tokens do not fit the model's vocab_size {vocab_size} "
-                         "(a tokenizer from another model?)")
+        raise ValueError(
+            f"{where}: {len(tokenizer)} tokens do not fit the model's vocab_size {vocab_size} "
+            "(a tokenizer from another model?)"
+        )
 
 
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def prompt_text(tokenizer, messages: list[dict[str, str]], *, template: str = "chat",
-                add_generation_prompt: bool = True) -> str:
+def prompt_text(
+    tokenizer, messages: list[dict[str, str]], *, template: str = "chat", add_generation_prompt: bool = True
+) -> str:
     """Prompt text for `messages` ([{"role": ..., "content": ...}, ...]).
 
     template "raw": the messages' contents joined by newlines, as is (a base model's transcript).

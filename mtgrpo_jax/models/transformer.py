@@ -31,7 +31,14 @@ from mtgrpo_jax.parallel.sharding import divisible_spec, mesh_axis_sizes
 
 # Activation axis name -> mesh axes. Constraints are applied only when a mesh with these axis names
 # is active (`jax.set_mesh`), so the same module runs unsharded on one device.
-ACTIVATION_AXES = {"batch": ("data", "fsdp"), "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
+ACTIVATION_AXES = {
+    "batch": ("data", "fsdp"),
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+}
+
 
 class KVCache(NamedTuple):
     """Keys and values of every layer, `[L, B, S, Hkv, D]` each (a pytree, donate it under jit)."""
@@ -79,8 +86,14 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Para
 
 
 # `jax.checkpoint_policies` entries that are policies themselves (the others are factories needing names).
-_POLICY_NAMES = ("nothing_saveable", "everything_saveable", "dots_saveable", "checkpoint_dots",
-                 "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
+_POLICY_NAMES = (
+    "nothing_saveable",
+    "everything_saveable",
+    "dots_saveable",
+    "checkpoint_dots",
+    "dots_with_no_batch_dims_saveable",
+    "checkpoint_dots_with_no_batch_dims",
+)
 REMAT_CHOICES = ("none", "block") + tuple(n for n in _POLICY_NAMES if hasattr(jax.checkpoint_policies, n))
 
 
@@ -142,8 +155,16 @@ class Transformer(nnx.Module):
     attention implementation ("auto", "xla", "splash", "cudnn"; see `mtgrpo_jax.models.attention`); the
     cached path (rollout prefill and decode) always uses explicit scores over the cache."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                 remat: bool | str = "none", attention: str = "auto"):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.bfloat16,
+        remat: bool | str = "none",
+        attention: str = "auto",
+    ):
         self.config = cfg
         self.dtype = jnp.dtype(dtype)
         self.param_dtype = jnp.dtype(param_dtype)
@@ -157,8 +178,16 @@ class Transformer(nnx.Module):
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype)
 
     # ------------------------------------------------------------------ public API
-    def __call__(self, input_ids, positions=None, attention_mask=None, *, cache: KVCache | None = None,
-                 cache_index=None, kv_mask=None):
+    def __call__(
+        self,
+        input_ids,
+        positions=None,
+        attention_mask=None,
+        *,
+        cache: KVCache | None = None,
+        cache_index=None,
+        kv_mask=None,
+    ):
         """float32 logits `[B, T, V]` for int32 ids `[B, T]`; with `cache`, `(logits, new_cache)`.
 
         Without a cache: `attention_mask` bool `[B, T]` (left padding allowed), positions default to
@@ -169,8 +198,16 @@ class Transformer(nnx.Module):
         logits = self.logits(hidden)
         return logits if cache is None else (logits, new_cache)
 
-    def trunk(self, input_ids, positions=None, attention_mask=None, *, cache: KVCache | None = None,
-              cache_index=None, kv_mask=None):
+    def trunk(
+        self,
+        input_ids,
+        positions=None,
+        attention_mask=None,
+        *,
+        cache: KVCache | None = None,
+        cache_index=None,
+        kv_mask=None,
+    ):
         """Final-norm hidden states `[B, T, H]` (activation dtype) before the LM head, e.g. for chunked
         log-probs or a prefill that runs the head on its last position only; with `cache` (same contract
         as `__call__`), `(hidden, new_cache)`."""
@@ -215,12 +252,23 @@ class Transformer(nnx.Module):
         """The prompts' k/v from a prefilled `KVCache` (`trunk(..., cache=...)`), once per prompt."""
         return decode.prefix_from_model_cache(cache, prompt_mask, dtype)
 
-    def decode_step(self, weights: dict, prefix: decode.Prefix, cache: decode.DecodeCache, tokens, positions, slot,
-                    *, blocks: int | None = None, first_block: int = 0):
+    def decode_step(
+        self,
+        weights: dict,
+        prefix: decode.Prefix,
+        cache: decode.DecodeCache,
+        tokens,
+        positions,
+        slot,
+        *,
+        blocks: int | None = None,
+        first_block: int = 0,
+    ):
         """One token per row (rows prompt-major: row = prompt * n + sample) -> (float32 logits `[B, V]`,
         cache); see `mtgrpo_jax.models.decode.step`."""
-        return decode.step(self, weights, prefix, cache, tokens, positions, slot, blocks=blocks,
-                           first_block=first_block)
+        return decode.step(
+            self, weights, prefix, cache, tokens, positions, slot, blocks=blocks, first_block=first_block
+        )
 
     # ------------------------------------------------------------------ internals
     def _forward(self, input_ids, positions, attention_mask, cache, cache_index, kv_mask):
@@ -254,17 +302,21 @@ class Transformer(nnx.Module):
         block = _remat(self._block, self.remat)
 
         if cache is None:
+
             def step(x, w):
                 x, _ = block(w, x, cos, sin, mask, None, None, None)
                 return x, None
+
             x, _ = loops.scan(step, x, weights)
             new_cache = None
         else:
+
             def step(carry, xs):
                 x, k_all, v_all = carry
                 w, layer = xs
                 x, (k_all, v_all) = block(w, x, cos, sin, mask, (k_all, v_all), layer, cache_index)
                 return (x, k_all, v_all), None
+
             layers = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
             (x, k_all, v_all), _ = loops.scan(step, (x, cache.k, cache.v), (weights, layers))
             new_cache = KVCache(k_all, v_all)
@@ -296,8 +348,12 @@ class Transformer(nnx.Module):
             start = (layer, 0, cache_index, 0, 0)
             # pinned so the partitioner keeps the cache layout stable across decode steps
             cache_axes = (None, "batch", None, "kv_heads", None)
-            k_all = shard_activation(jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start), cache_axes)
-            v_all = shard_activation(jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start), cache_axes)
+            k_all = shard_activation(
+                jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start), cache_axes
+            )
+            v_all = shard_activation(
+                jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start), cache_axes
+            )
             k_ctx = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
             v_ctx = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
             kv = (k_all, v_all)

@@ -14,6 +14,19 @@ from mtgrpo_jax.parallel.sharding import (
     state_shardings,
 )
 
-__all__ = ["AXES", "BATCH_AXES", "LAYOUTS", "make_mesh", "divisible_spec", "mesh_axis_sizes", "logical_to_spec",
-           "state_shardings", "shard_state", "shard_model", "batch_sharding", "initialize_distributed", "to_host",
-           "host_to_global"]
+__all__ = [
+    "AXES",
+    "BATCH_AXES",
+    "LAYOUTS",
+    "make_mesh",
+    "divisible_spec",
+    "mesh_axis_sizes",
+    "logical_to_spec",
+    "state_shardings",
+    "shard_state",
+    "shard_model",
+    "batch_sharding",
+    "initialize_distributed",
+    "to_host",
+    "host_to_global",
+]

@@ -34,8 +34,12 @@ def expand_first_host(nodelist: str) -> str:
     return prefix + first
 
 
-def resolve_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                        process_id: int | None = None, env: Mapping[str, str] | None = None) -> dict | None:
+def resolve_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    env: Mapping[str, str] | None = None,
+) -> dict | None:
     """What `initialize_distributed` would pass to `jax.distributed.initialize` (None: single process,
     {}: let JAX auto-detect, as on TPU pods). Pure, so the launch modes can be tested without a cluster."""
     env = os.environ if env is None else env
@@ -48,11 +52,20 @@ def resolve_distributed(coordinator_address: str | None = None, num_processes: i
     if coordinator_address or num_processes is not None or process_id is not None:
         if num_processes == 1 and not coordinator_address:
             return None
-        missing = [n for n, v in (("coordinator_address", coordinator_address), ("num_processes", num_processes),
-                                  ("process_id", process_id)) if v is None]
+        missing = [
+            n
+            for n, v in (
+                ("coordinator_address", coordinator_address),
+                ("num_processes", num_processes),
+                ("process_id", process_id),
+            )
+            if v is None
+        ]
         if missing:
-            raise ValueError(f"explicit distributed init needs coordinator_address, num_processes and process_id; "
-                             f"missing {', '.join(missing)}")
+            raise ValueError(
+                f"explicit distributed init needs coordinator_address, num_processes and process_id; "
+                f"missing {', '.join(missing)}"
+            )
         if not 0 <= process_id < num_processes:
             raise ValueError(f"process_id {process_id} is outside [0, num_processes={num_processes})")
         return {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
@@ -62,8 +75,11 @@ def resolve_distributed(coordinator_address: str | None = None, num_processes: i
         if not nodelist:
             raise ValueError("SLURM job with several tasks but no SLURM_STEP_NODELIST / SLURM_JOB_NODELIST")
         port = int(env.get("MTGRPO_COORDINATOR_PORT", DEFAULT_PORT + int(env["SLURM_JOB_ID"]) % 1000))
-        return {"coordinator_address": f"{expand_first_host(nodelist)}:{port}",
-                "num_processes": int(env["SLURM_NTASKS"]), "process_id": int(env["SLURM_PROCID"])}
+        return {
+            "coordinator_address": f"{expand_first_host(nodelist)}:{port}",
+            "num_processes": int(env["SLURM_NTASKS"]),
+            "process_id": int(env["SLURM_PROCID"]),
+        }
 
     # Clusters jax.distributed.initialize() reads itself: a TPU pod slice (from the TPU metadata server) and
     # Open MPI (from the ORTE URI); one host or one rank has nothing to join.
@@ -75,8 +91,13 @@ def resolve_distributed(coordinator_address: str | None = None, num_processes: i
     return None
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, *, local_device_ids: Sequence[int] | None = None) -> bool:
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    local_device_ids: Sequence[int] | None = None,
+) -> bool:
     """Joins this process to the job; returns True when `jax.distributed` was (or already is) initialised."""
     if jax.distributed.is_initialized():
         return True

@@ -46,8 +46,9 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, *, devices: Sequen
             raise ValueError(f"mesh {_describe(sizes)} does not divide the {n} available devices")
         sizes[free[0]] = n // fixed
     if math.prod(sizes.values()) != n:
-        raise ValueError(f"mesh {_describe(sizes)} = {math.prod(sizes.values())} devices does not match "
-                         f"the {n} available devices")
+        raise ValueError(
+            f"mesh {_describe(sizes)} = {math.prod(sizes.values())} devices does not match the {n} available devices"
+        )
     shape = tuple(sizes[a] for a in AXES)
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
 

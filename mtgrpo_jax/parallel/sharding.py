@@ -31,8 +31,9 @@ LAYOUTS: dict[str, dict[str, str | tuple[str, ...]]] = {
 }
 
 
-def divisible_spec(shape: Sequence[int], dim_axes: Sequence[str | Sequence[str] | None],
-                   axis_sizes: Mapping[str, int]) -> P:
+def divisible_spec(
+    shape: Sequence[int], dim_axes: Sequence[str | Sequence[str] | None], axis_sizes: Mapping[str, int]
+) -> P:
     """The one rule for placing an array on a mesh: dimension i goes over the mesh axes `dim_axes[i]` (a
     name, a tuple of names or None) when their product divides it, and stays replicated otherwise (e.g. 2
     kv heads on tensor=4, or a batch of 1 in a decode step): odd shapes keep working instead of failing on
@@ -56,8 +57,9 @@ def mesh_axis_sizes(mesh) -> dict[str, int]:
     return dict(zip(mesh.axis_names, mesh.axis_sizes))
 
 
-def logical_to_spec(logical_axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
-                    layout: str = "train") -> P:
+def logical_to_spec(
+    logical_axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh, layout: str = "train"
+) -> P:
     """PartitionSpec for one array with the given logical axes under `layout` on `mesh`."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown sharding layout {layout!r} (known: {', '.join(LAYOUTS)})")
@@ -77,8 +79,11 @@ def _variable_spec(var: nnx.Variable, mesh: Mesh, layout: str) -> P:
 
 def state_shardings(state: nnx.State, mesh: Mesh, layout: str = "train") -> nnx.State:
     """NamedSharding for every leaf of an nnx State (same pytree structure), e.g. for jit in_shardings."""
-    return jax.tree.map(lambda var: var.copy(NamedSharding(mesh, _variable_spec(var, mesh, layout))),
-                        state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(
+        lambda var: var.copy(NamedSharding(mesh, _variable_spec(var, mesh, layout))),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
 
 
 def shard_state(state: nnx.State, mesh: Mesh, layout: str = "train") -> nnx.State:

@@ -89,13 +89,17 @@ def resolve_topology(name: str) -> Topology:
         chip = CHIPS[gen]
         shape = tuple(int(x) for x in m.group(2).split("x"))
         if len(shape) != chip.dims or min(shape) < 1:
-            raise TopologyError(f"topology {name!r}: a {gen} slice is {chip.dims}-D, e.g. "
-                                f"{gen}:{'x'.join(map(str, _shape_for(4, chip.dims)))}")
+            raise TopologyError(
+                f"topology {name!r}: a {gen} slice is {chip.dims}-D, e.g. "
+                f"{gen}:{'x'.join(map(str, _shape_for(4, chip.dims)))}"
+            )
         return Topology(name, f"{gen}:{'x'.join(map(str, shape))}", chip, shape)
     m = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", text)
     if not m:
-        raise TopologyError(f"topology {name!r}: expected a Cloud name like v5p-8 / v6e-8 / v5litepod-4 or a libtpu "
-                            f"name like v5p:2x2x1 / v6e:2x4")
+        raise TopologyError(
+            f"topology {name!r}: expected a Cloud name like v5p-8 / v6e-8 / v5litepod-4 or a libtpu "
+            f"name like v5p:2x2x1 / v6e:2x4"
+        )
     gen = _ALIASES.get(m.group(1), m.group(1))
     if gen not in CHIPS:
         raise TopologyError(f"topology {name!r}: unknown TPU generation {m.group(1)!r} (known: {known})")
@@ -108,8 +112,9 @@ def resolve_topology(name: str) -> Topology:
     if not shape:
         unit = "TensorCores" if chip.cores_per_chip_in_name > 1 else "chips"
         sizes = [math.prod(_shape_for(c, chip.dims)) * chip.cores_per_chip_in_name for c in (4, 8, 16, 32)]
-        raise TopologyError(f"topology {name!r}: no {gen} slice has {count} {unit} (e.g. "
-                            f"{', '.join(f'{gen}-{s}' for s in sizes)})")
+        raise TopologyError(
+            f"topology {name!r}: no {gen} slice has {count} {unit} (e.g. {', '.join(f'{gen}-{s}' for s in sizes)})"
+        )
     return Topology(name, f"{gen}:{'x'.join(map(str, shape))}", chip, shape)
 
 
@@ -122,8 +127,10 @@ def topology_devices(topology: Topology):
     try:
         import libtpu  # noqa: F401
     except ImportError:
-        raise TopologyError(f"topology {topology.name!r}: compiling for TPU needs libtpu; install the tpu extra "
-                            f"(pip install -c constraints.txt -e '.[tpu]')") from None
+        raise TopologyError(
+            f"topology {topology.name!r}: compiling for TPU needs libtpu; install the tpu extra "
+            f"(pip install -c constraints.txt -e '.[tpu]')"
+        ) from None
     # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) for the process that drives the TPUs; a
     # compile-only client drives none, so several planners (and test workers) may load it at once.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -131,10 +138,13 @@ def topology_devices(topology: Topology):
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.libtpu_name)
     except Exception as err:  # libtpu's errors are long multi-line status strings
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TopologyError(f"topology {topology.name!r} ({topology.libtpu_name}): libtpu refused it: {first}") \
-            from None
+        raise TopologyError(
+            f"topology {topology.name!r} ({topology.libtpu_name}): libtpu refused it: {first}"
+        ) from None
     devices = list(desc.devices)
     if len(devices) != topology.num_chips:
-        raise TopologyError(f"topology {topology.name!r}: libtpu gave {len(devices)} devices for "
-                            f"{topology.libtpu_name}, expected {topology.num_chips}")
+        raise TopologyError(
+            f"topology {topology.name!r}: libtpu gave {len(devices)} devices for "
+            f"{topology.libtpu_name}, expected {topology.num_chips}"
+        )
     return devices

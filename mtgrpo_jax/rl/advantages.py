@@ -22,8 +22,11 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 def _float(x: jnp.ndarray) -> jnp.ndarray:
     """Loss math runs in at least float32 (float64 stays float64 under x64)."""
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32)) if jnp.issubdtype(x.dtype, jnp.floating) \
+    return (
+        x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        if jnp.issubdtype(x.dtype, jnp.floating)
         else x.astype(jnp.float32)
+    )
 
 
 def group_advantages(rewards, estimator: str = "grpo", std: str = "unbiased", eps: float = 1e-6):
@@ -77,7 +80,8 @@ def zero_gradient_mask(rewards_or_correct, mode: str = "strict"):
         if x.dtype != jnp.bool_:
             raise ValueError(
                 f"zero_gradient_mask(mode='strict') takes the boolean `correct` array, got dtype {x.dtype}; "
-                "pass e.g. rewards >= 1.0")
+                "pass e.g. rewards >= 1.0"
+            )
         return jnp.any(x, axis=1) & ~jnp.all(x, axis=1)
     if x.dtype == jnp.bool_:
         return jnp.any(x, axis=1) & ~jnp.all(x, axis=1)

@@ -20,8 +20,10 @@ from mtgrpo_jax import loops
 
 def _check(logits, tokens, temperature, chunk_size):
     if jnp.ndim(logits) < 1 or jnp.shape(tokens) != jnp.shape(logits)[:-1]:
-        raise ValueError(f"tokens must have the shape of logits without its vocab axis: "
-                         f"logits {jnp.shape(logits)}, tokens {jnp.shape(tokens)}")
+        raise ValueError(
+            f"tokens must have the shape of logits without its vocab axis: "
+            f"logits {jnp.shape(logits)}, tokens {jnp.shape(tokens)}"
+        )
     if not jnp.issubdtype(jnp.asarray(tokens).dtype, jnp.integer):
         raise ValueError(f"tokens must be integer ids, got dtype {jnp.asarray(tokens).dtype}")
     if isinstance(temperature, (int, float)) and temperature <= 0:
@@ -45,8 +47,9 @@ def _merge(a, b):
     return m, sa * fa + sb * fb, ta * fa + tb * fb
 
 
-def token_logprobs_from_logits(logits, tokens, temperature: float = 1.0, *, chunk_size: int | None = None,
-                               return_entropy: bool = False):
+def token_logprobs_from_logits(
+    logits, tokens, temperature: float = 1.0, *, chunk_size: int | None = None, return_entropy: bool = False
+):
     """log softmax(logits / temperature)[tokens] as float32 (float64 if the logits are), shape of tokens.
 
     ``temperature`` must match the one used to sample, or the importance ratios are biased. With
@@ -79,13 +82,13 @@ def token_logprobs_from_logits(logits, tokens, temperature: float = 1.0, *, chun
         def stats(start):
             piece = jax.lax.dynamic_slice_in_dim(logits, start, width, axis=-1)
             return _lse_stats(piece.astype(dtype) / temperature)
+
         return stats
 
     full_chunk = stats_of(chunk_size)
     # The first slice seeds the carry, so the running max is finite before any exp(m_old - m_new).
     carry = full_chunk(0)
-    carry, _ = loops.scan(lambda c, i: (_merge(c, full_chunk(i * chunk_size)), None), carry,
-                            jnp.arange(1, n_full))
+    carry, _ = loops.scan(lambda c, i: (_merge(c, full_chunk(i * chunk_size)), None), carry, jnp.arange(1, n_full))
     if vocab % chunk_size:
         carry = _merge(carry, stats_of(vocab % chunk_size)(n_full * chunk_size))
     mx, s, t = carry
@@ -114,14 +117,17 @@ def _head_stats(h, head, tokens, temperature, vocab_chunk: int):
             hit = (local >= 0) & (local < size)
             pick = jnp.take_along_axis(x, jnp.clip(local, 0, size - 1)[..., None], axis=-1)[..., 0]
             return (mx, s, t), jnp.where(hit, pick, 0.0)
+
         return stats(start)
 
     n_full = vocab // width
     carry, target = piece(0, width)
     if n_full > 1:
+
         def body(c, i):
             stats, tgt = piece(i * width, width)
             return (_merge(c[0], stats), c[1] + tgt), None
+
         (carry, target), _ = loops.scan(body, (carry, target), jnp.arange(1, n_full))
     if vocab % width:
         stats, tgt = piece(n_full * width, vocab % width)
@@ -129,8 +135,16 @@ def _head_stats(h, head, tokens, temperature, vocab_chunk: int):
     return carry, target
 
 
-def token_logprobs_from_hidden(hidden, head, tokens, temperature: float = 1.0, *, seq_chunk: int = 0,
-                               vocab_chunk: int = 0, return_entropy: bool = False):
+def token_logprobs_from_hidden(
+    hidden,
+    head,
+    tokens,
+    temperature: float = 1.0,
+    *,
+    seq_chunk: int = 0,
+    vocab_chunk: int = 0,
+    return_entropy: bool = False,
+):
     """log softmax(hidden @ head / temperature)[tokens] in float32 without holding `[rows, T, V]` logits.
 
     hidden `[N, T, H]` (the model's final-norm hidden states at the positions that predict `tokens`),
@@ -143,8 +157,10 @@ def token_logprobs_from_hidden(hidden, head, tokens, temperature: float = 1.0, *
     """
     hidden, tokens = jnp.asarray(hidden), jnp.asarray(tokens)
     if hidden.ndim != 3 or tokens.shape != hidden.shape[:2] or head.ndim != 2 or head.shape[0] != hidden.shape[2]:
-        raise ValueError(f"expected hidden [N, T, H], head [H, V], tokens [N, T]: got hidden {hidden.shape}, "
-                         f"head {jnp.shape(head)}, tokens {tokens.shape}")
+        raise ValueError(
+            f"expected hidden [N, T, H], head [H, V], tokens [N, T]: got hidden {hidden.shape}, "
+            f"head {jnp.shape(head)}, tokens {tokens.shape}"
+        )
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
     for name, value in (("seq_chunk", seq_chunk), ("vocab_chunk", vocab_chunk)):

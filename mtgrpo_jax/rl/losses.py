@@ -70,8 +70,21 @@ class _TokenTerms(NamedTuple):
     adv: jax.Array  # [N] advantages, 0 on empty rows
 
 
-def _token_terms(logp, old_logp, advantages, mask, *, eps_low, eps_high, ref_logp, beta, kl_estimator,
-                 dual_clip, entropy, entropy_coef) -> _TokenTerms:
+def _token_terms(
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    *,
+    eps_low,
+    eps_high,
+    ref_logp,
+    beta,
+    kl_estimator,
+    dual_clip,
+    entropy,
+    entropy_coef,
+) -> _TokenTerms:
     logp = jnp.asarray(logp)
     if logp.ndim != 2:
         raise ValueError(f"logp must be [N, T], got shape {logp.shape}")
@@ -152,10 +165,23 @@ def _masked_mean(x, mask):
     return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1).astype(x.dtype)
 
 
-def policy_loss(logp, old_logp, advantages, mask, *, eps_low: float = 0.2, eps_high: float = 0.2,
-                aggregation: str = "seq-mean-token-mean", max_length: int | None = None, ref_logp=None,
-                beta: float = 0.0, kl_estimator: str = "k3", dual_clip: float | None = None,
-                entropy=None, entropy_coef: float = 0.0):
+def policy_loss(
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    aggregation: str = "seq-mean-token-mean",
+    max_length: int | None = None,
+    ref_logp=None,
+    beta: float = 0.0,
+    kl_estimator: str = "k3",
+    dual_clip: float | None = None,
+    entropy=None,
+    entropy_coef: float = 0.0,
+):
     """Clipped surrogate loss to *minimise*, and its metrics.
 
     Per token: r = exp(logp - old_logp); L = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)),
@@ -172,12 +198,24 @@ def policy_loss(logp, old_logp, advantages, mask, *, eps_low: float = 0.2, eps_h
     KL(pi_old || pi_theta) = mean(r - 1 - log r)), ``ratio_mean``/``ratio_min``/``ratio_max``
     (0 when there are no tokens) and ``num_tokens``.
     """
-    terms = _token_terms(logp, old_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high,
-                         ref_logp=ref_logp, beta=beta, kl_estimator=kl_estimator, dual_clip=dual_clip,
-                         entropy=entropy, entropy_coef=entropy_coef)
+    terms = _token_terms(
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        ref_logp=ref_logp,
+        beta=beta,
+        kl_estimator=kl_estimator,
+        dual_clip=dual_clip,
+        entropy=entropy,
+        entropy_coef=entropy_coef,
+    )
     loss = _aggregate(terms.loss, terms.mask, aggregation, max_length)
-    return loss, _metrics(terms, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
-                          aggregation=aggregation, max_length=max_length)
+    return loss, _metrics(
+        terms, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, aggregation=aggregation, max_length=max_length
+    )
 
 
 def _metrics(t: _TokenTerms, *, eps_low, eps_high, dual_clip, aggregation, max_length) -> dict:
@@ -212,11 +250,25 @@ class TaskObjectives(NamedTuple):
     count: jax.Array
 
 
-def per_task_objective(logp, old_logp, advantages, mask, task_ids, num_tasks: int, *, eps_low: float = 0.2,
-                       eps_high: float = 0.2, aggregation: str = "seq-mean-token-mean",
-                       max_length: int | None = None, ref_logp=None, beta: float = 0.0,
-                       kl_estimator: str = "k3", dual_clip: float | None = None, entropy=None,
-                       entropy_coef: float = 0.0) -> TaskObjectives:
+def per_task_objective(
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    task_ids,
+    num_tasks: int,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    aggregation: str = "seq-mean-token-mean",
+    max_length: int | None = None,
+    ref_logp=None,
+    beta: float = 0.0,
+    kl_estimator: str = "k3",
+    dual_clip: float | None = None,
+    entropy=None,
+    entropy_coef: float = 0.0,
+) -> TaskObjectives:
     """Each task's GRPO objective J_k on this batch (an objective: higher is better), ``[num_tasks]``.
 
     J_k is minus the `policy_loss` of the same arguments restricted to the rows with
@@ -237,9 +289,20 @@ def per_task_objective(logp, old_logp, advantages, mask, task_ids, num_tasks: in
         raise ValueError(f"task_ids must be integers, got dtype {task_ids.dtype}")
     if not isinstance(num_tasks, int) or num_tasks < 1:
         raise ValueError(f"num_tasks={num_tasks!r} must be a positive Python int (it fixes the output shape)")
-    terms = _token_terms(logp, old_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high,
-                         ref_logp=ref_logp, beta=beta, kl_estimator=kl_estimator, dual_clip=dual_clip,
-                         entropy=entropy, entropy_coef=entropy_coef)
+    terms = _token_terms(
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        ref_logp=ref_logp,
+        beta=beta,
+        kl_estimator=kl_estimator,
+        dual_clip=dual_clip,
+        entropy=entropy,
+        entropy_coef=entropy_coef,
+    )
     value, count = _row_terms(terms.loss, terms.mask, aggregation, max_length)
     total = jax.ops.segment_sum(value, task_ids, num_segments=num_tasks)
     counts = jax.ops.segment_sum(count, task_ids, num_segments=num_tasks)

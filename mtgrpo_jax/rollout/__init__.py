@@ -11,5 +11,12 @@ from mtgrpo_jax.rollout.engine import (
     to_serve_layout,
 )
 
-__all__ = ["Buckets", "RolloutEngine", "RolloutOutput", "SamplingParams", "kv_cache_bytes_per_row",
-           "rollout_chunk_rows", "to_serve_layout"]
+__all__ = [
+    "Buckets",
+    "RolloutEngine",
+    "RolloutOutput",
+    "SamplingParams",
+    "kv_cache_bytes_per_row",
+    "rollout_chunk_rows",
+    "to_serve_layout",
+]

@@ -49,14 +49,33 @@ import numpy as np
 
 SIZES = {
     # ~10M parameters: Qwen2 layout (tied embeddings, qkv bias, GQA).
-    "10m": dict(vocab_size=16384, hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
-                num_attention_heads=4, num_key_value_heads=2),
+    "10m": dict(
+        vocab_size=16384,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
     # ~100M parameters.
-    "100m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                 num_attention_heads=12, num_key_value_heads=4),
+    "100m": dict(
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+    ),
     # Qwen2.5-0.5B shape (for accelerators).
-    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                 num_attention_heads=14, num_key_value_heads=2, rope_theta=1000000.0),
+    "0.5b": dict(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        rope_theta=1000000.0,
+    ),
 }
 
 
@@ -65,8 +84,7 @@ def _config(name: str):
 
     if name not in SIZES:
         raise ValueError(f"unknown size {name!r} (known: {', '.join(SIZES)})")
-    return ModelConfig(model_type="qwen2", max_position_embeddings=4096, eos_token_id=0, bos_token_id=0,
-                       **SIZES[name])
+    return ModelConfig(model_type="qwen2", max_position_embeddings=4096, eos_token_id=0, bos_token_id=0, **SIZES[name])
 
 
 def measure_bandwidth(mib: int = 512, repeats: int = 5) -> tuple[float, float]:
@@ -137,8 +155,12 @@ def _ours(model, prompts, n, new_tokens, seed, cache_dtype):
 
     from mtgrpo_jax.rollout import Buckets, RolloutEngine, SamplingParams
 
-    engine = RolloutEngine(model, None, Buckets(prompt_lengths=(prompts.shape[1],), batch_sizes=(prompts.shape[0],)),
-                      cache_dtype=cache_dtype)
+    engine = RolloutEngine(
+        model,
+        None,
+        Buckets(prompt_lengths=(prompts.shape[1],), batch_sizes=(prompts.shape[0],)),
+        cache_dtype=cache_dtype,
+    )
     prompt_list = prompts.tolist()
     full = SamplingParams(n=n, temperature=1.0, max_new_tokens=new_tokens, ignore_eos=True)
     prefill_only = dataclasses.replace(full, stop_token_ids=tuple(range(model.config.vocab_size)))
@@ -174,9 +196,18 @@ def _reference(model_dir, prompts, n, new_tokens, full_tokens, threads, dtype="f
             stamps.append(time.perf_counter())
             return scores
 
-    gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n,
-                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
-                           pad_token_id=0, bos_token_id=0)
+    gen = GenerationConfig(
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        num_return_sequences=n,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        eos_token_id=None,
+        pad_token_id=0,
+        bos_token_id=0,
+    )
     ids = torch.tensor(prompts, dtype=torch.long)
     with torch.inference_mode():
         torch.manual_seed(0)
@@ -184,8 +215,12 @@ def _reference(model_dir, prompts, n, new_tokens, full_tokens, threads, dtype="f
         # 32-row call was 6x slower than a warm one), and every decode step is a new shape.
         hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
         start = time.perf_counter()
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen,
-                          logits_processor=LogitsProcessorList([Stamp()]))
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            generation_config=gen,
+            logits_processor=LogitsProcessorList([Stamp()]),
+        )
         elapsed = time.perf_counter() - start
     produced = out.shape[1] - ids.shape[1]
     if produced != new_tokens or out.shape[0] != ids.shape[0] * n:
@@ -195,13 +230,25 @@ def _reference(model_dir, prompts, n, new_tokens, full_tokens, threads, dtype="f
     step = float(steps.mean()) if len(steps) else float("nan")
     if full_tokens == new_tokens:
         return elapsed, elapsed, prefill, step
-    tail = steps[-max(1, len(steps) // 2):].mean()
+    tail = steps[-max(1, len(steps) // 2) :].mean()
     return elapsed + (full_tokens - new_tokens) * tail, elapsed, prefill, step
 
 
-def run_size(name: str, *, prompts: int, prompt_len: int, n: int, new_tokens: int, ref_new_tokens: int | None,
-             dtypes: tuple[str, ...], cache_dtype: str, threads: int, reference_dtype: str = "float32", seed: int = 0,
-             log=print) -> dict:
+def run_size(
+    name: str,
+    *,
+    prompts: int,
+    prompt_len: int,
+    n: int,
+    new_tokens: int,
+    ref_new_tokens: int | None,
+    dtypes: tuple[str, ...],
+    cache_dtype: str,
+    threads: int,
+    reference_dtype: str = "float32",
+    seed: int = 0,
+    log=print,
+) -> dict:
     """One size: ours (per dtype), then the reference, then ours again; the CPU is shared, so ours is
     averaged over both sides of the reference. The hardware figures are measured before and after
     (best of). The top-level numbers are those of `dtypes[0]`; every dtype is under `by_dtype`."""
@@ -229,18 +276,23 @@ def run_size(name: str, *, prompts: int, prompt_len: int, n: int, new_tokens: in
             nnx.update(model, jax.tree.map(lambda x: x.astype(dt), nnx.state(model32)))  # noqa: B023 (called here)
         runners[dt] = _ours(model, prompt_ids, n, new_tokens, seed, cache_dtype)
         before[dt] = runners[dt][0](seed + 1)
-        log(f"[{name}] {n_params / 1e6:.1f}M params; ours {dt} (before the reference): "
-            f"{total_new / before[dt][0]:.1f} tok/s ({before[dt][0]:.1f}s, of which prefill {before[dt][1]:.2f}s)")
+        log(
+            f"[{name}] {n_params / 1e6:.1f}M params; ours {dt} (before the reference): "
+            f"{total_new / before[dt][0]:.1f} tok/s ({before[dt][0]:.1f}s, of which prefill {before[dt][1]:.2f}s)"
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(model32, tmp)
         ref_new_tokens = new_tokens if ref_new_tokens is None else min(ref_new_tokens, new_tokens)
         log(f"[{name}] reference: transformers generate, {rows} rows x {ref_new_tokens} new tokens")
-        ref_s, ref_measured_s, ref_prefill_s, ref_step_s = _reference(tmp, prompt_ids, n, ref_new_tokens,
-                                                                      new_tokens, threads, reference_dtype)
+        ref_s, ref_measured_s, ref_prefill_s, ref_step_s = _reference(
+            tmp, prompt_ids, n, ref_new_tokens, new_tokens, threads, reference_dtype
+        )
     ref_tps = total_new / ref_s
-    log(f"[{name}] reference {ref_tps:.1f} tok/s ({ref_measured_s:.1f}s measured"
-        + (f", extrapolated to {new_tokens} tokens: {ref_s:.1f}s)" if ref_new_tokens != new_tokens else ")"))
+    log(
+        f"[{name}] reference {ref_tps:.1f} tok/s ({ref_measured_s:.1f}s measured"
+        + (f", extrapolated to {new_tokens} tokens: {ref_s:.1f}s)" if ref_new_tokens != new_tokens else ")")
+    )
 
     bandwidth = max(bandwidth, measure_bandwidth()[0])
     # KV-cache bytes a decode step reads, averaged over the steps (one block layout per engine).
@@ -249,11 +301,13 @@ def run_size(name: str, *, prompts: int, prompt_len: int, n: int, new_tokens: in
     shared = engine0.decode_impl == "fast"  # a prompt's k/v is read once for its n samples
     row_slots = (prompt_slots / n if shared else prompt_slots) + gen_slots
     cache_item = jnp.dtype(cache_dtype).itemsize
-    cache_bytes = int(2 * cfg.num_hidden_layers * rows * row_slots * cfg.num_key_value_heads * cfg.head_dim
-                      * cache_item)
+    cache_bytes = int(
+        2 * cfg.num_hidden_layers * rows * row_slots * cfg.num_key_value_heads * cfg.head_dim * cache_item
+    )
     matmul_params = n_params - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
-    attention_flops = int(4 * rows * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim
-                          * (prompt_slots + gen_slots))
+    attention_flops = int(
+        4 * rows * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * (prompt_slots + gen_slots)
+    )
     step_flops = 2 * rows * matmul_params + attention_flops
     by_dtype = {}
     for dt in dtypes:
@@ -261,8 +315,10 @@ def run_size(name: str, *, prompts: int, prompt_len: int, n: int, new_tokens: in
         after = run(seed + 2)
         ours_s, prefill_s = (before[dt][0] + after[0]) / 2, (before[dt][1] + after[1]) / 2
         tps = total_new / ours_s
-        log(f"[{name}] ours {dt} (after the reference): {total_new / after[0]:.1f} tok/s; mean {tps:.1f} tok/s "
-            f"-> ratio {tps / ref_tps:.2f}x")
+        log(
+            f"[{name}] ours {dt} (after the reference): {total_new / after[0]:.1f} tok/s; mean {tps:.1f} tok/s "
+            f"-> ratio {tps / ref_tps:.2f}x"
+        )
         matmul[dt] = max(matmul[dt], measure_matmul_flops(dt))
         # Decode roofline: one step reads every weight and the whole static-length KV cache.
         weight_bytes = n_params * jnp.dtype(dt).itemsize
@@ -271,8 +327,10 @@ def run_size(name: str, *, prompts: int, prompt_len: int, n: int, new_tokens: in
         by_dtype[dt] = {
             "tokens_per_s": round(tps, 1),
             "ratio_vs_transformers": round(tps / ref_tps, 2),
-            "tokens_per_s_before_after_reference": [round(total_new / before[dt][0], 1),
-                                                    round(total_new / after[0], 1)],
+            "tokens_per_s_before_after_reference": [
+                round(total_new / before[dt][0], 1),
+                round(total_new / after[0], 1),
+            ],
             "seconds": round(ours_s, 2),
             "prefill_seconds": round(prefill_s, 2),
             "decode_step_ms": round(step_s * 1e3, 1),
@@ -310,24 +368,40 @@ def main(argv: list[str] | None = None, prog: str = "mtgrpo bench rollout") -> i
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="10m,100m", help=f"comma-separated, from {', '.join(SIZES)} (default 10m,100m)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    ap.add_argument("--quick", action="store_true",
-                    help="smoke run: 8 prompts x 32 tokens, n=4, 16 new tokens, 10m only")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: 8 prompts x 32 tokens, n=4, 16 new tokens, 10m only"
+    )
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--ref-new-tokens", type=int, default=None,
-                    help="new tokens the reference really generates, the rest extrapolated (default: all; "
-                         "16 cuts the 100M reference from ~9 to ~2 minutes but flatters it)")
-    ap.add_argument("--dtypes", default="float32",
-                    help="our parameter/activation dtypes, comma-separated from float32,bfloat16; the first is "
-                         "the headline, the others are measured around the same reference (default float32)")
-    ap.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="our KV cache dtype (default float32: XLA:CPU's bf16 attention dots are slow)")
+    ap.add_argument(
+        "--ref-new-tokens",
+        type=int,
+        default=None,
+        help="new tokens the reference really generates, the rest extrapolated (default: all; "
+        "16 cuts the 100M reference from ~9 to ~2 minutes but flatters it)",
+    )
+    ap.add_argument(
+        "--dtypes",
+        default="float32",
+        help="our parameter/activation dtypes, comma-separated from float32,bfloat16; the first is "
+        "the headline, the others are measured around the same reference (default float32)",
+    )
+    ap.add_argument(
+        "--cache-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="our KV cache dtype (default float32: XLA:CPU's bf16 attention dots are slow)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the reference")
-    ap.add_argument("--reference-dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="transformers' compute dtype (default float32, the reference the 3x target is "
-                         "stated against; the weights are the float32 ones either way)")
+    ap.add_argument(
+        "--reference-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="transformers' compute dtype (default float32, the reference the 3x target is "
+        "stated against; the weights are the float32 ones either way)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.prompts, args.prompt_len, args.n, args.new_tokens = "10m", 8, 32, 4, 16
@@ -350,35 +424,58 @@ def main(argv: list[str] | None = None, prog: str = "mtgrpo bench rollout") -> i
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     bandwidth, copy_bandwidth = measure_bandwidth()
     matmul = measure_matmul_flops(dtypes[0])
-    log(f"device {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; measured read bandwidth "
+    log(
+        f"device {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; measured read bandwidth "
         f"{bandwidth / 1e9:.1f} GB/s (copy {copy_bandwidth / 1e9:.1f} GB/s), "
-        f"{dtypes[0]} matmul {matmul / 1e9:.0f} GFLOP/s")
+        f"{dtypes[0]} matmul {matmul / 1e9:.0f} GFLOP/s"
+    )
     results = {}
     for name in sizes:
-        results[name] = run_size(name, prompts=args.prompts, prompt_len=args.prompt_len, n=args.n,
-                                 new_tokens=args.new_tokens, ref_new_tokens=args.ref_new_tokens, dtypes=dtypes,
-                                 cache_dtype=args.cache_dtype, threads=args.threads,
-                                 reference_dtype=args.reference_dtype, log=log)
+        results[name] = run_size(
+            name,
+            prompts=args.prompts,
+            prompt_len=args.prompt_len,
+            n=args.n,
+            new_tokens=args.new_tokens,
+            ref_new_tokens=args.ref_new_tokens,
+            dtypes=dtypes,
+            cache_dtype=args.cache_dtype,
+            threads=args.threads,
+            reference_dtype=args.reference_dtype,
+            log=log,
+        )
     report = {
-        "setup": {"prompts": args.prompts, "prompt_len": args.prompt_len, "n": args.n, "new_tokens": args.new_tokens,
-                  "temperature": 1.0, "dtypes": list(dtypes),
-                  "cache_dtype": args.cache_dtype,
-                  "reference": f"transformers generate, torch CPU {args.reference_dtype}",
-                  "torch_threads": args.threads, "device": jax.devices()[0].device_kind,
-                  "read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
-                  "copy_bandwidth_gb_s": round(copy_bandwidth / 1e9, 2), "matmul_gflop_s": round(matmul / 1e9, 1)},
+        "setup": {
+            "prompts": args.prompts,
+            "prompt_len": args.prompt_len,
+            "n": args.n,
+            "new_tokens": args.new_tokens,
+            "temperature": 1.0,
+            "dtypes": list(dtypes),
+            "cache_dtype": args.cache_dtype,
+            "reference": f"transformers generate, torch CPU {args.reference_dtype}",
+            "torch_threads": args.threads,
+            "device": jax.devices()[0].device_kind,
+            "read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+            "copy_bandwidth_gb_s": round(copy_bandwidth / 1e9, 2),
+            "matmul_gflop_s": round(matmul / 1e9, 1),
+        },
         "sizes": results,
     }
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"\n{'size':>6} {'dtype':>9} {'params':>8} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6} "
-              f"{'step ms':>8} {'roofline':>9} {'matmul':>7}")
+        print(
+            f"\n{'size':>6} {'dtype':>9} {'params':>8} {'ours tok/s':>11} {'hf tok/s':>9} {'ratio':>6} "
+            f"{'step ms':>8} {'roofline':>9} {'matmul':>7}"
+        )
         for name, r in results.items():
             for dt, d in r["by_dtype"].items():
-                print(f"{name:>6} {dt:>9} {r['params'] / 1e6:7.1f}M {d['tokens_per_s']:11.1f} "
-                      f"{r['reference_tokens_per_s']:9.1f} {d['ratio_vs_transformers']:5.2f}x "
-                      f"{d['decode_step_ms']:8.1f} {d['roofline_fraction']:9.1%} {d['matmul_peak_fraction']:7.1%}")
+                print(
+                    f"{name:>6} {dt:>9} {r['params'] / 1e6:7.1f}M {d['tokens_per_s']:11.1f} "
+                    f"{r['reference_tokens_per_s']:9.1f} {d['ratio_vs_transformers']:5.2f}x "
+                    f"{d['decode_step_ms']:8.1f} {d['roofline_fraction']:9.1%} {d['matmul_peak_fraction']:7.1%}"
+                )
     return 0
 
 

@@ -39,8 +39,9 @@ def _buckets(lengths: list[int], batch: int):
 def generate_main(argv: list[str] | None = None, prog: str = "mtgrpo generate") -> int:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="HF-format model directory (default: bundled tiny random-init model)")
-    ap.add_argument("--prompt", action="append", default=None,
-                    help="a user message (repeatable); the chat template is applied")
+    ap.add_argument(
+        "--prompt", action="append", default=None, help="a user message (repeatable); the chat template is applied"
+    )
     ap.add_argument("--n", type=int, default=2, help="samples per prompt")
     ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -54,8 +55,13 @@ def generate_main(argv: list[str] | None = None, prog: str = "mtgrpo generate") 
     from mtgrpo_jax.rollout import RolloutEngine, SamplingParams
 
     try:
-        params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                max_new_tokens=args.max_new_tokens)
+        params = SamplingParams(
+            n=args.n,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            max_new_tokens=args.max_new_tokens,
+        )
     except ValueError as e:
         ap.error(str(e))
     import jax
@@ -76,15 +82,25 @@ def generate_main(argv: list[str] | None = None, prog: str = "mtgrpo generate") 
     for row in range(len(out.texts)):
         i, j = divmod(row, params.n)
         if args.json:
-            print(json.dumps({"prompt": prompts[i], "sample": j, "text": out.texts[row],
-                              "tokens": out.tokens[row][out.mask[row]].tolist(),
-                              "finish_reason": out.finish_reason[row],
-                              "logprob": float(out.logprobs[row][out.mask[row]].sum())}))
+            print(
+                json.dumps(
+                    {
+                        "prompt": prompts[i],
+                        "sample": j,
+                        "text": out.texts[row],
+                        "tokens": out.tokens[row][out.mask[row]].tolist(),
+                        "finish_reason": out.finish_reason[row],
+                        "logprob": float(out.logprobs[row][out.mask[row]].sum()),
+                    }
+                )
+            )
         else:
             if j == 0:
                 print(f"=== prompt {i}: {prompts[i]!r}")
-            print(f"--- sample {j} ({out.finish_reason[row]}, {out.lengths[row]} tokens, "
-                  f"logprob {out.logprobs[row][out.mask[row]].sum():.2f})")
+            print(
+                f"--- sample {j} ({out.finish_reason[row]}, {out.lengths[row]} tokens, "
+                f"logprob {out.logprobs[row][out.mask[row]].sum():.2f})"
+            )
             print(out.texts[row])
     return 0
 

@@ -91,8 +91,9 @@ class Buckets:
         for name in ("prompt_lengths", "batch_sizes"):
             values = tuple(sorted({int(v) for v in getattr(self, name)}))
             if not values or values[0] <= 0:
-                raise ValueError(f"Buckets.{name} must be a non-empty set of positive integers, "
-                                 f"got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"Buckets.{name} must be a non-empty set of positive integers, got {getattr(self, name)!r}"
+                )
             object.__setattr__(self, name, values)
 
     @property
@@ -163,12 +164,14 @@ def platform_attention_block(platform: str) -> int | None:
 def kv_cache_bytes_per_row(cfg, positions: int, dtype) -> int:
     """Bytes of one row's KV cache over `positions` slots: layers x kv heads x head_dim x positions x
     dtype size x 2 (keys and values)."""
-    return (cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * int(positions)
-            * jnp.dtype(dtype).itemsize * 2)
+    return (
+        cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * int(positions) * jnp.dtype(dtype).itemsize * 2
+    )
 
 
-def rollout_chunk_rows(cfg, budget_gib: float, *, positions: int, n: int, dtype, batch_sizes: Sequence[int] | None = None,
-                       shards: int = 1) -> int:
+def rollout_chunk_rows(
+    cfg, budget_gib: float, *, positions: int, n: int, dtype, batch_sizes: Sequence[int] | None = None, shards: int = 1
+) -> int:
     """Rows (= prompts x n: a prompt's n samples are never split) per rollout call whose KV cache fits
     `budget_gib` GiB per device, the cache being split over `shards` devices (the mesh's data x fsdp, times
     tensor when it divides the kv heads). With `batch_sizes` (the engine's batch buckets, in prompts) the
@@ -184,8 +187,10 @@ def rollout_chunk_rows(cfg, budget_gib: float, *, positions: int, n: int, dtype,
         prompts = fitting[-1] if fitting else 0
     if prompts < 1:
         smallest = min(batch_sizes) if batch_sizes else 1
-        raise ValueError(f"kv_cache_budget_gib={budget_gib} holds no rollout call: {smallest} prompt(s) x n={n} "
-                         f"samples x {positions} positions need {smallest * per_prompt / 2**30:.3g} GiB per device")
+        raise ValueError(
+            f"kv_cache_budget_gib={budget_gib} holds no rollout call: {smallest} prompt(s) x n={n} "
+            f"samples x {positions} positions need {smallest * per_prompt / 2**30:.3g} GiB per device"
+        )
     return prompts * int(n)
 
 
@@ -226,10 +231,21 @@ class RolloutEngine:
         each row's randomness is keyed by its row number the results equal one big call's.
     """
 
-    def __init__(self, model, tokenizer=None, buckets: Buckets | dict | None = None, mesh=None, *,
-                 cache_dtype=None, truncate_prompts: bool = False, pad_token_id: int | None = None,
-                 decode_impl: str = "auto", attention_block: int | str | None = "auto", max_phases: int = 4,
-                 kv_cache_budget_gib: float | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        buckets: Buckets | dict | None = None,
+        mesh=None,
+        *,
+        cache_dtype=None,
+        truncate_prompts: bool = False,
+        pad_token_id: int | None = None,
+        decode_impl: str = "auto",
+        attention_block: int | str | None = "auto",
+        max_phases: int = 4,
+        kv_cache_budget_gib: float | None = None,
+    ):
         if buckets is None:
             buckets = Buckets()
         elif isinstance(buckets, dict):
@@ -243,8 +259,9 @@ class RolloutEngine:
             raise ValueError(f"decode_impl='fast' needs mtgrpo_jax.models.Transformer, got {type(model).__name__}")
         self.decode_impl = ("fast" if fast else "model") if decode_impl == "auto" else decode_impl
         if attention_block == "auto":
-            attention_block = platform_attention_block((mesh.devices.flat[0] if mesh is not None
-                                                        else jax.devices()[0]).platform)
+            attention_block = platform_attention_block(
+                (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+            )
         if attention_block is not None and (not isinstance(attention_block, (int, np.integer)) or attention_block <= 0):
             raise ValueError(f"attention_block must be a positive integer, None or 'auto', got {attention_block!r}")
         if not isinstance(max_phases, (int, np.integer)) or max_phases <= 0:
@@ -277,19 +294,24 @@ class RolloutEngine:
             # Rows are b * n, so checking the buckets b keeps every prefill and decode batch divisible.
             bad = [b for b in buckets.batch_sizes if b % batch_devices]
             if bad:
-                raise ValueError(f"batch buckets {bad} are not multiples of the mesh's data x fsdp size "
-                                 f"{batch_devices}")
+                raise ValueError(
+                    f"batch buckets {bad} are not multiples of the mesh's data x fsdp size {batch_devices}"
+                )
         self.num_compiles = 0  # programs traced; each trace is one XLA compilation
         self.num_truncated_prompts = 0
         self.last_reshard_seconds = 0.0
         self._graphdef = nnx.graphdef(model)
         self._cache = None  # ((rows, length), cache): the one preallocated decode cache
-        self._program = jax.jit(self._run, static_argnames=("n", "max_new_tokens", "greedy", "top_k", "use_top_p"),
-                                donate_argnames=("cache",))
+        self._program = jax.jit(
+            self._run,
+            static_argnames=("n", "max_new_tokens", "greedy", "top_k", "use_top_p"),
+            donate_argnames=("cache",),
+        )
 
     # ------------------------------------------------------------------ public API
-    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams | None = None,
-                 key: jax.Array | None = None) -> RolloutOutput:
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams | None = None, key: jax.Array | None = None
+    ) -> RolloutOutput:
         """Samples `params.n` completions for each prompt (lists of token ids, unpadded).
 
         Deterministic for a given key: row r = prompt i * n + sample j draws its randomness from
@@ -307,9 +329,18 @@ class RolloutEngine:
         p_bucket = Buckets.pick(self.buckets.prompt_lengths, max(len(p) for p in prompts))
         max_batch = self.buckets.batch_sizes[-1]
         if self.kv_cache_budget_gib is not None:
-            max_batch = rollout_chunk_rows(self.config, self.kv_cache_budget_gib, positions=p_bucket + m, n=n,
-                                           dtype=self.cache_dtype, batch_sizes=self.buckets.batch_sizes,
-                                           shards=self._cache_shards()) // n
+            max_batch = (
+                rollout_chunk_rows(
+                    self.config,
+                    self.kv_cache_budget_gib,
+                    positions=p_bucket + m,
+                    n=n,
+                    dtype=self.cache_dtype,
+                    batch_sizes=self.buckets.batch_sizes,
+                    shards=self._cache_shards(),
+                )
+                // n
+            )
         stop_ids = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids)))
         bad = [t for t in stop_ids if not 0 <= t < self.config.vocab_size]
         if bad:
@@ -327,17 +358,28 @@ class RolloutEngine:
             b_bucket = Buckets.pick(self.buckets.batch_sizes, count)
             ids = np.full((b_bucket, p_bucket), self.pad_token_id, np.int32)
             mask = np.zeros((b_bucket, p_bucket), bool)
-            ids[:count], mask[:count] = ids_all[start:start + count], mask_all[start:start + count]
+            ids[:count], mask[:count] = ids_all[start : start + count], mask_all[start : start + count]
             mask[count:, -1] = True  # padding rows get one token so that their softmax is defined
             rows = b_bucket * n
             cache = self._take_cache(rows, p_bucket, m)
             with self._mesh_context():
                 result, cache = self._program(
-                    state, cache, self._put_batch(ids), self._put_batch(mask), key,
-                    jnp.int32(start * n), jnp.int32(count * n),
-                    jnp.float32(params.temperature), jnp.float32(params.top_p), jnp.asarray(stop_mask),
-                    n=n, max_new_tokens=m, greedy=params.greedy, top_k=int(params.top_k),
-                    use_top_p=params.top_p < 1.0)
+                    state,
+                    cache,
+                    self._put_batch(ids),
+                    self._put_batch(mask),
+                    key,
+                    jnp.int32(start * n),
+                    jnp.int32(count * n),
+                    jnp.float32(params.temperature),
+                    jnp.float32(params.top_p),
+                    jnp.asarray(stop_mask),
+                    n=n,
+                    max_new_tokens=m,
+                    greedy=params.greedy,
+                    top_k=int(params.top_k),
+                    use_top_p=params.top_p < 1.0,
+                )
             self._cache = ((rows, p_bucket, m), cache)
             # to_host, not device_get: in a multi-process run the rows are spread over every process.
             tokens, logprobs, lengths, stopped, n_steps = parallel.to_host(result)
@@ -348,15 +390,24 @@ class RolloutEngine:
         tokens, logprobs, lengths, stopped = (np.concatenate(x) for x in zip(*outs))
         texts = []
         if self.tokenizer is not None:
-            texts = self.tokenizer.batch_decode([t[:l].tolist() for t, l in zip(tokens, lengths)],
-                                                skip_special_tokens=True)
+            texts = self.tokenizer.batch_decode(
+                [t[:l].tolist() for t, l in zip(tokens, lengths)], skip_special_tokens=True
+            )
         return RolloutOutput(
-            tokens=tokens.astype(np.int32), mask=np.arange(m)[None, :] < lengths[:, None],
-            logprobs=logprobs.astype(np.float32), lengths=lengths.astype(np.int32),
-            finish_reason=["stop" if s else "length" for s in stopped], texts=texts,
-            prompt_ids=ids_all, prompt_mask=mask_all, prompt_lengths=mask_all.sum(1).astype(np.int32),
-            prompt_index=np.repeat(np.arange(len(prompts), dtype=np.int32), n), n=n,
-            num_truncated=truncated, num_decode_steps=steps)
+            tokens=tokens.astype(np.int32),
+            mask=np.arange(m)[None, :] < lengths[:, None],
+            logprobs=logprobs.astype(np.float32),
+            lengths=lengths.astype(np.int32),
+            finish_reason=["stop" if s else "length" for s in stopped],
+            texts=texts,
+            prompt_ids=ids_all,
+            prompt_mask=mask_all,
+            prompt_lengths=mask_all.sum(1).astype(np.int32),
+            prompt_index=np.repeat(np.arange(len(prompts), dtype=np.int32), n),
+            n=n,
+            num_truncated=truncated,
+            num_decode_steps=steps,
+        )
 
     # ------------------------------------------------------------------ host-side helpers
     def _check_prompts(self, prompt_ids) -> list[list[int]]:
@@ -383,8 +434,10 @@ class RolloutEngine:
             return prompts, 0
         if not self.truncate_prompts:
             i = long[0]
-            raise ValueError(f"prompt {i} has {len(prompts[i])} tokens, more than the largest prompt bucket "
-                             f"({limit}); add a bucket or construct the RolloutEngine with truncate_prompts=True")
+            raise ValueError(
+                f"prompt {i} has {len(prompts[i])} tokens, more than the largest prompt bucket "
+                f"({limit}); add a bucket or construct the RolloutEngine with truncate_prompts=True"
+            )
         self.num_truncated_prompts += len(long)
         return [p[-limit:] if len(p) > limit else p for p in prompts], len(long)
 
@@ -451,8 +504,10 @@ class RolloutEngine:
             return held[1]
         del held
         shapes, shardings = self._cache_layout(rows, p, m)
-        make = jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s, self.cache_dtype), shapes, is_leaf=_is_shape),
-                       out_shardings=shardings)
+        make = jax.jit(
+            lambda: jax.tree.map(lambda s: jnp.zeros(s, self.cache_dtype), shapes, is_leaf=_is_shape),
+            out_shardings=shardings,
+        )
         return make()
 
     def _phases(self, m: int) -> list[tuple[int, tuple[int, int | None]]]:
@@ -468,8 +523,25 @@ class RolloutEngine:
         return [(int(ends[g[-1]]), (int(g[0]), int(g[-1]) + 1)) for g in groups]
 
     # ------------------------------------------------------------------ the device program
-    def _run(self, state, cache, prompt_ids, prompt_mask, key, row_offset, valid_rows, temperature, top_p, stop_mask, *,
-             n: int, max_new_tokens: int, greedy: bool, top_k: int, use_top_p: bool):
+    def _run(
+        self,
+        state,
+        cache,
+        prompt_ids,
+        prompt_mask,
+        key,
+        row_offset,
+        valid_rows,
+        temperature,
+        top_p,
+        stop_mask,
+        *,
+        n: int,
+        max_new_tokens: int,
+        greedy: bool,
+        top_k: int,
+        use_top_p: bool,
+    ):
         self.num_compiles += 1  # Python side effect: runs once per trace, i.e. once per compilation
         model = nnx.merge(self._graphdef, state)
         b, p = prompt_ids.shape
@@ -486,12 +558,14 @@ class RolloutEngine:
         if self.decode_impl == "fast":
             # The head on the last position only: `[B, P, V]` float32 logits would be 80 GB for 128 prompts
             # of 1024 tokens at a 152k vocabulary (XLA does not push the slice through the head matmul).
-            hidden, prompt_cache = model.trunk(prompt_ids, positions=positions, cache=prompt_cache,
-                                               cache_index=jnp.int32(0), kv_mask=prompt_mask)
+            hidden, prompt_cache = model.trunk(
+                prompt_ids, positions=positions, cache=prompt_cache, cache_index=jnp.int32(0), kv_mask=prompt_mask
+            )
             last_logits = model.logits(hidden[:, -1:])[:, 0]
         else:
-            logits, prompt_cache = model(prompt_ids, positions=positions, cache=prompt_cache,
-                                         cache_index=jnp.int32(0), kv_mask=prompt_mask)
+            logits, prompt_cache = model(
+                prompt_ids, positions=positions, cache=prompt_cache, cache_index=jnp.int32(0), kv_mask=prompt_mask
+            )
             last_logits = logits[:, -1, :]
         last_logits = jnp.repeat(last_logits, n, axis=0)  # left padding: the last slot is a real token
 
@@ -502,12 +576,15 @@ class RolloutEngine:
             if self.mesh is not None:
                 layer = self._sharding(4, 0, b, 1)
                 prefix = jax.lax.with_sharding_constraint(
-                    prefix, decode.Prefix((layer,) * len(prefix.k), (layer,) * len(prefix.v), self._sharding(2, 0, b)))
+                    prefix, decode.Prefix((layer,) * len(prefix.k), (layer,) * len(prefix.v), self._sharding(2, 0, b))
+                )
             weights = model.decode_weights(positions=p + m)  # a row's positions stay below p + m
         else:
+
             def share(full, part):
                 part = jnp.repeat(part, n, axis=1).astype(full.dtype)
                 return jax.lax.dynamic_update_slice(full, part, (0, 0, 0, 0, 0))
+
             cache = KVCache(share(cache.k, prompt_cache.k), share(cache.v, prompt_cache.v))
         cache = constrain(cache)
 
@@ -517,19 +594,22 @@ class RolloutEngine:
 
         def draw(step_logits, step):
             u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step)))(row_keys)
-            return sampling.sample(step_logits, u, temperature, greedy_decode=greedy, top_k=top_k, top_p=top_p,
-                                   use_top_p=use_top_p)
+            return sampling.sample(
+                step_logits, u, temperature, greedy_decode=greedy, top_k=top_k, top_p=top_p, use_top_p=use_top_p
+            )
 
         def is_stop(tok):
             return stop_mask[tok]
 
         def forward(cache, tok, t, blocks):
             if self.decode_impl == "fast":
-                return model.decode_step(weights, prefix, cache, tok, prompt_len + t, t, blocks=blocks[1],
-                                         first_block=blocks[0])
+                return model.decode_step(
+                    weights, prefix, cache, tok, prompt_len + t, t, blocks=blocks[1], first_block=blocks[0]
+                )
             kv_mask = jnp.concatenate([row_mask, jnp.ones((rows, m), bool)], axis=1)
-            step_logits, cache = model(tok[:, None], positions=(prompt_len + t)[:, None], cache=cache,
-                                       cache_index=p + t, kv_mask=kv_mask)
+            step_logits, cache = model(
+                tok[:, None], positions=(prompt_len + t)[:, None], cache=cache, cache_index=p + t, kv_mask=kv_mask
+            )
             return step_logits[:, 0], cache
 
         # 3. decode. Token t is sampled from the logits after feeding token t-1 (token 0 from prefill),
@@ -559,8 +639,9 @@ class RolloutEngine:
         carry = (jnp.int32(0), cache, tokens, logprobs, done, tok, lengths)
         # One loop per phase; a phase's steps read only the cache blocks written so far.
         for t_end, blocks in self._phases(m):
-            carry = jax.lax.while_loop(functools.partial(cond, t_end=t_end), functools.partial(body, blocks=blocks),
-                                       carry)
+            carry = jax.lax.while_loop(
+                functools.partial(cond, t_end=t_end), functools.partial(body, blocks=blocks), carry
+            )
         t, cache, tokens, logprobs, _, _, lengths = carry
         last = jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)[:, 0]
         return (tokens, logprobs, lengths, is_stop(last), t), cache

@@ -8,9 +8,13 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def pack_left_padded(prompts: Sequence[Sequence[int]], prompt_len: int, pad_id: int,
-                     completions: Sequence[Sequence[int]] | None = None,
-                     completion_len: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def pack_left_padded(
+    prompts: Sequence[Sequence[int]],
+    prompt_len: int,
+    pad_id: int,
+    completions: Sequence[Sequence[int]] | None = None,
+    completion_len: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """(ids int32 [N, prompt_len + completion_len], attention mask bool, same shape).
 
     Row i holds prompt i ending at column `prompt_len`, then completion i (cut to `completion_len`);

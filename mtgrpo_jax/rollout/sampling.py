@@ -84,8 +84,16 @@ def top_p_mask(weights: jax.Array, top_p: jax.Array) -> jax.Array:
     return bits >= lo[:, None]
 
 
-def sample(logits: jax.Array, u: jax.Array, temperature, *, greedy_decode: bool = False, top_k: int = 0,
-           top_p=1.0, use_top_p: bool = False) -> tuple[jax.Array, jax.Array]:
+def sample(
+    logits: jax.Array,
+    u: jax.Array,
+    temperature,
+    *,
+    greedy_decode: bool = False,
+    top_k: int = 0,
+    top_p=1.0,
+    use_top_p: bool = False,
+) -> tuple[jax.Array, jax.Array]:
     """Draws one token per row of float32 `logits` [R, V] with uniforms `u` [R].
 
     Returns (tokens int32 [R], logprobs float32 [R]) where logprobs = log_softmax(logits / T) of the

@@ -166,7 +166,9 @@ class BaseTask:
         if self.prompt_style not in PROMPT_STYLES:
             raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}")
         if self.demonstration_style not in DEMONSTRATION_STYLES:
-            raise ValueError(f"demonstration_style must be one of {DEMONSTRATION_STYLES}, got {self.demonstration_style!r}")
+            raise ValueError(
+                f"demonstration_style must be one of {DEMONSTRATION_STYLES}, got {self.demonstration_style!r}"
+            )
         if self.difficulty is not None:
             if isinstance(self.difficulty, bool) or int(self.difficulty) != self.difficulty:
                 raise ValueError(f"difficulty must be an integer or None, got {self.difficulty!r}")
@@ -258,8 +260,9 @@ class BaseTask:
 
     def demonstration(self, example: Mapping[str, Any]) -> str:
         """A correct completion for the example, in the format its prompt asks for."""
-        return demonstration_text(self.demonstration_reasoning(example), self.reference_answer(example),
-                                  self.demonstration_style)
+        return demonstration_text(
+            self.demonstration_reasoning(example), self.reference_answer(example), self.demonstration_style
+        )
 
 
 def answer_field(example: Mapping[str, Any]) -> Any:

@@ -256,9 +256,7 @@ def _complements(x: float, tx: _Tree, goal: float) -> list[tuple[float, Callable
     return out
 
 
-def solve_countdown(
-    numbers: Sequence[int], target: int, *, max_states: int = 200_000
-) -> tuple[str, list[str]] | None:
+def solve_countdown(numbers: Sequence[int], target: int, *, max_states: int = 200_000) -> tuple[str, list[str]] | None:
     """An expression using each number once that equals the target, with its arithmetic steps, or
     None when none exists (or the search budget of visited value-multisets runs out).
 

@@ -84,7 +84,9 @@ def generate_rows(task: str, level: int, start: int, stop: int, seed: int = 0, s
     return rows
 
 
-def generate_examples(task: str, level: int, n: int, seed: int = 0, *, start: int = 0, split: str = "train") -> list[dict]:
+def generate_examples(
+    task: str, level: int, n: int, seed: int = 0, *, start: int = 0, split: str = "train"
+) -> list[dict]:
     """`n` example dicts (the `load_examples` layout) of one task and level, generated in-process."""
     from mtgrpo_jax.tasks.loading import row_to_example
 
@@ -290,10 +292,14 @@ def _int_list(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None, prog: str = "mtgrpo data generate") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", default="countdown,zebra,arc_1d",
-                        help="comma-separated task families that generate (countdown,zebra,arc_1d,arithmetic, or yours)")
-    parser.add_argument("--levels", type=_int_list, default=[1, 2, 3],
-                        help="comma-separated levels (built-ins: 1-4, 4 = held-out)")
+    parser.add_argument(
+        "--tasks",
+        default="countdown,zebra,arc_1d",
+        help="comma-separated task families that generate (countdown,zebra,arc_1d,arithmetic, or yours)",
+    )
+    parser.add_argument(
+        "--levels", type=_int_list, default=[1, 2, 3], help="comma-separated levels (built-ins: 1-4, 4 = held-out)"
+    )
     parser.add_argument("--per-level", type=int, required=True, help="items per task and level")
     parser.add_argument("--out", required=True, help="output directory (cache under OUT/.cache)")
     parser.add_argument("--seed", type=int, default=0)

@@ -34,8 +34,20 @@ from mtgrpo_jax.tasks.registry import canonical_task_name, get_task
 # File endings `datasets` reads with a packaged builder.
 BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 EXAMPLE_FIELDS = ("question", "answer", "difficulty")
-SOURCE_KEYS = {"path", "paths", "columns", "split", "task", "level", "difficulty", "n", "limit", "seed", "generate",
-               "data_source"}
+SOURCE_KEYS = {
+    "path",
+    "paths",
+    "columns",
+    "split",
+    "task",
+    "level",
+    "difficulty",
+    "n",
+    "limit",
+    "seed",
+    "generate",
+    "data_source",
+}
 _VERL_COLUMNS = {"prompt", "reward_model", "extra_info"}
 
 
@@ -77,8 +89,12 @@ def _data_files(path: str | os.PathLike | Sequence[str | os.PathLike]) -> list[s
 
 def is_hub_id(path: Any) -> bool:
     """A dataset name on the Hub ("owner/name" or "name") rather than a local file."""
-    return (isinstance(path, str) and not os.path.exists(path) and Path(path).suffix.lower() not in BUILDERS
-            and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) is not None)
+    return (
+        isinstance(path, str)
+        and not os.path.exists(path)
+        and Path(path).suffix.lower() not in BUILDERS
+        and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) is not None
+    )
 
 
 def _read_rows(path: Any, split: str | None) -> list[tuple[str, list[dict[str, Any]]]]:
@@ -96,8 +112,10 @@ def _read_rows(path: Any, split: str | None) -> list[tuple[str, list[dict[str, A
         for file in _data_files(path):
             builder = BUILDERS.get(Path(file).suffix.lower())
             if builder is None:
-                raise ValueError(f"{file}: cannot read {Path(file).suffix or 'files without an ending'}; "
-                                 f"readable: {', '.join(BUILDERS)}")
+                raise ValueError(
+                    f"{file}: cannot read {Path(file).suffix or 'files without an ending'}; "
+                    f"readable: {', '.join(BUILDERS)}"
+                )
             table = datasets.load_dataset(builder, data_files=file, split="train", keep_in_memory=True)
             out.append((file, table.to_list()))
     finally:
@@ -178,8 +196,10 @@ def _mapped_example(row: Mapping[str, Any], columns: Mapping[str, str], task: st
         if column in row:
             values[field] = row[column]
         elif field != "difficulty":
-            raise ValueError(f"{where}: no column {column!r} for the {field} (columns: {sorted(row)}); "
-                             f"map it with columns: {{{field}: ...}}")
+            raise ValueError(
+                f"{where}: no column {column!r} for the {field} (columns: {sorted(row)}); "
+                f"map it with columns: {{{field}: ...}}"
+            )
     return {
         "task": task,
         "difficulty": _difficulty(values.get("difficulty")),
@@ -222,8 +242,10 @@ def load_examples(
             batch = [row_to_example(row, task) for row in rows]
         elif (task or family) is None:
             missing = sorted(_VERL_COLUMNS - set(rows[0]))
-            raise ValueError(f"{where}: not a verl-layout file (missing columns {missing}); name its task family "
-                             "and map its columns (columns: {question: ..., answer: ...})")
+            raise ValueError(
+                f"{where}: not a verl-layout file (missing columns {missing}); name its task family "
+                "and map its columns (columns: {question: ..., answer: ...})"
+            )
         else:
             name = task_name(task or family)
             batch = [_mapped_example(row, columns or {}, name, where, i) for i, row in enumerate(rows)]
@@ -231,8 +253,9 @@ def load_examples(
     return examples
 
 
-def load_source(source: Any, *, task: str | None = None, cache_dir: str | os.PathLike | None = None,
-                split: str = "train") -> list[dict[str, Any]]:
+def load_source(
+    source: Any, *, task: str | None = None, cache_dir: str | os.PathLike | None = None, split: str = "train"
+) -> list[dict[str, Any]]:
     """A task's examples from a source (see the module docstring): a path, a list of examples, or a
     mapping with `path` (+ `columns`, `split`, `level`, `n`) or, without a path, `level` and `n` (+
     `seed`) to generate; `generate: {task, level, n, seed}` is the same as a nested mapping.
@@ -262,8 +285,14 @@ def load_source(source: Any, *, task: str | None = None, cache_dir: str | os.Pat
     n = spec.get("n", spec.get("limit"))
     path = spec.get("path") or spec.get("paths")
     if path is not None:
-        examples = load_examples(path, task=spec.get("task"), family=task, difficulty=level,
-                                 columns=spec.get("columns"), split=spec.get("split"))
+        examples = load_examples(
+            path,
+            task=spec.get("task"),
+            family=task,
+            difficulty=level,
+            columns=spec.get("columns"),
+            split=spec.get("split"),
+        )
         if spec.get("data_source") is not None:  # e.g. MATH-500 (`test_math`) out of a file with AMC/AIME rows too
             examples = [e for e in examples if e.get("data_source") == spec["data_source"]]
         return examples[:n] if n is not None else examples
@@ -276,6 +305,7 @@ def load_source(source: Any, *, task: str | None = None, cache_dir: str | os.Pat
         return generate_examples(task, int(level), int(n), seed, split=split)
     from mtgrpo_jax.tasks.generate import generate_dataset
 
-    paths = generate_dataset([task], [int(level)], int(n), str(Path(cache_dir) / f"seed{seed}"), seed=seed,
-                             split=split, progress=False)
+    paths = generate_dataset(
+        [task], [int(level)], int(n), str(Path(cache_dir) / f"seed{seed}"), seed=seed, split=split, progress=False
+    )
     return load_examples(next(iter(paths.values())), task=task)[: int(n)]

@@ -176,8 +176,14 @@ WORKER_MEMORY_BYTES = 2 * 1024**3
 
 class _Worker:
     def __init__(self, memory_bytes: int):
-        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER_SOURCE, str(memory_bytes)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _WORKER_SOURCE, str(memory_bytes)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+        )
 
     def read_line(self, timeout_s: float | None) -> str | None:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
@@ -308,8 +314,9 @@ class MathTask(BaseTask):
         return f"{example['question']} Put your final answer within \\boxed{{}}. "
 
     def check(self, answer: str, example: Mapping[str, Any]) -> bool:
-        return answers_equivalent(answer, target_string(example), use_math_verify=self.use_math_verify,
-                                  timeout_s=self.math_verify_timeout_s)
+        return answers_equivalent(
+            answer, target_string(example), use_math_verify=self.use_math_verify, timeout_s=self.math_verify_timeout_s
+        )
 
     def reference_answer(self, example: Mapping[str, Any]) -> str:
         return target_string(example).strip()

@@ -27,8 +27,9 @@ class Group:
     advantages: np.ndarray  # [G] float32
 
 
-def build_batch(groups: list[Group], *, num_rows: int, prompt_len: int, completion_len: int, pad_id: int,
-                rng: np.random.Generator) -> tuple[Batch, np.ndarray]:
+def build_batch(
+    groups: list[Group], *, num_rows: int, prompt_len: int, completion_len: int, pad_id: int, rng: np.random.Generator
+) -> tuple[Batch, np.ndarray]:
     """Stacks the groups' rows, pads to `num_rows` (padded rows carry no mask, so they weigh nothing) and
     shuffles rows so every mini-batch mixes tasks. Returns the numpy Batch and the row-validity mask."""
     rows = [(g, i) for g in groups for i in range(g.tokens.shape[0])]
@@ -37,8 +38,13 @@ def build_batch(groups: list[Group], *, num_rows: int, prompt_len: int, completi
     # A rollout's mask is a prefix (its tokens up to and including the stop token).
     lengths = [int(g.mask[i, :completion_len].sum()) for g, i in rows]
     padding = [[]] * (num_rows - len(rows))
-    ids, attn = pack_left_padded([g.prompt_ids for g, _ in rows] + padding, prompt_len, pad_id,
-                                 [g.tokens[i, :n] for (g, i), n in zip(rows, lengths)] + padding, completion_len)
+    ids, attn = pack_left_padded(
+        [g.prompt_ids for g, _ in rows] + padding,
+        prompt_len,
+        pad_id,
+        [g.tokens[i, :n] for (g, i), n in zip(rows, lengths)] + padding,
+        completion_len,
+    )
     cmask = attn[:, prompt_len:]
     old_logp = np.zeros((num_rows, completion_len), np.float32)
     adv = np.zeros((num_rows,), np.float32)
@@ -49,6 +55,7 @@ def build_batch(groups: list[Group], *, num_rows: int, prompt_len: int, completi
         task_ids[row] = g.task_id
     valid = np.arange(num_rows) < len(rows)
     order = rng.permutation(num_rows)
-    batch = Batch(ids[order], attn[order], cmask[order], old_logp[order], adv[order], task_ids[order],
-                  np.zeros_like(old_logp))
+    batch = Batch(
+        ids[order], attn[order], cmask[order], old_logp[order], adv[order], task_ids[order], np.zeros_like(old_logp)
+    )
     return batch, valid[order]

@@ -51,8 +51,10 @@ def measure_matmul_peak(dtype=jnp.float32, size: int = 2048, repeats: int = 5) -
 
 def _step_flops(trainer, seq_len: int) -> float:
     c = trainer.model.config
-    per_layer = (c.hidden_size * c.head_dim * (c.num_attention_heads * 2 + c.num_key_value_heads * 2)
-                 + 3 * c.hidden_size * c.intermediate_size)
+    per_layer = (
+        c.hidden_size * c.head_dim * (c.num_attention_heads * 2 + c.num_key_value_heads * 2)
+        + 3 * c.hidden_size * c.intermediate_size
+    )
     dense_params = c.num_hidden_layers * per_layer + c.hidden_size * c.vocab_size
     tokens = trainer.rows * seq_len
     attention = 2 * 2 * c.num_hidden_layers * trainer.rows * seq_len * seq_len * c.num_attention_heads * c.head_dim
@@ -63,8 +65,11 @@ def run_method(config: str | None, method: str, overrides: list[str], steps: int
     from mtgrpo_jax.train.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(config, [*overrides, f"output_dir={tmp}/run", "logging.console=false",
-                                   "logging.tensorboard=false", "sft.steps=0"], method=method)
+        cfg = load_config(
+            config,
+            [*overrides, f"output_dir={tmp}/run", "logging.console=false", "logging.tensorboard=false", "sft.steps=0"],
+            method=method,
+        )
         trainer = Trainer(cfg)
         records = []
         seq_lens = []
@@ -106,11 +111,13 @@ def estimator_agreement(run_dir: str | Path) -> dict:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if f"task/{names[0]}/improvement/step_mean" in r]
     if not steps:
-        raise ValueError(f"{run_dir}: no per-estimator improvements logged (run with weighting.improvement_diagnostics=true)")
-    series = {e: np.array([[r[f"task/{n}/improvement/{e}"] for n in names] for r in steps])
-              for e in ESTIMATORS}
-    counts = np.array([[r[f"task/{n}/share"] * r["sampler/groups_kept"] * cfg.sampler.group_size for n in names]
-                       for r in steps])
+        raise ValueError(
+            f"{run_dir}: no per-estimator improvements logged (run with weighting.improvement_diagnostics=true)"
+        )
+    series = {e: np.array([[r[f"task/{n}/improvement/{e}"] for n in names] for r in steps]) for e in ESTIMATORS}
+    counts = np.array(
+        [[r[f"task/{n}/share"] * r["sampler/groups_kept"] * cfg.sampler.group_size for n in names] for r in steps]
+    )
     series["step_mean_x_n"] = series["step_mean"] * counts
     rewards = np.array([[r[f"task/{n}/reward"] for n in names] for r in steps])
     w = cfg.weighting
@@ -119,18 +126,28 @@ def estimator_agreement(run_dir: str | Path) -> dict:
         return (x - x.mean(1, keepdims=True)) / np.maximum(x.std(1, keepdims=True), 1e-12)
 
     def weights(improvement):
-        opt = mt_grpo(w.lam, learning_rate=w.learning_rate, weight_decay=w.weight_decay,
-                      improvement_clip=w.improvement_clip)
+        opt = mt_grpo(
+            w.lam, learning_rate=w.learning_rate, weight_decay=w.weight_decay, improvement_clip=w.improvement_clip
+        )
         state, update, out = opt.init(len(names)), jax.jit(opt.update), []
         for j, i in zip(rewards, improvement):
-            z, state = update(TaskSignals(reward=jnp.asarray(j, jnp.float32), improvement=jnp.asarray(i, jnp.float32)), state)
+            z, state = update(
+                TaskSignals(reward=jnp.asarray(j, jnp.float32), improvement=jnp.asarray(i, jnp.float32)), state
+            )
             out.append(np.asarray(z))
         return np.array(out)
 
     ref = series["step_mean"]
     ref_w = weights(ref)
-    out = {"run": str(run_dir), "steps": len(steps), "tasks": names, "lam": w.lam, "driven_by": w.improvement,
-           "weights_step_mean_final": ref_w[-1].round(4).tolist(), "estimators": {}}
+    out = {
+        "run": str(run_dir),
+        "steps": len(steps),
+        "tasks": names,
+        "lam": w.lam,
+        "driven_by": w.improvement,
+        "weights_step_mean_final": ref_w[-1].round(4).tolist(),
+        "estimators": {},
+    }
     for e, x in series.items():
         z = weights(x)
         out["estimators"][e] = {
@@ -150,11 +167,17 @@ def main(argv: list[str], prog: str = "mtgrpo bench step") -> int:
     p.add_argument("--steps", type=int, default=3, help="measured steps per method")
     p.add_argument("--warmup", type=int, default=2, help="steps discarded first (compilation)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--estimators", default=",".join(ESTIMATORS),
-                   help="improvement estimators to time against DAPO (comma-separated; the first is `mt_grpo`)")
-    p.add_argument("--agreement", metavar="RUN_DIR",
-                   help="instead: how the improvement estimators agree on a run trained with "
-                        "weighting.improvement_diagnostics=true (JSON)")
+    p.add_argument(
+        "--estimators",
+        default=",".join(ESTIMATORS),
+        help="improvement estimators to time against DAPO (comma-separated; the first is `mt_grpo`)",
+    )
+    p.add_argument(
+        "--agreement",
+        metavar="RUN_DIR",
+        help="instead: how the improvement estimators agree on a run trained with "
+        "weighting.improvement_diagnostics=true (JSON)",
+    )
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     if args.agreement:
@@ -172,8 +195,12 @@ def main(argv: list[str], prog: str = "mtgrpo bench step") -> int:
     # The method presets set their own sampler defaults; both methods get the config's sampling budget and
     # filter so that the comparison isolates the MT-GRPO machinery.
     s = base.sampler
-    shared = [*args.overrides, f"sampler.resample_budget={s.resample_budget}", f"sampler.oversample={s.oversample}",
-              f"sampler.filter={s.filter}"]
+    shared = [
+        *args.overrides,
+        f"sampler.resample_budget={s.resample_budget}",
+        f"sampler.oversample={s.oversample}",
+        f"sampler.filter={s.filter}",
+    ]
     estimators = [e for e in args.estimators.split(",") if e]
     bad = sorted(set(estimators) - set(ESTIMATORS))
     if bad or not estimators:
@@ -181,8 +208,10 @@ def main(argv: list[str], prog: str = "mtgrpo bench step") -> int:
         return 2
     # DAPO gets the same budget counting as MT-GRPO, so the two generate the same number of rounds.
     shared.append(f"sampler.budget_counts={s.budget_counts}")
-    runs = {e: run_method(args.config, "mt_grpo", [*shared, f"weighting.improvement={e}"], args.steps, args.warmup)
-            for e in estimators}
+    runs = {
+        e: run_method(args.config, "mt_grpo", [*shared, f"weighting.improvement={e}"], args.steps, args.warmup)
+        for e in estimators
+    }
     mt = runs[estimators[0]]
     dapo = run_method(args.config, "dapo", shared, args.steps, args.warmup)
     dtype = jnp.bfloat16 if mt["dtype"] == "bfloat16" else jnp.float32
@@ -197,15 +226,22 @@ def main(argv: list[str], prog: str = "mtgrpo bench step") -> int:
         "mt_grpo": mt,
         "dapo": dapo,
         "update_mfu_vs_measured_peak": mt["update_flops_per_s"] / peak,
-        "mt_grpo_machinery_fraction": (mt["time/sampling"] + mt["time/improvement"] + mt["time/weights"]) / mt["time/step"],
+        "mt_grpo_machinery_fraction": (mt["time/sampling"] + mt["time/improvement"] + mt["time/weights"])
+        / mt["time/step"],
         "step_time_ratio_vs_dapo": mt["time/step"] / dapo["time/step"],
         # Per estimator: the step's non-rollout work (old log-probs, update, improvement, weights) against
         # DAPO's, which isolates the estimator's cost from the rollout's sampling noise, and the whole step.
-        "estimators": {e: {"time/step": r["time/step"], "time/old_logprobs": r["time/old_logprobs"],
-                           "time/update": r["time/update"], "time/improvement": r["time/improvement"],
-                           "train_time_ratio_vs_dapo": _train_time(r) / max(_train_time(dapo), 1e-9),
-                           "step_time_ratio_vs_dapo": r["time/step"] / dapo["time/step"]}
-                       for e, r in runs.items()},
+        "estimators": {
+            e: {
+                "time/step": r["time/step"],
+                "time/old_logprobs": r["time/old_logprobs"],
+                "time/update": r["time/update"],
+                "time/improvement": r["time/improvement"],
+                "train_time_ratio_vs_dapo": _train_time(r) / max(_train_time(dapo), 1e-9),
+                "step_time_ratio_vs_dapo": r["time/step"] / dapo["time/step"],
+            }
+            for e, r in runs.items()
+        },
     }
     for name, flops in GPU_PEAKS.items():
         if name in kind:
@@ -218,9 +254,13 @@ def main(argv: list[str], prog: str = "mtgrpo bench step") -> int:
     for ph in PHASES + ("step",):
         print(f"{ph:<18} {mt[f'time/{ph}']:>9.3f} {dapo[f'time/{ph}']:>9.3f}")
     print(f"update MFU vs measured peak: {result['update_mfu_vs_measured_peak']:.1%}")
-    print(f"MT-GRPO machinery (sampler bookkeeping + improvement + weights): {result['mt_grpo_machinery_fraction']:.1%} of the step")
+    print(
+        f"MT-GRPO machinery (sampler bookkeeping + improvement + weights): {result['mt_grpo_machinery_fraction']:.1%} of the step"
+    )
     print(f"MT-GRPO step / DAPO step: {result['step_time_ratio_vs_dapo']:.2f}x")
     for e, r in result["estimators"].items():
-        print(f"  improvement estimator {e:<14} training work {r['train_time_ratio_vs_dapo']:.2f}x DAPO's, "
-              f"step {r['step_time_ratio_vs_dapo']:.2f}x")
+        print(
+            f"  improvement estimator {e:<14} training work {r['train_time_ratio_vs_dapo']:.2f}x DAPO's, "
+            f"step {r['step_time_ratio_vs_dapo']:.2f}x"
+        )
     return 0

@@ -57,8 +57,10 @@ class Checkpointer:
                 reason = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
                 reason = f"{type(e).__name__}: {reason}"[:300]
                 aside = self._set_aside(step)
-                log(f"[mtgrpo] checkpoint step {step} could not be read ({reason}); moved to {aside}, "
-                    "trying the previous one")
+                log(
+                    f"[mtgrpo] checkpoint step {step} could not be read ({reason}); moved to {aside}, "
+                    "trying the previous one"
+                )
                 continue
             return step, arrays, host
         return None

@@ -12,9 +12,14 @@ from mtgrpo_jax.config import METHODS_DIR, Config, ConfigError, dump_config, loa
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--config", "-c", help="YAML preset (e.g. configs/demo.yaml); omitted: the defaults")
-    p.add_argument("--method", help=f"the method preset (a YAML path or a name in {METHODS_DIR}); the config's own "
-                                    "values and its `methods.<name>` block win over it")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. output_dir=runs/x optim.learning_rate=1e-6")
+    p.add_argument(
+        "--method",
+        help=f"the method preset (a YAML path or a name in {METHODS_DIR}); the config's own "
+        "values and its `methods.<name>` block win over it",
+    )
+    p.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. output_dir=runs/x optim.learning_rate=1e-6"
+    )
     return p
 
 
@@ -23,8 +28,11 @@ def resolve_config(args) -> Config:
 
 
 def config_main(argv: list[str], prog: str = "mtgrpo config") -> int:
-    args = _parser(prog, "Print the resolved config as YAML: exactly what `mtgrpo train` with the same arguments "
-                         "would run, without running it.").parse_args(argv)
+    args = _parser(
+        prog,
+        "Print the resolved config as YAML: exactly what `mtgrpo train` with the same arguments "
+        "would run, without running it.",
+    ).parse_args(argv)
     try:
         cfg = resolve_config(args)
     except ConfigError as err:
@@ -40,10 +48,11 @@ def accuracy_table(history: list[dict], names: list[str]) -> str:
         return "(no evaluation was run)"
     first, last = evals[0], evals[-1]
     width = max([len(n) for n in names] + [10])
-    lines = [f"{'task':<{width}}  {'before RL':>9}  {'after RL':>9}  {'change':>7}",
-             "-" * (width + 33)]
-    rows = [(n, f"eval/{n}/accuracy") for n in names] + [("worst task", "eval/worst_accuracy"),
-                                                       ("average", "eval/mean_accuracy")]
+    lines = [f"{'task':<{width}}  {'before RL':>9}  {'after RL':>9}  {'change':>7}", "-" * (width + 33)]
+    rows = [(n, f"eval/{n}/accuracy") for n in names] + [
+        ("worst task", "eval/worst_accuracy"),
+        ("average", "eval/mean_accuracy"),
+    ]
     for label, key in rows:
         if key in first and key in last:
             a, b = first[key], last[key]
@@ -75,7 +84,9 @@ def train_main(argv: list[str], prog: str = "mtgrpo train") -> int:
 
 
 def sft_main(argv: list[str], prog: str = "mtgrpo sft") -> int:
-    args = _parser(prog, "Supervised warm start on task demonstrations; writes the model in Hugging Face layout.").parse_args(argv)
+    args = _parser(
+        prog, "Supervised warm start on task demonstrations; writes the model in Hugging Face layout."
+    ).parse_args(argv)
     try:
         cfg = resolve_config(args)
         if cfg.sft.steps <= 0:
@@ -91,13 +102,16 @@ def sft_main(argv: list[str], prog: str = "mtgrpo sft") -> int:
     from mtgrpo_jax.models import save_pretrained
     from mtgrpo_jax.train.sft import run_sft
 
-    trainer.params, record = run_sft(cfg, trainer.tasks, trainer.policy, trainer.graphdef, trainer.params,
-                                     trainer.batch_sharding)
+    trainer.params, record = run_sft(
+        cfg, trainer.tasks, trainer.policy, trainer.graphdef, trainer.params, trainer.batch_sharding
+    )
     nnx.update(trainer.model, trainer.params)
     out = Path(cfg.output_dir) / "hf_sft"
     save_pretrained(trainer.model, out)  # every process: the sharded parameters are gathered; process 0 writes
     if trainer.is_primary:
         trainer.tokenizer.save_pretrained(out)
-        print(f"sft: loss {record['sft/loss_first']:.3f} -> {record['sft/loss_last']:.3f} over {record['sft/steps']} steps; "
-              f"model written to {out}")
+        print(
+            f"sft: loss {record['sft/loss_first']:.3f} -> {record['sft/loss_last']:.3f} over {record['sft/steps']} steps; "
+            f"model written to {out}"
+        )
     return 0

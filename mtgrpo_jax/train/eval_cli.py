@@ -19,19 +19,28 @@ from mtgrpo_jax.train.metrics import read_metrics
 
 def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("target", help="a run directory (uses its hf_final model and its config), a model directory "
-                                  "(config.json + safetensors), or 'tiny' for the bundled random-init model")
-    p.add_argument("--tasks", help="comma-separated: parquet files (verl layout, e.g. the paper's test sets; split "
-                                   "into one task per family and difficulty), or FAMILY:LEVEL:N to generate N items; "
-                                   "default: the run's held-out sets")
+    p.add_argument(
+        "target",
+        help="a run directory (uses its hf_final model and its config), a model directory "
+        "(config.json + safetensors), or 'tiny' for the bundled random-init model",
+    )
+    p.add_argument(
+        "--tasks",
+        help="comma-separated: parquet files (verl layout, e.g. the paper's test sets; split "
+        "into one task per family and difficulty), or FAMILY:LEVEL:N to generate N items; "
+        "default: the run's held-out sets",
+    )
     # Each flag below is a shorthand for an `eval.*` override and, when absent, leaves the config's value alone.
     p.add_argument("--n", type=int, help="samples per prompt (eval.n; default 8, the paper's)")
     p.add_argument("--temperature", type=float, help="sampling temperature (eval.temperature; default 1.0; 0 = greedy)")
     p.add_argument("--pass-k", help="comma-separated k for unbiased pass@k (eval.pass_k; default 1)")
     p.add_argument("--max-examples", type=int, help="at most this many prompts per task (eval.max_examples)")
     p.add_argument("--max-new-tokens", type=int, help="eval.max_new_tokens; default: rollout.max_new_tokens")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"],
-                   help="eval.dtype; default auto: float32 on CPU, else the config's model.dtype")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float32"],
+        help="eval.dtype; default auto: float32 on CPU, else the config's model.dtype",
+    )
     p.add_argument("--baseline", help="a run directory whose last evaluation is the baseline for the relative change")
     p.add_argument("--thresholds", default="0.3,0.5", help="worst-task accuracy thresholds for steps-to-threshold")
     p.add_argument("--seed", type=int, default=0)
@@ -40,8 +49,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
-_FLAG_KEYS = {"n": "eval.n", "temperature": "eval.temperature", "pass_k": "eval.pass_k",
-              "max_examples": "eval.max_examples", "max_new_tokens": "eval.max_new_tokens", "dtype": "eval.dtype"}
+_FLAG_KEYS = {
+    "n": "eval.n",
+    "temperature": "eval.temperature",
+    "pass_k": "eval.pass_k",
+    "max_examples": "eval.max_examples",
+    "max_new_tokens": "eval.max_new_tokens",
+    "dtype": "eval.dtype",
+}
 
 
 def _flag_overrides(args) -> list[str]:
@@ -140,8 +155,11 @@ def _load_model(target: Path, cfg: Config):
     model = load_pretrained(str(model_dir), dtype=dtype, mesh=mesh)
     tok_source = model_dir if has_tokenizer(model_dir) else cfg.model.tokenizer
     tokenizer = load_tokenizer(tok_source)
-    check_tokenizer_fits(tokenizer, model.config.vocab_size,
-                         f"eval: tokenizer {tok_source or 'bundled tiny tokenizer'} for the model in {model_dir}")
+    check_tokenizer_fits(
+        tokenizer,
+        model.config.vocab_size,
+        f"eval: tokenizer {tok_source or 'bundled tiny tokenizer'} for the model in {model_dir}",
+    )
     return model, tokenizer, mesh
 
 
@@ -181,11 +199,18 @@ def main(argv: list[str], prog: str = "mtgrpo eval") -> int:
 
     ks = list(cfg.eval.pass_k)
     record = evaluate_tasks(policy, tasks, cfg.eval, cfg.train, step=0, key=jax.random.key(args.seed))
-    result = {"target": str(target), "n": cfg.eval.n, "temperature": cfg.eval.temperature, "dtype": eval_dtype(cfg),
-              "prompt_style": prompt_choice.as_dict(),
-              "tasks": {t.name: {k.split("/")[-1]: v for k, v in record.items() if k.startswith(f"eval/{t.name}/")}
-                        for t in tasks},
-              "worst_accuracy": record.get("eval/worst_accuracy"), "mean_accuracy": record.get("eval/mean_accuracy")}
+    result = {
+        "target": str(target),
+        "n": cfg.eval.n,
+        "temperature": cfg.eval.temperature,
+        "dtype": eval_dtype(cfg),
+        "prompt_style": prompt_choice.as_dict(),
+        "tasks": {
+            t.name: {k.split("/")[-1]: v for k, v in record.items() if k.startswith(f"eval/{t.name}/")} for t in tasks
+        },
+        "worst_accuracy": record.get("eval/worst_accuracy"),
+        "mean_accuracy": record.get("eval/mean_accuracy"),
+    }
     accs = {t.name: record[f"eval/{t.name}/accuracy"] for t in tasks}
     if args.baseline:
         try:
@@ -194,22 +219,32 @@ def main(argv: list[str], prog: str = "mtgrpo eval") -> int:
             print(f"{prog}: {err}", file=sys.stderr)
             return 2
         if not base:
-            print(f"{prog}: --baseline {args.baseline}: its evaluations name none of the tasks {sorted(accs)}",
-                  file=sys.stderr)
+            print(
+                f"{prog}: --baseline {args.baseline}: its evaluations name none of the tasks {sorted(accs)}",
+                file=sys.stderr,
+            )
             return 2
         change = relative_change({k: accs[k] for k in base}, base)
-        result["relative_change_vs_baseline"] = {"mean": change.mean, "per_task": change.per_task, "skipped": change.skipped}
+        result["relative_change_vs_baseline"] = {
+            "mean": change.mean,
+            "per_task": change.per_task,
+            "skipped": change.skipped,
+        }
     if (target / "metrics.jsonl").is_file():
         hits = steps_to_thresholds(eval_history(read_metrics(target)), thresholds)
         result["steps_to_worst_task_threshold"] = {
             str(thr): {"step": None if hit is None else hit.step, "hours": None if hit is None else hit.hours}
-            for thr, hit in hits.items()}
+            for thr, hit in hits.items()
+        }
     if args.json:
         print(json.dumps(result, default=float))
         return 0
     print(f"{'task':<24} {'accuracy':>9} " + " ".join(f"{'pass@' + str(k):>8}" for k in ks))
     for name, vals in result["tasks"].items():
-        print(f"{name:<24} {vals['accuracy']:>9.3f} " + " ".join(f"{vals.get(f'pass@{k}', float('nan')):>8.3f}" for k in ks))
+        print(
+            f"{name:<24} {vals['accuracy']:>9.3f} "
+            + " ".join(f"{vals.get(f'pass@{k}', float('nan')):>8.3f}" for k in ks)
+        )
     print(f"{'worst task':<24} {result['worst_accuracy']:>9.3f}\n{'average':<24} {result['mean_accuracy']:>9.3f}")
     if "relative_change_vs_baseline" in result:
         print(f"average relative change vs {args.baseline}: {result['relative_change_vs_baseline']['mean']:+.3f}")

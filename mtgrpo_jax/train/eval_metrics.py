@@ -94,9 +94,7 @@ def summarize(accuracies: Mapping[str, float]) -> TaskSummary:
         if not np.isfinite(value):
             raise ValueError(f"summarize: accuracy of task {name!r} is not finite ({value})")
     worst_task = min(accuracies, key=lambda name: accuracies[name])
-    return TaskSummary(
-        float(accuracies[worst_task]), float(np.mean(list(accuracies.values()))), worst_task
-    )
+    return TaskSummary(float(accuracies[worst_task]), float(np.mean(list(accuracies.values()))), worst_task)
 
 
 def eval_record(correct_by_task: Mapping[str, Any], ks: Sequence[int] = ()) -> dict[str, Any]:

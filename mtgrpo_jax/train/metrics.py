@@ -451,11 +451,7 @@ class MetricsWriter:
         self._file.write(json.dumps({k: _json_safe(v) for k, v in out.items()}, allow_nan=False) + "\n")
         self._file.flush()
 
-        scalars = {
-            k: float(v)
-            for k, v in out.items()
-            if k not in BOOKKEEPING_KEYS and _is_scalar_number(v)
-        }
+        scalars = {k: float(v) for k, v in out.items() if k not in BOOKKEEPING_KEYS and _is_scalar_number(v)}
         if self._tb is not None:
             for key, value in scalars.items():
                 self._tb.add_scalar(tensorboard_tag(key), value, global_step=step, walltime=out["time"])

@@ -86,52 +86,152 @@ class PlanError(ValueError):
 # ---------------------------------------------------------------------------------------------------------------
 # Model configs without a hub: the config.json values of the models the paper and its users train.
 
-_QWEN25 = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu", rms_norm_eps=1e-6,
-               rope_theta=1000000.0, bos_token_id=151643, eos_token_id=151643, use_sliding_window=False)
-_QWEN3 = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_act="silu", rms_norm_eps=1e-6,
-              rope_theta=1000000.0, bos_token_id=151643, eos_token_id=151645, head_dim=128, vocab_size=151936,
-              attention_bias=False, max_position_embeddings=40960, use_sliding_window=False)
-_LLAMA3 = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", rms_norm_eps=1e-5,
-               rope_theta=500000.0, bos_token_id=128000, vocab_size=128256, attention_bias=False, mlp_bias=False,
-               hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, tie_word_embeddings=False)
-_LLAMA31_ROPE = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                 "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+_QWEN25 = dict(
+    architectures=["Qwen2ForCausalLM"],
+    model_type="qwen2",
+    hidden_act="silu",
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    bos_token_id=151643,
+    eos_token_id=151643,
+    use_sliding_window=False,
+)
+_QWEN3 = dict(
+    architectures=["Qwen3ForCausalLM"],
+    model_type="qwen3",
+    hidden_act="silu",
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    bos_token_id=151643,
+    eos_token_id=151645,
+    head_dim=128,
+    vocab_size=151936,
+    attention_bias=False,
+    max_position_embeddings=40960,
+    use_sliding_window=False,
+)
+_LLAMA3 = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    hidden_act="silu",
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    bos_token_id=128000,
+    vocab_size=128256,
+    attention_bias=False,
+    mlp_bias=False,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    tie_word_embeddings=False,
+)
+_LLAMA31_ROPE = {
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+    "rope_type": "llama3",
+}
 
 KNOWN_MODELS: dict[str, dict[str, Any]] = {
-    "Qwen/Qwen2.5-0.5B": dict(_QWEN25, vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                              num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
-                              max_position_embeddings=32768),
-    "Qwen/Qwen2.5-1.5B": dict(_QWEN25, vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                              num_hidden_layers=28,
-                              num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
-                              max_position_embeddings=131072),
-    "Qwen/Qwen2.5-3B": dict(_QWEN25, vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                            num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True,
-                            max_position_embeddings=32768),
-    "Qwen/Qwen2.5-7B": dict(_QWEN25, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                            num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
-                            max_position_embeddings=131072),
-    "Qwen/Qwen3-0.6B": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                            num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
-    "Qwen/Qwen3-1.7B": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                            num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
-    "Qwen/Qwen3-4B": dict(_QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                          num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
-    "Qwen/Qwen3-8B": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                          num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    "Qwen/Qwen2.5-0.5B": dict(
+        _QWEN25,
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+    ),
+    "Qwen/Qwen2.5-1.5B": dict(
+        _QWEN25,
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=131072,
+    ),
+    "Qwen/Qwen2.5-3B": dict(
+        _QWEN25,
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=11008,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+    ),
+    "Qwen/Qwen2.5-7B": dict(
+        _QWEN25,
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        max_position_embeddings=131072,
+    ),
+    "Qwen/Qwen3-0.6B": dict(
+        _QWEN3,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    ),
+    "Qwen/Qwen3-1.7B": dict(
+        _QWEN3,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    ),
+    "Qwen/Qwen3-4B": dict(
+        _QWEN3,
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+    ),
+    "Qwen/Qwen3-8B": dict(
+        _QWEN3,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=False,
+    ),
     "meta-llama/Meta-Llama-3-8B": dict(_LLAMA3, eos_token_id=128001, max_position_embeddings=8192),
-    "meta-llama/Llama-3.1-8B": dict(_LLAMA3, eos_token_id=128001, max_position_embeddings=131072,
-                                    rope_scaling=_LLAMA31_ROPE),
+    "meta-llama/Llama-3.1-8B": dict(
+        _LLAMA3, eos_token_id=128001, max_position_embeddings=131072, rope_scaling=_LLAMA31_ROPE
+    ),
 }
 # Instruct variants share the architecture; only the end-of-turn token differs.
 for _name in ("0.5B", "1.5B", "3B", "7B"):
-    KNOWN_MODELS[f"Qwen/Qwen2.5-{_name}-Instruct"] = dict(KNOWN_MODELS[f"Qwen/Qwen2.5-{_name}"], eos_token_id=151645,
-                                                          max_position_embeddings=32768)
-KNOWN_MODELS["meta-llama/Meta-Llama-3-8B-Instruct"] = dict(KNOWN_MODELS["meta-llama/Meta-Llama-3-8B"],
-                                                           eos_token_id=[128001, 128009])
-KNOWN_MODELS["meta-llama/Llama-3.1-8B-Instruct"] = dict(KNOWN_MODELS["meta-llama/Llama-3.1-8B"],
-                                                        eos_token_id=[128001, 128008, 128009])
+    KNOWN_MODELS[f"Qwen/Qwen2.5-{_name}-Instruct"] = dict(
+        KNOWN_MODELS[f"Qwen/Qwen2.5-{_name}"], eos_token_id=151645, max_position_embeddings=32768
+    )
+KNOWN_MODELS["meta-llama/Meta-Llama-3-8B-Instruct"] = dict(
+    KNOWN_MODELS["meta-llama/Meta-Llama-3-8B"], eos_token_id=[128001, 128009]
+)
+KNOWN_MODELS["meta-llama/Llama-3.1-8B-Instruct"] = dict(
+    KNOWN_MODELS["meta-llama/Llama-3.1-8B"], eos_token_id=[128001, 128008, 128009]
+)
 KNOWN_MODELS["meta-llama/Meta-Llama-3.1-8B"] = KNOWN_MODELS["meta-llama/Llama-3.1-8B"]
 KNOWN_MODELS["meta-llama/Meta-Llama-3.1-8B-Instruct"] = KNOWN_MODELS["meta-llama/Llama-3.1-8B-Instruct"]
 
@@ -151,8 +251,10 @@ def model_config(cfg: Config) -> ModelConfig:
     else:
         known = {k.lower(): v for k, v in KNOWN_MODELS.items()}
         if path.lower() not in known:
-            raise PlanError(f"model.path: unknown model {path!r}: not a local directory with config.json and not one "
-                            f"of the known configs ({', '.join(sorted(k for k in KNOWN_MODELS if 'Instr' not in k))})")
+            raise PlanError(
+                f"model.path: unknown model {path!r}: not a local directory with config.json and not one "
+                f"of the known configs ({', '.join(sorted(k for k in KNOWN_MODELS if 'Instr' not in k))})"
+            )
         base = ModelConfig.from_hf(known[path.lower()])
     if cfg.model.overrides:
         try:
@@ -192,8 +294,13 @@ def abstract_opt_state(tx: optax.GradientTransformation, params, mesh):
     """The optimizer state's shapes with the shardings `update.init_opt_state` gives them."""
     replicated = NamedSharding(mesh, P())
     shapes = jax.eval_shape(tx.init, params)
-    shardings = optax.tree_map_params(tx, lambda _, s: s, shapes, jax.tree.map(lambda x: x.sharding, params),
-                                      transform_non_params=lambda _: replicated)
+    shardings = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        shapes,
+        jax.tree.map(lambda x: x.sharding, params),
+        transform_non_params=lambda _: replicated,
+    )
     return _abstract(shapes, shardings)
 
 
@@ -219,8 +326,20 @@ class ProgramPlan:
     cost_compile_s: float = 0.0  # compile time of the cost-only variants (1 and 2 layers, loops unrolled)
 
     def as_json(self) -> dict:
-        keys = ("argument_bytes", "output_bytes", "temp_bytes", "peak_bytes", "flops", "bytes_accessed", "roofline_s",
-                "fits", "compile_s", "calls_per_step", "cost_counted", "cost_compile_s")
+        keys = (
+            "argument_bytes",
+            "output_bytes",
+            "temp_bytes",
+            "peak_bytes",
+            "flops",
+            "bytes_accessed",
+            "roofline_s",
+            "fits",
+            "compile_s",
+            "calls_per_step",
+            "cost_counted",
+            "cost_compile_s",
+        )
         return {k: getattr(self, k) for k in keys}
 
 
@@ -244,15 +363,21 @@ def compile_program(fn, *args, mesh=None, compiler_options: dict | None = None, 
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, (list, tuple)):  # older jax: one dict per device program
         cost = cost[0] if cost else {}
-    return _Compiled(compiled.memory_analysis(), float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
-                     elapsed)
+    return _Compiled(
+        compiled.memory_analysis(), float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)), elapsed
+    )
 
 
 def peak_bytes(memory) -> int:
     """What the program holds at once per device: arguments + outputs (less what is donated into them)
     + temporaries + the program itself."""
-    return int(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-               + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
+    return int(
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+        + memory.generated_code_size_in_bytes
+    )
 
 
 def device_bytes(tree) -> int:
@@ -264,10 +389,21 @@ def device_bytes(tree) -> int:
     return int(total)
 
 
-def _report(name: str, c: _Compiled, topo: Topology, *, calls: float, scale: float = 1.0,
-            flops: float | None = None, bytes_accessed: float | None = None, knob: str = "",
-            resident: int = 0, cost: Cost | None = None, extra_flops: float = 0.0,
-            extra_how: str = "") -> ProgramPlan:
+def _report(
+    name: str,
+    c: _Compiled,
+    topo: Topology,
+    *,
+    calls: float,
+    scale: float = 1.0,
+    flops: float | None = None,
+    bytes_accessed: float | None = None,
+    knob: str = "",
+    resident: int = 0,
+    cost: Cost | None = None,
+    extra_flops: float = 0.0,
+    extra_how: str = "",
+) -> ProgramPlan:
     """`resident`: bytes per device that stay allocated while the program runs without being among its
     arguments (the optimizer state during rollout, ...); they count against HBM like its own. `cost`: the
     program's FLOPs and bytes with every layer and logprob-chunk trip counted (`Depths.cost`), used in
@@ -284,9 +420,22 @@ def _report(name: str, c: _Compiled, topo: Topology, *, calls: float, scale: flo
     how += extra_how if extra_flops else ""
     b = (c.bytes_accessed if bytes_accessed is None else bytes_accessed) * scale
     roofline = max(f / topo.chip.peak_flops, b / topo.chip.hbm_bandwidth)
-    return ProgramPlan(name, int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.temp_size_in_bytes),
-                       peak, f, b, roofline, peak <= topo.chip.hbm_bytes, c.compile_s, calls, knob, how,
-                       cost.compile_s if cost is not None else 0.0)
+    return ProgramPlan(
+        name,
+        int(m.argument_size_in_bytes),
+        int(m.output_size_in_bytes),
+        int(m.temp_size_in_bytes),
+        peak,
+        f,
+        b,
+        roofline,
+        peak <= topo.chip.hbm_bytes,
+        c.compile_s,
+        calls,
+        knob,
+        how,
+        cost.compile_s if cost is not None else 0.0,
+    )
 
 
 def _is_oom(err: Exception) -> bool:
@@ -424,8 +573,12 @@ class Depths:
                         c = compile_program(fn, *args, mesh=self.mesh, compiler_options=options, **kwargs)
                         counted[n, r] = np.array([c.flops, c.bytes_accessed])
         except Exception as err:  # noqa: BLE001 - the plan falls back to the scanned cost and says why
-            return Cost(None, None, f"as compiled, loop bodies once (the unrolled cost variant failed: "
-                                    f"{_one_line(err)})", time.perf_counter() - start)
+            return Cost(
+                None,
+                None,
+                f"as compiled, loop bodies once (the unrolled cost variant failed: {_one_line(err)})",
+                time.perf_counter() - start,
+            )
         elapsed = time.perf_counter() - start
 
         def at_depth(r) -> tuple[np.ndarray, np.ndarray]:  # (cost at the real depth, one layer's) at r rows
@@ -441,8 +594,13 @@ class Depths:
             total = total + (rows - r1) / r1 * (t2 - total)
             per_layer = per_layer + (rows - r1) / r1 * (l2 - per_layer)
             how += f", at {r1} and {2 * r1} rows, extrapolated to {rows}"
-        return Cost(float(total[0]), float(total[1]), how, elapsed,
-                    None if layers == 1 else (float(per_layer[0]), float(per_layer[1])))
+        return Cost(
+            float(total[0]),
+            float(total[1]),
+            how,
+            elapsed,
+            None if layers == 1 else (float(per_layer[0]), float(per_layer[1])),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -452,13 +610,23 @@ class Depths:
 def update_settings(cfg: Config, micro_batches: int) -> UpdateSettings:
     """The trainer's UpdateSettings for `cfg` (one place, so plan and trainer compile the same program)."""
     return UpdateSettings(
-        mini_batches=cfg.optim.mini_batches, micro_batches=micro_batches,
-        completion_len=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, eps_low=cfg.loss.eps_low,
-        eps_high=cfg.loss.eps_high, dual_clip=cfg.loss.dual_clip, aggregation=cfg.loss.aggregation,
-        beta=cfg.loss.beta, kl_estimator=cfg.loss.kl_estimator, entropy_coef=cfg.loss.entropy_coef,
-        num_tasks=max(1, len(cfg.tasks)), improvement=setup.improvement_mode(cfg),
-        logprob_chunk=cfg.loss.logprob_chunk, vocab_chunk=cfg.loss.vocab_chunk,
-        improvement_diagnostics=cfg.weighting.improvement_diagnostics and setup.improvement_mode(cfg) != "none")
+        mini_batches=cfg.optim.mini_batches,
+        micro_batches=micro_batches,
+        completion_len=cfg.rollout.max_new_tokens,
+        temperature=cfg.rollout.temperature,
+        eps_low=cfg.loss.eps_low,
+        eps_high=cfg.loss.eps_high,
+        dual_clip=cfg.loss.dual_clip,
+        aggregation=cfg.loss.aggregation,
+        beta=cfg.loss.beta,
+        kl_estimator=cfg.loss.kl_estimator,
+        entropy_coef=cfg.loss.entropy_coef,
+        num_tasks=max(1, len(cfg.tasks)),
+        improvement=setup.improvement_mode(cfg),
+        logprob_chunk=cfg.loss.logprob_chunk,
+        vocab_chunk=cfg.loss.vocab_chunk,
+        improvement_diagnostics=cfg.weighting.improvement_diagnostics and setup.improvement_mode(cfg) != "none",
+    )
 
 
 def prompts_per_round(cfg: Config) -> int:
@@ -473,10 +641,15 @@ def prompts_per_round(cfg: Config) -> int:
 def abstract_batch(rows: int, prompt_len: int, completion_len: int, sharding) -> Batch:
     total = prompt_len + completion_len
     sd = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
-    return Batch(input_ids=sd((rows, total), jnp.int32), attention_mask=sd((rows, total), jnp.bool_),
-                 completion_mask=sd((rows, completion_len), jnp.bool_),
-                 old_logp=sd((rows, completion_len), jnp.float32), advantages=sd((rows,), jnp.float32),
-                 task_ids=sd((rows,), jnp.int32), ref_logp=sd((rows, completion_len), jnp.float32))
+    return Batch(
+        input_ids=sd((rows, total), jnp.int32),
+        attention_mask=sd((rows, total), jnp.bool_),
+        completion_mask=sd((rows, completion_len), jnp.bool_),
+        old_logp=sd((rows, completion_len), jnp.float32),
+        advantages=sd((rows,), jnp.float32),
+        task_ids=sd((rows,), jnp.int32),
+        ref_logp=sd((rows, completion_len), jnp.float32),
+    )
 
 
 def batch_devices(mesh) -> int:
@@ -510,10 +683,14 @@ class Plan:
         return all(p.fits for p in self.programs.values())
 
     def as_json(self) -> dict:
-        return {"topology": self.topology.libtpu_name, "devices": self.devices,
-                "hbm_bytes_per_device": self.topology.chip.hbm_bytes, "fits": self.fits,
-                "step_time_estimate_s": self.step_time_estimate_s,
-                "programs": {name: p.as_json() for name, p in self.programs.items()}}
+        return {
+            "topology": self.topology.libtpu_name,
+            "devices": self.devices,
+            "hbm_bytes_per_device": self.topology.chip.hbm_bytes,
+            "fits": self.fits,
+            "step_time_estimate_s": self.step_time_estimate_s,
+            "programs": {name: p.as_json() for name, p in self.programs.items()},
+        }
 
 
 def _knob(cfg: Config, program: str, mesh, micro_batches: int) -> str:
@@ -537,12 +714,26 @@ def _knob(cfg: Config, program: str, mesh, micro_batches: int) -> str:
     return "raise mesh.tensor or use a larger slice (one row per device already)"
 
 
-PROGRAMS = ("rollout_prefill", "rollout_decode", "old_logprobs", "reference_logprobs", "policy_update", "improvement",
-            "sft_step")
+PROGRAMS = (
+    "rollout_prefill",
+    "rollout_decode",
+    "old_logprobs",
+    "reference_logprobs",
+    "policy_update",
+    "improvement",
+    "sft_step",
+)
 
 
-def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only: set[str] | None = None,
-         progress: Callable[[str], None] | None = None, count_loops: bool = True) -> Plan:
+def plan(
+    cfg: Config,
+    topology: str | Topology,
+    *,
+    rollout_rounds: int = 1,
+    only: set[str] | None = None,
+    progress: Callable[[str], None] | None = None,
+    count_loops: bool = True,
+) -> Plan:
     """Compiles the step's programs for `topology` at `cfg`'s shapes and returns their costs (`only`: just
     these programs, by name; the step estimate then covers only them). `count_loops`: also compile each
     layered program's 1- and 2-layer unrolled variants (`Depths`) so its FLOPs and bytes count every layer
@@ -565,15 +756,22 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
     graphdef, params, _rest = nnx.split(model, nnx.Param, ...)
     params = sharded_abstract_state(params, mesh, "train")
     o = cfg.optim
-    tx = make_optimizer(o.learning_rate, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, grad_clip=o.grad_clip,
-                        warmup_steps=o.warmup_steps)
+    tx = make_optimizer(
+        o.learning_rate,
+        b1=o.b1,
+        b2=o.b2,
+        weight_decay=o.weight_decay,
+        grad_clip=o.grad_clip,
+        warmup_steps=o.warmup_steps,
+    )
     opt_state = abstract_opt_state(tx, params, mesh)
     depths = Depths(cfg, mc, mesh, tx, Depth(model, graphdef, params, opt_state), enabled=count_loops)
     rows = cfg.sampler.batch_size * cfg.sampler.group_size
     prompt_len, completion_len = max(cfg.rollout.prompt_buckets), cfg.rollout.max_new_tokens
     batch_sh = NamedSharding(mesh, P(BATCH_AXES))
-    micro = resolve_micro_batches(cfg, mesh, graphdef, params, tx, opt_state=opt_state, hbm_bytes=topo.chip.hbm_bytes,
-                                  progress=say)
+    micro = resolve_micro_batches(
+        cfg, mesh, graphdef, params, tx, opt_state=opt_state, hbm_bytes=topo.chip.hbm_bytes, progress=say
+    )
     settings = update_settings(cfg, micro)
     chunks = o.mini_batches * micro
     programs: dict[str, ProgramPlan] = {}
@@ -587,9 +785,11 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
         if not p.fits:
             p.knob = _knob(cfg, name, mesh, micro)
         programs[name] = p
-        say(f"{name}: peak {p.peak_bytes / 2**30:.2f} GiB / {topo.chip.hbm_bytes / 2**30:.2f} GiB, "
+        say(
+            f"{name}: peak {p.peak_bytes / 2**30:.2f} GiB / {topo.chip.hbm_bytes / 2**30:.2f} GiB, "
             f"compiled in {p.compile_s:.1f} s; cost {p.cost_counted}"
-            + (f" ({p.cost_compile_s:.1f} s)" if p.cost_compile_s else ""))
+            + (f" ({p.cost_compile_s:.1f} s)" if p.cost_compile_s else "")
+        )
 
     seq = prompt_len + completion_len
     forward_passes = 1
@@ -599,8 +799,10 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
         """The splash kernel's FLOPs per device, which the cost analysis does not see (`_report`'s extra)."""
         if model_options(cfg).get("attention") != "splash":
             return {}
-        return dict(extra_flops=splash_attention_flops(mc, n_rows, seq, passes) / len(devices),
-                    extra_how=" + splash attention counted analytically")
+        return dict(
+            extra_flops=splash_attention_flops(mc, n_rows, seq, passes) / len(devices),
+            extra_how=" + splash attention counted analytically",
+        )
 
     def measure(build: Callable[[Depth, int], tuple], what: str, rows: int) -> tuple[_Compiled, Cost]:
         """The real program at `rows` rows per chunk (its memory) and its cost with every layer and logprob
@@ -618,28 +820,51 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
     # Rollout: the engine's program for one chunk of prompts, and its prefill alone (to split the cost).
     roll = {}
     if wanted("rollout_prefill") or wanted("rollout_decode"):
-        roll = rollout_programs(cfg, model, mesh, topo, prompts_per_round(cfg), say,
-                                with_loop=wanted("rollout_decode"), depths=depths)
+        roll = rollout_programs(
+            cfg, model, mesh, topo, prompts_per_round(cfg), say, with_loop=wanted("rollout_decode"), depths=depths
+        )
     for name, (compiled, kw) in roll.items():
         add(name, compiled, **{**kw, "calls": kw["calls"] * rollout_rounds}, resident=p_bytes + o_bytes + ref_bytes)
 
     constrain = lambda b: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sh), b)  # noqa: E731
     old_wanted = cfg.optim.recompute_old_logprobs and wanted("old_logprobs")
     if old_wanted or (cfg.loss.beta > 0 and wanted("reference_logprobs")):
+
         def logprob_program(d: Depth, r: int):
-            fn = make_logprob_fn(d.graphdef, completion_len, cfg.rollout.temperature, chunks,
-                                 seq_chunk=cfg.loss.logprob_chunk, vocab_chunk=cfg.loss.vocab_chunk)
+            fn = make_logprob_fn(
+                d.graphdef,
+                completion_len,
+                cfg.rollout.temperature,
+                chunks,
+                seq_chunk=cfg.loss.logprob_chunk,
+                vocab_chunk=cfg.loss.vocab_chunk,
+            )
             b = step_batch(r)
             return fn, (d.params, b.input_ids, b.attention_mask), {}
 
         c, cost = measure(logprob_program, "the logprob forward", rows // chunks)
         if cfg.optim.recompute_old_logprobs and wanted("old_logprobs"):
-            add("old_logprobs", c, calls=1, scale=chunks, resident=o_bytes + ref_bytes, cost=cost,
-                **attention(rows, forward_passes))
+            add(
+                "old_logprobs",
+                c,
+                calls=1,
+                scale=chunks,
+                resident=o_bytes + ref_bytes,
+                cost=cost,
+                **attention(rows, forward_passes),
+            )
         if cfg.loss.beta > 0 and wanted("reference_logprobs"):
-            add("reference_logprobs", c, calls=1, scale=chunks, resident=p_bytes + o_bytes, cost=cost,
-                **attention(rows, forward_passes))
+            add(
+                "reference_logprobs",
+                c,
+                calls=1,
+                scale=chunks,
+                resident=p_bytes + o_bytes,
+                cost=cost,
+                **attention(rows, forward_passes),
+            )
     if wanted("policy_update"):
+
         def update_program(d: Depth, r: int):
             return make_update_fn(d.graphdef, tx, settings, constrain), (d.params, d.opt_state, step_batch(r)), {}
 
@@ -649,12 +874,20 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
         passes = training_passes + ("minibatch_sum" in estimators)
         add("policy_update", c, calls=1, scale=chunks, resident=ref_bytes, cost=cost, **attention(rows, passes))
     if settings.improvement_forward and wanted("improvement"):
+
         def improvement_program(d: Depth, r: int):
             return make_objective_fn(d.graphdef, settings, chunks), (d.params, step_batch(r)), {}
 
         c, cost = measure(improvement_program, "the improvement forward", rows // chunks)
-        add("improvement", c, calls=1, scale=chunks, resident=o_bytes + ref_bytes, cost=cost,
-            **attention(rows, forward_passes))
+        add(
+            "improvement",
+            c,
+            calls=1,
+            scale=chunks,
+            resident=o_bytes + ref_bytes,
+            cost=cost,
+            **attention(rows, forward_passes),
+        )
     if cfg.sft.steps > 0 and wanted("sft_step"):
         sft_tx = optax.adamw(cfg.sft.learning_rate, b1=0.9, b2=0.99, weight_decay=cfg.sft.weight_decay)
         sft_rows = cfg.sft.batch_size
@@ -662,8 +895,9 @@ def plan(cfg: Config, topology: str | Topology, *, rollout_rounds: int = 1, only
         sd = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sh)  # noqa: E731
 
         def sft_program(d: Depth, r: int):
-            fn = make_sft_update_fn(d.graphdef, sft_tx, completion_len, seq_chunk=cfg.loss.logprob_chunk,
-                                    vocab_chunk=cfg.loss.vocab_chunk)
+            fn = make_sft_update_fn(
+                d.graphdef, sft_tx, completion_len, seq_chunk=cfg.loss.logprob_chunk, vocab_chunk=cfg.loss.vocab_chunk
+            )
             sft_batch = (sd((r, total), jnp.int32), sd((r, total), jnp.bool_), sd((r, completion_len), jnp.bool_))
             return fn, (d.params, abstract_opt_state(sft_tx, d.params, mesh), *sft_batch), {}
 
@@ -685,16 +919,26 @@ def rollout_chunk_prompts(cfg: Config, prompts: int, engine, prompt_len: int) ->
     budget = cfg.rollout.kv_cache_budget_gib
     if budget is not None:
         try:
-            per_call = rollout_chunk_rows(engine.config, budget, positions=prompt_len + m, n=n,
-                                          dtype=engine.cache_dtype, batch_sizes=engine.buckets.batch_sizes,
-                                          shards=engine._cache_shards()) // n
+            per_call = (
+                rollout_chunk_rows(
+                    engine.config,
+                    budget,
+                    positions=prompt_len + m,
+                    n=n,
+                    dtype=engine.cache_dtype,
+                    batch_sizes=engine.buckets.batch_sizes,
+                    shards=engine._cache_shards(),
+                )
+                // n
+            )
         except ValueError as err:
             raise PlanError(f"rollout.kv_cache_budget_gib: {err}") from None
     return min(per_call, prompts)
 
 
-def rollout_programs(cfg: Config, model, mesh, topo: Topology, prompts: int, say, with_loop: bool = True,
-                     depths: Depths | None = None) -> dict:
+def rollout_programs(
+    cfg: Config, model, mesh, topo: Topology, prompts: int, say, with_loop: bool = True, depths: Depths | None = None
+) -> dict:
     """The rollout `RolloutEngine`'s program for one chunk of prompts (prefill + decode loop: its memory is the
     real peak) and what it does before the loop alone (the prefill, the prompts' k/v in the decode
     layout, the loop's weights). The prefill's cost is counted layer by layer through `depths` (when
@@ -718,8 +962,9 @@ def rollout_programs(cfg: Config, model, mesh, topo: Topology, prompts: int, say
     rows = b * n
     shapes, shardings = engine._cache_layout(rows, p, m)
     is_shape = lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x)  # noqa: E731
-    cache = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s, engine.cache_dtype, sharding=sh), shapes, shardings,
-                         is_leaf=is_shape)
+    cache = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s, engine.cache_dtype, sharding=sh), shapes, shardings, is_leaf=is_shape
+    )
     batch_sh = NamedSharding(mesh, P(engine._sharding(2, 0, b).spec[0], None))
     ids = jax.ShapeDtypeStruct((b, p), jnp.int32, sharding=batch_sh)
     mask = jax.ShapeDtypeStruct((b, p), jnp.bool_, sharding=batch_sh)
@@ -738,17 +983,22 @@ def rollout_programs(cfg: Config, model, mesh, topo: Topology, prompts: int, say
         positions = jnp.maximum(jnp.cumsum(prompt_mask.astype(jnp.int32), axis=1) - 1, 0)
         cache = mdl.init_cache(prompt_ids.shape[0], prompt_ids.shape[1], dtype=dtype)
         if engine.decode_impl != "fast":
-            logits, cache = mdl(prompt_ids, positions=positions, cache=cache, cache_index=jnp.int32(0),
-                                kv_mask=prompt_mask)
+            logits, cache = mdl(
+                prompt_ids, positions=positions, cache=cache, cache_index=jnp.int32(0), kv_mask=prompt_mask
+            )
             return logits[:, -1], cache
-        hidden, cache = mdl.trunk(prompt_ids, positions=positions, cache=cache, cache_index=jnp.int32(0),
-                                  kv_mask=prompt_mask)
+        hidden, cache = mdl.trunk(
+            prompt_ids, positions=positions, cache=cache, cache_index=jnp.int32(0), kv_mask=prompt_mask
+        )
         last = mdl.logits(hidden[:, -1:])[:, 0]
         return last, mdl.decode_prefix(cache, prompt_mask, dtype), mdl.decode_weights()
 
     def prefill_program(d: Depth):
-        return (jax.jit(functools.partial(prefill, nnx.graphdef(d.model))),
-                (sharded_abstract_state(nnx.state(d.model), mesh, "serve"), ids, mask), {})
+        return (
+            jax.jit(functools.partial(prefill, nnx.graphdef(d.model))),
+            (sharded_abstract_state(nnx.state(d.model), mesh, "serve"), ids, mask),
+            {},
+        )
 
     pre = _try_compile(jax.jit(functools.partial(prefill, graphdef)), state, ids, mask, mesh=mesh)
     pre_cost = None
@@ -760,9 +1010,25 @@ def rollout_programs(cfg: Config, model, mesh, topo: Topology, prompts: int, say
     if not with_loop:
         return dict([prefill_entry])
     say(f"compiling the rollout program ({rows} rows, {m} new tokens) ...")
-    full = _try_compile(engine._program, state, cache, ids, mask, key, scalar(jnp.int32), scalar(jnp.int32),
-                        scalar(jnp.float32), scalar(jnp.float32), stop, mesh=mesh, n=n, max_new_tokens=m,
-                        greedy=greedy, top_k=int(r.top_k), use_top_p=r.top_p < 1.0)
+    full = _try_compile(
+        engine._program,
+        state,
+        cache,
+        ids,
+        mask,
+        key,
+        scalar(jnp.int32),
+        scalar(jnp.int32),
+        scalar(jnp.float32),
+        scalar(jnp.float32),
+        stop,
+        mesh=mesh,
+        n=n,
+        max_new_tokens=m,
+        greedy=greedy,
+        top_k=int(r.top_k),
+        use_top_p=r.top_p < 1.0,
+    )
     steps = max(m - 1, 0) / len(engine._phases(m))
     loop_flops = max(full.flops - pre.flops, 0.0) * steps
     loop_bytes = max(full.bytes_accessed - pre.bytes_accessed, 0.0) * steps
@@ -798,8 +1064,18 @@ def _device_hbm(mesh) -> int | None:
 CPU_LOGITS_BUDGET_BYTES = 1 << 30
 
 
-def resolve_micro_batches(cfg: Config, mesh, graphdef, params, tx, *, opt_state=None, hbm_bytes: int | None = None,
-                          headroom: float = 0.9, progress: Callable[[str], None] | None = None) -> int:
+def resolve_micro_batches(
+    cfg: Config,
+    mesh,
+    graphdef,
+    params,
+    tx,
+    *,
+    opt_state=None,
+    hbm_bytes: int | None = None,
+    headroom: float = 0.9,
+    progress: Callable[[str], None] | None = None,
+) -> int:
     """`optim.micro_batches` as a number. An int is returned as is. For "auto":
 
     - on an accelerator (or a libtpu topology): the fewest micro-batches (largest micro-batch) whose
@@ -814,9 +1090,11 @@ def resolve_micro_batches(cfg: Config, mesh, graphdef, params, tx, *, opt_state=
         return int(value)
     counts = valid_micro_batches(cfg, mesh)
     if not counts:
-        raise ConfigError(f"config error: optim.micro_batches: no micro-batch count divides a mini-batch of "
-                          f"{cfg.sampler.batch_size * cfg.sampler.group_size // cfg.optim.mini_batches} rows over "
-                          f"{batch_devices(mesh)} batch devices")
+        raise ConfigError(
+            f"config error: optim.micro_batches: no micro-batch count divides a mini-batch of "
+            f"{cfg.sampler.batch_size * cfg.sampler.group_size // cfg.optim.mini_batches} rows over "
+            f"{batch_devices(mesh)} batch devices"
+        )
     say = progress or (lambda _: None)
     rows = cfg.sampler.batch_size * cfg.sampler.group_size
     per_mini = rows // cfg.optim.mini_batches
@@ -839,8 +1117,9 @@ def resolve_micro_batches(cfg: Config, mesh, graphdef, params, tx, *, opt_state=
 
     def peak(c: int) -> int:
         say(f"micro_batches=auto: compiling the update with {c} micro-batches of {per_mini // c} rows ...")
-        out = _try_compile(make_update_fn(graphdef, tx, update_settings(cfg, c), constrain), params, opt_state, batch,
-                           mesh=mesh)
+        out = _try_compile(
+            make_update_fn(graphdef, tx, update_settings(cfg, c), constrain), params, opt_state, batch, mesh=mesh
+        )
         return peak_bytes(out.memory)
 
     return choose_micro_batches(counts, per_mini, limit, peak)

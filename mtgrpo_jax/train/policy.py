@@ -31,10 +31,13 @@ class PromptChoice:
     overridden: tuple[str, ...]  # the rollout.* keys that overrode the kind's default
 
     def describe(self) -> str:
-        what = {("released", "raw"): "the released R1-style transcript as raw text",
-                ("question", "chat"): "the task's question as the user turn of the model's chat template"}
-        how = what.get((self.prompt_style, self.template),
-                       f"prompt_style {self.prompt_style!r} through template {self.template!r}")
+        what = {
+            ("released", "raw"): "the released R1-style transcript as raw text",
+            ("question", "chat"): "the task's question as the user turn of the model's chat template",
+        }
+        how = what.get(
+            (self.prompt_style, self.template), f"prompt_style {self.prompt_style!r} through template {self.template!r}"
+        )
         extra = f"; overridden by {', '.join(self.overridden)}" if self.overridden else ""
         return f"prompts: {self.kind} model ({self.reason}): {how}{extra}"
 
@@ -60,8 +63,12 @@ def resolve_prompts(cfg: Config, tokenizer) -> tuple[Config, PromptChoice]:
         template = cfg.rollout.template
         overridden.append(f"rollout.template={template}")
     choice = PromptChoice(kind, reason, style, template, tuple(overridden))
-    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"kind": kind}),
-                                 "rollout": cfg.rollout.model_copy(update={"prompt_style": style, "template": template})})
+    cfg = cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(update={"kind": kind}),
+            "rollout": cfg.rollout.model_copy(update={"prompt_style": style, "template": template}),
+        }
+    )
     return cfg, choice
 
 
@@ -107,9 +114,18 @@ class Policy:
             self._prompt_cache[key] = ids
         return ids
 
-    def generate(self, prompts: list[list[int]], key: jax.Array, *, n: int, temperature: float | None = None,
-                 max_new_tokens: int | None = None, top_p: float | None = None, top_k: int | None = None,
-                 params=None):
+    def generate(
+        self,
+        prompts: list[list[int]],
+        key: jax.Array,
+        *,
+        n: int,
+        temperature: float | None = None,
+        max_new_tokens: int | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        params=None,
+    ):
         """Samples n completions per prompt. `params`: the parameters to sample with (the trainer passes its
         current ones on every call, so nothing has to keep the model object in step with them); None: the
         model's own."""

@@ -127,8 +127,9 @@ def _figure(n_panels: int):
     return fig, axes[:n_panels]
 
 
-def _label_panel(ax, title: str, ylabel: str, *, ylim: tuple[float, float | None] | None = (-0.02, 1.02),
-                 legend: bool = True) -> None:
+def _label_panel(
+    ax, title: str, ylabel: str, *, ylim: tuple[float, float | None] | None = (-0.02, 1.02), legend: bool = True
+) -> None:
     """What every panel of the report shares: its title, the step axis, a y label and range, a grid and
     (unless the caller draws its own) the legend of its lines."""
     ax.set_title(title)
@@ -267,8 +268,7 @@ def comparison_rows(runs: Sequence[Run], thresholds: Sequence[float]) -> tuple[l
                 row["rel_change_vs_baseline"] = _finite_or_none(change.mean)
                 if change.skipped:
                     notes.append(
-                        f"{run.label}: relative change leaves out {', '.join(change.skipped)}"
-                        f" (baseline accuracy 0)"
+                        f"{run.label}: relative change leaves out {', '.join(change.skipped)} (baseline accuracy 0)"
                     )
         hits = steps_to_thresholds(h, thresholds)
         for t in thresholds:
@@ -309,20 +309,24 @@ def _fmt_hit(step: int | None, hours: float | None, reached_possible: bool) -> s
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], thresholds: Sequence[float], baseline: str | None) -> str:
-    table = pd.DataFrame({
-        "run": [r["run"] for r in rows],
-        "last step": [_fmt(r["last_step"], "d") for r in rows],
-        "final worst-task": [_fmt(r["final_worst_accuracy"]) for r in rows],
-        "final average": [_fmt(r["final_mean_accuracy"]) for r in rows],
-        "worst task": [r["worst_task"] or MISSING for r in rows],
-        "best worst-task": [_fmt(r["best_worst_accuracy"]) for r in rows],
-    })
+    table = pd.DataFrame(
+        {
+            "run": [r["run"] for r in rows],
+            "last step": [_fmt(r["last_step"], "d") for r in rows],
+            "final worst-task": [_fmt(r["final_worst_accuracy"]) for r in rows],
+            "final average": [_fmt(r["final_mean_accuracy"]) for r in rows],
+            "worst task": [r["worst_task"] or MISSING for r in rows],
+            "best worst-task": [_fmt(r["best_worst_accuracy"]) for r in rows],
+        }
+    )
     if baseline is not None:
         table[f"avg. rel. change vs {baseline}"] = [
-            MISSING if r["rel_change_vs_baseline"] is None else f"{r['rel_change_vs_baseline']:+.1%}" for r in rows]
+            MISSING if r["rel_change_vs_baseline"] is None else f"{r['rel_change_vs_baseline']:+.1%}" for r in rows
+        ]
     for t in thresholds:
         table[f"steps (time) to worst ≥ {t:g}"] = [
-            _fmt_hit(r[f"steps_to_{t:g}"], r[f"hours_to_{t:g}"], r["evals"] > 0) for r in rows]
+            _fmt_hit(r[f"steps_to_{t:g}"], r[f"hours_to_{t:g}"], r["evals"] > 0) for r in rows
+        ]
     return _markdown(table)
 
 
@@ -399,8 +403,15 @@ def load_experiment(exp_dir: str | os.PathLike) -> tuple[list[ExperimentRun], li
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
         kind = (cfg.get("weighting") or {}).get("kind", "uniform")
         label = entry["label"]
-        runs.append(ExperimentRun(label, entry["method"], int(entry["seed"]), load_run(run_dir, f"{label}/seed_{entry['seed']}"),
-                                  kind not in UNWEIGHTED))
+        runs.append(
+            ExperimentRun(
+                label,
+                entry["method"],
+                int(entry["seed"]),
+                load_run(run_dir, f"{label}/seed_{entry['seed']}"),
+                kind not in UNWEIGHTED,
+            )
+        )
     order = list(dict.fromkeys(e["label"] for e in entries.values()))
     runs.sort(key=lambda r: (order.index(r.label), r.seed))
     return runs, notes
@@ -435,7 +446,9 @@ def _stat(values: Sequence[float]) -> dict[str, float | None]:
     return {"mean": _finite_or_none(mean), "se": _finite_or_none(se)}
 
 
-def experiment_statistics(runs: Sequence[ExperimentRun], baseline: str, thresholds: Sequence[float] = DEFAULT_THRESHOLDS):
+def experiment_statistics(
+    runs: Sequence[ExperimentRun], baseline: str, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
+):
     """The report's numbers: (final table, paired table, weights table, summary dict, notes).
 
     final: one row per label: runs, step, per task / worst / average mean and s.e. over seeds, and for
@@ -450,7 +463,9 @@ def experiment_statistics(runs: Sequence[ExperimentRun], baseline: str, threshol
     notes: list[str] = []
     groups = _by_label(runs)
     if baseline not in groups:
-        raise ValueError(f"baseline {baseline!r} is not among the finished runs' methods ({', '.join(groups) or 'none'})")
+        raise ValueError(
+            f"baseline {baseline!r} is not among the finished runs' methods ({', '.join(groups) or 'none'})"
+        )
     finals = _finals(runs, notes)
     tasks: list[str] = []
     for label_finals in finals.values():
@@ -472,8 +487,11 @@ def experiment_statistics(runs: Sequence[ExperimentRun], baseline: str, threshol
             row[f"steps_to_{thr:g}_mean"] = float(np.mean(reached)) if reached else None
             row[f"reached_{thr:g}"] = f"{len(reached)}/{len(group)}"
         final_rows.append(row)
-        summary["methods"][label] = {"worst": _stat([v[2] for v in f.values()]),
-                                     "average": _stat([v[3] for v in f.values()]), "runs": len(f)}
+        summary["methods"][label] = {
+            "worst": _stat([v[2] for v in f.values()]),
+            "average": _stat([v[3] for v in f.values()]),
+            "runs": len(f),
+        }
 
     paired_rows = []
     base = finals[baseline]
@@ -493,8 +511,9 @@ def experiment_statistics(runs: Sequence[ExperimentRun], baseline: str, threshol
                 continue
             change = relative_change(m[s][1], b[s][1])
             if change.skipped:
-                notes.append(f"{label}/seed_{s}: relative change leaves out {', '.join(change.skipped)} "
-                             f"({baseline} accuracy 0)")
+                notes.append(
+                    f"{label}/seed_{s}: relative change leaves out {', '.join(change.skipped)} ({baseline} accuracy 0)"
+                )
             rel.append(change.mean)
         row = {"pair": f"{label}-vs-{baseline}", "seeds": len(seeds)}
         row["worst_diff_mean"], row["worst_diff_se"], _ = mean_se(dw)
@@ -502,7 +521,8 @@ def experiment_statistics(runs: Sequence[ExperimentRun], baseline: str, threshol
         row["rel_change_mean"], row["rel_change_se"], _ = mean_se(rel)
         for t in tasks:
             row[f"{t}_diff_mean"], row[f"{t}_diff_se"], _ = mean_se(
-                [m[s][1].get(t, math.nan) - b[s][1].get(t, math.nan) for s in seeds])
+                [m[s][1].get(t, math.nan) - b[s][1].get(t, math.nan) for s in seeds]
+            )
         paired_rows.append(row)
         summary["paired"][row["pair"]] = {"worst": _stat(dw), "average": _stat(da)}
 
@@ -518,14 +538,18 @@ def experiment_statistics(runs: Sequence[ExperimentRun], baseline: str, threshol
                         per_run[suffix].append(float(np.nanmean(values)))
                         if suffix == "weight":
                             final_w.append(float(values[np.isfinite(values)][-1]))
-            weight_rows.append({
-                "method": label, "task": t, "weighted": group[0].weighted,
-                "mean_weight": mean_se(per_run["weight"])[0] if group[0].weighted else None,
-                "final_weight": mean_se(final_w)[0] if group[0].weighted else None,
-                "mean_share": mean_se(per_run["share"])[0],
-                "mean_zero_grad_rate": mean_se(per_run["zero_grad_rate"])[0],
-                "mean_filtered_rate": mean_se(per_run["filtered_rate"])[0],
-            })
+            weight_rows.append(
+                {
+                    "method": label,
+                    "task": t,
+                    "weighted": group[0].weighted,
+                    "mean_weight": mean_se(per_run["weight"])[0] if group[0].weighted else None,
+                    "final_weight": mean_se(final_w)[0] if group[0].weighted else None,
+                    "mean_share": mean_se(per_run["share"])[0],
+                    "mean_zero_grad_rate": mean_se(per_run["zero_grad_rate"])[0],
+                    "mean_filtered_rate": mean_se(per_run["filtered_rate"])[0],
+                }
+            )
     clean = lambda rows: [{k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
     return clean(final_rows), clean(paired_rows), clean(weight_rows), summary, notes
 
@@ -600,22 +624,37 @@ def plot_experiment_series(runs: Sequence[ExperimentRun], path: Path, *, weighte
                 if n in shares:
                     ax.plot(s_steps, shares[n], lw=1.2, ls="--", color=cmap(i % cmap.N))
             handles = [Line2D([], [], color=cmap(i % cmap.N), lw=2, label=n) for i, n in enumerate(names)]
-            handles += [Line2D([], [], color="0.3", lw=1.8, label="weight z_k"),
-                        Line2D([], [], color="0.3", lw=1.2, ls="--", label="batch share")]
+            handles += [
+                Line2D([], [], color="0.3", lw=1.8, label="weight z_k"),
+                Line2D([], [], color="0.3", lw=1.2, ls="--", label="batch share"),
+            ]
             ax.legend(handles=handles, fontsize=7, loc="best")
         else:
             steps, rates = _mean_series(group, "zero_grad_rate")
             for i, (n, v) in enumerate(rates.items()):
                 ax.plot(steps, v, lw=1.5, color=cmap(i % cmap.N), label=n)
-        _label_panel(ax, f"{label} (mean of {len(group)} seeds)",
-                     "fraction of batch" if weighted_only else "zero-gradient group rate", legend=not weighted_only)
-    _save(fig, axes, "Task weights z (solid) vs realised batch shares (dashed)" if weighted_only
-          else "Zero-gradient rates per task", path)
+        _label_panel(
+            ax,
+            f"{label} (mean of {len(group)} seeds)",
+            "fraction of batch" if weighted_only else "zero-gradient group rate",
+            legend=not weighted_only,
+        )
+    _save(
+        fig,
+        axes,
+        "Task weights z (solid) vs realised batch shares (dashed)" if weighted_only else "Zero-gradient rates per task",
+        path,
+    )
     return True
 
 
-def write_experiment_report(exp_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
-                            baseline: str = "dapo", thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> dict[str, Path]:
+def write_experiment_report(
+    exp_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    baseline: str = "dapo",
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+) -> dict[str, Path]:
     """The comparison of an experiment directory: figures, tables (Markdown + CSV) in `out_dir` (default
     EXP_DIR/report) and EXP_DIR/summary.json. Returns {name: path} of what was written."""
     exp_dir = Path(exp_dir)
@@ -626,8 +665,11 @@ def write_experiment_report(exp_dir: str | os.PathLike, out_dir: str | os.PathLi
     notes += more
     out = Path(out_dir) if out_dir is not None else exp_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    tasks = [c[: -len("_mean")] for c in final[0] if c.endswith("_mean") and not c.startswith(
-        ("worst_", "average_", "steps_to_"))]
+    tasks = [
+        c[: -len("_mean")]
+        for c in final[0]
+        if c.endswith("_mean") and not c.startswith(("worst_", "average_", "steps_to_"))
+    ]
     written: dict[str, Path] = {}
     written["curves"] = out / "accuracy_over_steps.png"
     plot_experiment_curves(runs, tasks, written["curves"])
@@ -641,42 +683,67 @@ def write_experiment_report(exp_dir: str | os.PathLike, out_dir: str | os.PathLi
     written["summary"] = exp_dir / "summary.json"
     written["summary"].write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
-    final_md = pd.DataFrame({"method": [r["method"] for r in final], "runs": [r["runs"] for r in final],
-                             "step": [_fmt(r["step"], "d") for r in final]})
+    final_md = pd.DataFrame(
+        {
+            "method": [r["method"] for r in final],
+            "runs": [r["runs"] for r in final],
+            "step": [_fmt(r["step"], "d") for r in final],
+        }
+    )
     for t in tasks:
         final_md[t] = [_pm(r[f"{t}_mean"], r[f"{t}_se"]) for r in final]
     final_md["worst task"] = [_pm(r["worst_mean"], r["worst_se"]) for r in final]
     final_md["average"] = [_pm(r["average_mean"], r["average_se"]) for r in final]
     for thr in thresholds:
         final_md[f"steps to worst ≥ {thr:g}"] = [
-            f"{_fmt(r[f'steps_to_{thr:g}_mean'], '.1f')} ({r[f'reached_{thr:g}']})" for r in final]
-    paired_md = pd.DataFrame({
-        "pair": [r["pair"] for r in paired], "seeds": [r["seeds"] for r in paired],
-        "worst-task diff": [_pm(r["worst_diff_mean"], r["worst_diff_se"], "+.3f") for r in paired],
-        "average diff": [_pm(r["average_diff_mean"], r["average_diff_se"], "+.3f") for r in paired],
-        "avg. rel. change": [_pm(r["rel_change_mean"], r["rel_change_se"], "+.1%") for r in paired],
-        **{f"{t} diff": [_pm(r[f"{t}_diff_mean"], r[f"{t}_diff_se"], "+.3f") for r in paired] for t in tasks},
-    })
-    weights_md = pd.DataFrame({
-        "method": [r["method"] for r in weights], "task": [r["task"] for r in weights],
-        "mean weight": [_fmt(r["mean_weight"]) for r in weights],
-        "final weight": [_fmt(r["final_weight"]) for r in weights],
-        "mean batch share": [_fmt(r["mean_share"]) for r in weights],
-        "zero-gradient rate": [_fmt(r["mean_zero_grad_rate"]) for r in weights],
-        "filtered rate": [_fmt(r["mean_filtered_rate"]) for r in weights],
-    })
-    parts = [f"# Experiment report: {exp_dir}", "",
-             "Accuracy at the final evaluation: mean ± standard error over seeds (sample std / √n).", "",
-             "## Final accuracy", "", _markdown(final_md),
-             f"## Paired difference against `{baseline}`", "",
-             "Per seed, method minus baseline (same warm start, same evaluation prompts); mean ± s.e. over seeds. "
-             "Average relative change: mean over tasks of (acc − base) / base.", "",
-             _markdown(paired_md) if paired else "(no other method)\n",
-             "## Task weights, realised batch shares, zero-gradient rates", "",
-             "Means over all training steps and seeds; weights only for methods whose weights move.", "",
-             _markdown(weights_md)]
-    figures = (("curves", "Accuracy over steps"), ("weights_vs_shares", "Task weights vs realised batch shares"),
-               ("zero_gradient_rates", "Zero-gradient rates"))
+            f"{_fmt(r[f'steps_to_{thr:g}_mean'], '.1f')} ({r[f'reached_{thr:g}']})" for r in final
+        ]
+    paired_md = pd.DataFrame(
+        {
+            "pair": [r["pair"] for r in paired],
+            "seeds": [r["seeds"] for r in paired],
+            "worst-task diff": [_pm(r["worst_diff_mean"], r["worst_diff_se"], "+.3f") for r in paired],
+            "average diff": [_pm(r["average_diff_mean"], r["average_diff_se"], "+.3f") for r in paired],
+            "avg. rel. change": [_pm(r["rel_change_mean"], r["rel_change_se"], "+.1%") for r in paired],
+            **{f"{t} diff": [_pm(r[f"{t}_diff_mean"], r[f"{t}_diff_se"], "+.3f") for r in paired] for t in tasks},
+        }
+    )
+    weights_md = pd.DataFrame(
+        {
+            "method": [r["method"] for r in weights],
+            "task": [r["task"] for r in weights],
+            "mean weight": [_fmt(r["mean_weight"]) for r in weights],
+            "final weight": [_fmt(r["final_weight"]) for r in weights],
+            "mean batch share": [_fmt(r["mean_share"]) for r in weights],
+            "zero-gradient rate": [_fmt(r["mean_zero_grad_rate"]) for r in weights],
+            "filtered rate": [_fmt(r["mean_filtered_rate"]) for r in weights],
+        }
+    )
+    parts = [
+        f"# Experiment report: {exp_dir}",
+        "",
+        "Accuracy at the final evaluation: mean ± standard error over seeds (sample std / √n).",
+        "",
+        "## Final accuracy",
+        "",
+        _markdown(final_md),
+        f"## Paired difference against `{baseline}`",
+        "",
+        "Per seed, method minus baseline (same warm start, same evaluation prompts); mean ± s.e. over seeds. "
+        "Average relative change: mean over tasks of (acc − base) / base.",
+        "",
+        _markdown(paired_md) if paired else "(no other method)\n",
+        "## Task weights, realised batch shares, zero-gradient rates",
+        "",
+        "Means over all training steps and seeds; weights only for methods whose weights move.",
+        "",
+        _markdown(weights_md),
+    ]
+    figures = (
+        ("curves", "Accuracy over steps"),
+        ("weights_vs_shares", "Task weights vs realised batch shares"),
+        ("zero_gradient_rates", "Zero-gradient rates"),
+    )
     return _write_markdown(out, parts, written, figures, notes)
 
 
@@ -733,17 +800,20 @@ def write_report(
     parts += ["## Comparison", "", table]
     if baseline is not None:
         parts += [
-            "Relative change: mean over tasks of (acc - base) / base at the final evaluation,"
-            f" base = `{baseline}`.",
+            f"Relative change: mean over tasks of (acc - base) / base at the final evaluation, base = `{baseline}`.",
             "",
         ]
-    figures = (("eval_accuracy", "Per-task evaluation accuracy"),
-               ("weights_vs_shares", "Task weights vs realised batch shares"), ("zero_gradient_rates", "Zero-gradient rates"))
+    figures = (
+        ("eval_accuracy", "Per-task evaluation accuracy"),
+        ("weights_vs_shares", "Task weights vs realised batch shares"),
+        ("zero_gradient_rates", "Zero-gradient rates"),
+    )
     return _write_markdown(out, parts, written, figures, notes)
 
 
-def _write_markdown(out: Path, parts: list[str], written: dict[str, Path], figures: Sequence[tuple[str, str]],
-                    notes: Sequence[str]) -> dict[str, Path]:
+def _write_markdown(
+    out: Path, parts: list[str], written: dict[str, Path], figures: Sequence[tuple[str, str]], notes: Sequence[str]
+) -> dict[str, Path]:
     """`out/report.md`: the report's sections, then each written figure (name, title) and the notes (once each)."""
     for name, title in figures:
         if name in written:
@@ -767,10 +837,18 @@ def parse_thresholds(text: str) -> tuple[float, ...]:
 
 def main(argv: Sequence[str] | None = None, prog: str = "mtgrpo report") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    parser.add_argument("run_dirs", nargs="+", metavar="DIR",
-                        help="run directories (the first is the baseline), or one experiment directory")
-    parser.add_argument("--out", default=None, metavar="DIR",
-                        help="where to write the PNGs and tables (an experiment's default: DIR/report)")
+    parser.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="DIR",
+        help="run directories (the first is the baseline), or one experiment directory",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="where to write the PNGs and tables (an experiment's default: DIR/report)",
+    )
     parser.add_argument(
         "--thresholds",
         type=parse_thresholds,
@@ -778,20 +856,24 @@ def main(argv: Sequence[str] | None = None, prog: str = "mtgrpo report") -> int:
         help="worst-task accuracy thresholds, comma-separated (default: %(default)s)",
     )
     parser.add_argument("--labels", default=None, help="comma-separated run names (default: directory names)")
-    parser.add_argument("--baseline", default=None,
-                        help="an experiment's baseline method for the paired differences (default: dapo)")
+    parser.add_argument(
+        "--baseline", default=None, help="an experiment's baseline method for the paired differences (default: dapo)"
+    )
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     experiment = len(args.run_dirs) == 1 and is_experiment_dir(args.run_dirs[0])
     try:
         if experiment:
-            written = write_experiment_report(args.run_dirs[0], args.out, baseline=args.baseline or "dapo",
-                                              thresholds=args.thresholds)
+            written = write_experiment_report(
+                args.run_dirs[0], args.out, baseline=args.baseline or "dapo", thresholds=args.thresholds
+            )
         else:
             if args.out is None:
                 raise ValueError("--out is required for run directories")
             if args.baseline is not None:
-                raise ValueError("--baseline is for an experiment directory; for run directories the first is the baseline")
+                raise ValueError(
+                    "--baseline is for an experiment directory; for run directories the first is the baseline"
+                )
             written = write_report(args.run_dirs, args.out, thresholds=args.thresholds, labels=labels)
     except ValueError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

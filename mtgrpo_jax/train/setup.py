@@ -47,8 +47,10 @@ def check_mesh(cfg: Config, mesh) -> None:
         )
     bad = [b for b in cfg.rollout.batch_buckets if b % batch_devices]
     if bad:
-        raise ConfigError(f"config error: rollout.batch_buckets: {bad} are not multiples of the mesh's data x fsdp = "
-                          f"{batch_devices} devices")
+        raise ConfigError(
+            f"config error: rollout.batch_buckets: {bad} are not multiples of the mesh's data x fsdp = "
+            f"{batch_devices} devices"
+        )
 
 
 def build_model(cfg: Config, mesh) -> tuple[Transformer, Any]:
@@ -63,8 +65,9 @@ def build_model(cfg: Config, mesh) -> tuple[Transformer, Any]:
                 base = ModelConfig.from_hf({**base.to_hf_dict(), **mc.overrides})
             except (TypeError, ValueError) as err:
                 raise ConfigError(f"config error: model.overrides: {err}") from None
-        model = Transformer(base, rngs=nnx.Rngs(cfg.seed), dtype=dtype, param_dtype=dtype, remat=mc.remat,
-                            attention=mc.attention)
+        model = Transformer(
+            base, rngs=nnx.Rngs(cfg.seed), dtype=dtype, param_dtype=dtype, remat=mc.remat, attention=mc.attention
+        )
         model = shard_model(model, mesh)
     tok_path = mc.tokenizer
     if tok_path is None and has_tokenizer(mc.path):
@@ -145,8 +148,15 @@ def build_tasks(cfg: Config) -> list[RunTask]:
 
 # The sampler settings each config kind takes, besides the resampling rounds.
 _SAMPLER_SETTINGS = {
-    "ratio_preserving": ("oversample", "acceptance_cap", "rho_decay", "min_acceptance", "acceptance_aware", "variant",
-                         "deterministic_inflation"),
+    "ratio_preserving": (
+        "oversample",
+        "acceptance_cap",
+        "rho_decay",
+        "min_acceptance",
+        "acceptance_aware",
+        "variant",
+        "deterministic_inflation",
+    ),
     "plain": (),
     "dynamic": ("oversample",),
 }
@@ -160,8 +170,10 @@ def resample_rounds(s) -> int:
     if s.budget_counts == "resamples":
         return s.resample_budget
     if s.resample_budget < 1:
-        raise ConfigError("config error: sampler.resample_budget: must be >= 1 when sampler.budget_counts is "
-                          "'generations' (it counts the first generation too)")
+        raise ConfigError(
+            "config error: sampler.resample_budget: must be >= 1 when sampler.budget_counts is "
+            "'generations' (it counts the first generation too)"
+        )
     return s.resample_budget - 1
 
 
@@ -179,14 +191,17 @@ def build_weight_optimizer(cfg: Config, num_tasks: int):
     w = cfg.weighting
     if w.kind == "mt_grpo":
         if w.released_parity:
-            return weighting.mt_grpo_released(w.lam, learning_rate=w.learning_rate, weight_decay=w.weight_decay,
-                                              improvement_clip=w.improvement_clip)
-        return weighting.mt_grpo(w.lam, learning_rate=w.learning_rate, weight_decay=w.weight_decay,
-                                 improvement_clip=w.improvement_clip)
+            return weighting.mt_grpo_released(
+                w.lam, learning_rate=w.learning_rate, weight_decay=w.weight_decay, improvement_clip=w.improvement_clip
+            )
+        return weighting.mt_grpo(
+            w.lam, learning_rate=w.learning_rate, weight_decay=w.weight_decay, improvement_clip=w.improvement_clip
+        )
     if w.kind == "regularized":
         if w.released_parity:
-            return weighting.regularized_released(w.eta, lam=w.lam, learning_rate=w.learning_rate,
-                                                  steps_per_update=cfg.optim.mini_batches)
+            return weighting.regularized_released(
+                w.eta, lam=w.lam, learning_rate=w.learning_rate, steps_per_update=cfg.optim.mini_batches
+            )
         return weighting.regularized(w.eta, learning_rate=w.learning_rate, lam=w.lam)
     if w.kind == "sec":
         return weighting.sec(alpha=w.alpha, temperature=w.temperature)
@@ -201,5 +216,17 @@ def improvement_mode(cfg: Config) -> str:
     return cfg.weighting.improvement if cfg.weighting.kind == "mt_grpo" else "none"
 
 
-__all__ = ["build_mesh", "check_mesh", "build_model", "build_tasks", "build_sampler", "build_weight_optimizer",
-           "configured_task", "improvement_mode", "load_task_source", "resample_rounds", "with_task_options", "RunTask"]
+__all__ = [
+    "build_mesh",
+    "check_mesh",
+    "build_model",
+    "build_tasks",
+    "build_sampler",
+    "build_weight_optimizer",
+    "configured_task",
+    "improvement_mode",
+    "load_task_source",
+    "resample_rounds",
+    "with_task_options",
+    "RunTask",
+]

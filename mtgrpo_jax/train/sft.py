@@ -58,16 +58,22 @@ def run_sft(cfg: Config, tasks, policy, graphdef, params, batch_sharding) -> tup
     try:
         prompt_len = Buckets.pick(sorted(cfg.rollout.prompt_buckets), longest)
     except ValueError:
-        raise ValueError(f"sft: a prompt of {longest} tokens exceeds the largest prompt bucket "
-                         f"{max(cfg.rollout.prompt_buckets)} (rollout.prompt_buckets)") from None
+        raise ValueError(
+            f"sft: a prompt of {longest} tokens exceeds the largest prompt bucket "
+            f"{max(cfg.rollout.prompt_buckets)} (rollout.prompt_buckets)"
+        ) from None
     completion_len = -(-max(len(c) for _, c in rows) // 16) * 16
     n = len(rows)
     ids, attn = pack_left_padded([p for p, _ in rows], prompt_len, policy.pad_id, [c for _, c in rows], completion_len)
     target = attn[:, prompt_len:]
     tx = optax.adamw(sft.learning_rate, b1=0.9, b2=0.99, weight_decay=sft.weight_decay)
     opt_state = init_opt_state(tx, params, batch_sharding.mesh)
-    update = on_mesh(batch_sharding.mesh, make_sft_update_fn(graphdef, tx, completion_len, seq_chunk=cfg.loss.logprob_chunk,
-                                                              vocab_chunk=cfg.loss.vocab_chunk))
+    update = on_mesh(
+        batch_sharding.mesh,
+        make_sft_update_fn(
+            graphdef, tx, completion_len, seq_chunk=cfg.loss.logprob_chunk, vocab_chunk=cfg.loss.vocab_chunk
+        ),
+    )
     rng = np.random.default_rng([cfg.seed, 0x5F7])
     losses = []
     show = cfg.logging.console and jax.process_index() == 0
@@ -81,6 +87,13 @@ def run_sft(cfg: Config, tasks, policy, graphdef, params, batch_sharding) -> tup
         params, opt_state, loss = update(params, opt_state, *b)
         losses.append(float(loss))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    tail = losses[-max(1, len(losses) // 10):]
-    return params, {"step": 0, "split": "sft", "sft/steps": sft.steps, "sft/examples": n, "sft/loss_first": losses[0],
-                    "sft/loss_last": float(np.mean(tail)), "time/sft": time.perf_counter() - t0}
+    tail = losses[-max(1, len(losses) // 10) :]
+    return params, {
+        "step": 0,
+        "split": "sft",
+        "sft/steps": sft.steps,
+        "sft/examples": n,
+        "sft/loss_first": losses[0],
+        "sft/loss_last": float(np.mean(tail)),
+        "time/sft": time.perf_counter() - t0,
+    }

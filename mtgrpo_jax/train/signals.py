@@ -41,9 +41,16 @@ class StepSignals(NamedTuple):
     round_accuracy: np.ndarray  # [R, K]: `accuracy` per generation round (the released reward EMA's input)
 
 
-def step_signals(num_tasks: int, generated: Sequence[GroupRecord], kept_task_ids: Sequence[int],
-                 kept_abs_advantage: Sequence[float], *, groups_generated: np.ndarray | None = None,
-                 accepted_generated: np.ndarray | None = None, kept_counts: np.ndarray | None = None) -> StepSignals:
+def step_signals(
+    num_tasks: int,
+    generated: Sequence[GroupRecord],
+    kept_task_ids: Sequence[int],
+    kept_abs_advantage: Sequence[float],
+    *,
+    groups_generated: np.ndarray | None = None,
+    accepted_generated: np.ndarray | None = None,
+    kept_counts: np.ndarray | None = None,
+) -> StepSignals:
     """The step's per-task signals. J_k is taken over every group generated (before filtering: the
     filter keeps only mixed groups, which says little about how good the policy is). The optional
     counts are the sampler result's own (`SampleResult.groups_generated`, `.accepted_generated`,
@@ -69,12 +76,16 @@ def step_signals(num_tasks: int, generated: Sequence[GroupRecord], kept_task_ids
     kept_ids = np.asarray(kept_task_ids, np.int64)
     kept = np.bincount(kept_ids, minlength=k).astype(np.float64)
     abs_adv = per_task_mean(np.asarray(kept_abs_advantage, np.float64), kept_ids, kept)
-    for name, theirs, ours in (("groups_generated", groups_generated, gen),
-                               ("accepted_generated", accepted_generated, np.bincount(task, weights=accepted, minlength=k)),
-                               ("counts", kept_counts, kept)):
+    for name, theirs, ours in (
+        ("groups_generated", groups_generated, gen),
+        ("accepted_generated", accepted_generated, np.bincount(task, weights=accepted, minlength=k)),
+        ("counts", kept_counts, kept),
+    ):
         if theirs is not None and not np.array_equal(np.asarray(theirs, np.float64), ours):
-            raise ValueError(f"step_signals: the sampler's {name} {np.asarray(theirs).tolist()} disagree with the "
-                             f"groups' {ours.astype(int).tolist()}")
+            raise ValueError(
+                f"step_signals: the sampler's {name} {np.asarray(theirs).tolist()} disagree with the "
+                f"groups' {ours.astype(int).tolist()}"
+            )
 
     n_rounds = int(rounds.max()) + 1 if rounds.size else 1
     round_acc = np.full((n_rounds, k), np.nan)

@@ -95,8 +95,14 @@ class Trainer:
 
         self.graphdef, self.params, self.rest = nnx.split(self.model, nnx.Param, ...)
         o = cfg.optim
-        self.tx = make_optimizer(o.learning_rate, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
-                                 grad_clip=o.grad_clip, warmup_steps=o.warmup_steps)
+        self.tx = make_optimizer(
+            o.learning_rate,
+            b1=o.b1,
+            b2=o.b2,
+            weight_decay=o.weight_decay,
+            grad_clip=o.grad_clip,
+            warmup_steps=o.warmup_steps,
+        )
         self.opt_state = init_opt_state(self.tx, self.params, self.mesh)
         # "auto": the fewest micro-batches whose update fits the devices' memory (see train.plan).
         self.micro_batches = resolve_micro_batches(cfg, self.mesh, self.graphdef, self.params, self.tx)
@@ -108,14 +114,22 @@ class Trainer:
         self.update_fn = make_update_fn(self.graphdef, self.tx, self.settings, constrain)
         chunks = self.rows // self.micro_rows
         self.objective_fn = make_objective_fn(self.graphdef, self.settings, chunks)
-        self.logprob_fn = make_logprob_fn(self.graphdef, self.settings.completion_len, self.settings.temperature, chunks,
-                                          seq_chunk=cfg.loss.logprob_chunk, vocab_chunk=cfg.loss.vocab_chunk)
+        self.logprob_fn = make_logprob_fn(
+            self.graphdef,
+            self.settings.completion_len,
+            self.settings.temperature,
+            chunks,
+            seq_chunk=cfg.loss.logprob_chunk,
+            vocab_chunk=cfg.loss.vocab_chunk,
+        )
         # The step's programs run (and `mtgrpo plan` compiles them) with the mesh active.
-        self.update_fn, self.objective_fn, self.logprob_fn = (on_mesh(self.mesh, f) for f in (
-            self.update_fn, self.objective_fn, self.logprob_fn))
+        self.update_fn, self.objective_fn, self.logprob_fn = (
+            on_mesh(self.mesh, f) for f in (self.update_fn, self.objective_fn, self.logprob_fn)
+        )
         self.ref_params = jax.tree.map(jnp.copy, self.params) if cfg.loss.beta > 0 else None
         self.recompute_old_logprobs = cfg.optim.recompute_old_logprobs or (
-            self.settings.improvement != "none" and cfg.weighting.improvement_old_logprobs == "recompute")
+            self.settings.improvement != "none" and cfg.weighting.improvement_old_logprobs == "recompute"
+        )
         self.history: list[dict] = []
         self.step = 0
         self._stop_requested = False
@@ -181,8 +195,13 @@ class Trainer:
         t1 = time.perf_counter()
         by_name = {self.tasks[t].name: self.tasks[t].task for t in set(task_ids)}
         run_items = [dict(ex, task=self.tasks[t].name) for t, ex in zip(task_ids, examples) for _ in range(G)]
-        scores, score_stats = score_batch(run_items, list(out.texts), workers=cfg.train.score_workers,
-                                          timeout_s=cfg.train.score_timeout_s, tasks=by_name)
+        scores, score_stats = score_batch(
+            run_items,
+            list(out.texts),
+            workers=cfg.train.score_workers,
+            timeout_s=cfg.train.score_timeout_s,
+            tasks=by_name,
+        )
         score_stats = score_stats.as_dict()
         t2 = time.perf_counter()
         rewards = np.asarray([s.reward for s in scores], np.float32).reshape(-1, G)
@@ -201,7 +220,9 @@ class Trainer:
         groups = []
         for i, (t, ex) in enumerate(zip(task_ids, examples)):
             rows = slice(i * G, (i + 1) * G)
-            g = Group(t, ex, prompts[i], tokens[rows], mask[rows], logp[rows], rewards[i], correct[i], formatted[i], adv[i])
+            g = Group(
+                t, ex, prompts[i], tokens[rows], mask[rows], logp[rows], rewards[i], correct[i], formatted[i], adv[i]
+            )
             stats["generated"].append(GroupRecord(t, call, rewards[i], correct[i], bool(keep[i])))
             groups.append((bool(keep[i]), g))
         return groups
@@ -216,11 +237,15 @@ class Trainer:
         before = objective_at_behaviour(s, batch) if step_mean else None
         self.params, self.opt_state, upd, rows = self.update_fn(self.params, self.opt_state, batch)
         upd = to_host(upd)
-        others = {k.split("/", 1)[1]: np.asarray(upd.pop(k), np.float32) for k in list(upd) if k.startswith("improvement/")}
+        others = {
+            k.split("/", 1)[1]: np.asarray(upd.pop(k), np.float32) for k in list(upd) if k.startswith("improvement/")
+        }
         step_mean_s = 0.0
         if step_mean:
             t = time.perf_counter()
-            others["step_mean"] = np.asarray(to_host(self.objective_fn(self.params, batch) - before), np.float32)[None, :]
+            others["step_mean"] = np.asarray(to_host(self.objective_fn(self.params, batch) - before), np.float32)[
+                None, :
+            ]
             step_mean_s = time.perf_counter() - t
         if s.improvement == "step_mean":
             rows = others["step_mean"]
@@ -252,18 +277,31 @@ class Trainer:
         cfg, K = self.cfg, len(self.tasks)
         step = self.step + 1
         t_start = time.perf_counter()
-        stats: dict[str, Any] = {"rollout": 0.0, "scoring": 0.0, "tokens": 0, "generated": [],
-                                 "score_errors": 0, "score_timeouts": 0}
+        stats: dict[str, Any] = {
+            "rollout": 0.0,
+            "scoring": 0.0,
+            "tokens": 0,
+            "generated": [],
+            "score_errors": 0,
+            "score_timeouts": 0,
+        }
         calls = iter(range(1_000_000))
-        result = self.sampler.sample(self._sampling_weights(step),
-                                     lambda ids: self._generate_groups(list(ids), step, next(calls), stats),
-                                     **self._sample_kwargs(step))
+        result = self.sampler.sample(
+            self._sampling_weights(step),
+            lambda ids: self._generate_groups(list(ids), step, next(calls), stats),
+            **self._sample_kwargs(step),
+        )
         t_sampled = time.perf_counter()
         groups: list[Group] = list(result.groups)
         prompt_len = Buckets.pick(sorted(cfg.rollout.prompt_buckets), max([len(g.prompt_ids) for g in groups] or [1]))
-        batch_np, valid = build_batch(groups, num_rows=self.rows, prompt_len=prompt_len,
-                                      completion_len=cfg.rollout.max_new_tokens, pad_id=self.policy.pad_id,
-                                      rng=np.random.default_rng([cfg.seed, step]))
+        batch_np, valid = build_batch(
+            groups,
+            num_rows=self.rows,
+            prompt_len=prompt_len,
+            completion_len=cfg.rollout.max_new_tokens,
+            pad_id=self.policy.pad_id,
+            rng=np.random.default_rng([cfg.seed, step]),
+        )
         # Every process built the same batch; each places only its own rows (no all-gather to compare them).
         batch = host_to_global(batch_np, self.batch_sharding)
         t_logprobs = time.perf_counter()
@@ -285,14 +323,23 @@ class Trainer:
             improvement_rows, upd, diagnostics, t_step_mean = self._update(batch)
         t_weights = time.perf_counter()
 
-        sig = step_signals(K, stats["generated"], [g.task_id for g in groups],
-                           [float(np.abs(g.advantages).mean()) for g in groups],
-                           groups_generated=result.groups_generated, accepted_generated=result.accepted_generated,
-                           kept_counts=result.counts)
+        sig = step_signals(
+            K,
+            stats["generated"],
+            [g.task_id for g in groups],
+            [float(np.abs(g.advantages).mean()) for g in groups],
+            groups_generated=result.groups_generated,
+            accepted_generated=result.accepted_generated,
+            kept_counts=result.counts,
+        )
         released = cfg.weighting.released_parity
-        signals = TaskSignals(reward=jnp.asarray(sig.accuracy if released else sig.reward),
-                              improvement=jnp.asarray(improvement_rows), abs_advantage=jnp.asarray(sig.abs_advantage),
-                              present=jnp.asarray(sig.present), round_reward=jnp.asarray(sig.round_accuracy))
+        signals = TaskSignals(
+            reward=jnp.asarray(sig.accuracy if released else sig.reward),
+            improvement=jnp.asarray(improvement_rows),
+            abs_advantage=jnp.asarray(sig.abs_advantage),
+            present=jnp.asarray(sig.present),
+            round_reward=jnp.asarray(sig.round_accuracy),
+        )
         new_weights, self.weight_state = self.weight_opt.update(signals, self.weight_state)
         weights_used = self.weights
         self.weights = np.asarray(to_host(new_weights), np.float32)
@@ -315,36 +362,41 @@ class Trainer:
                 record[f"task/{name}/improvement/{est}"] = float(rows[:, k].sum())
         # The sampler's own view: rounds, acceptance, share gap, and (ratio-preserving) rho and inflation.
         record.update(result.metrics(self.names))
-        record.update({
-            "sampler/groups_kept": len(groups),
-            "rollout/tokens": stats["tokens"],
-            "rollout/tokens_per_s": stats["tokens"] / max(stats["rollout"], 1e-9),
-            "scoring/errors": stats["score_errors"],
-            "scoring/timeouts": stats["score_timeouts"],
-            "time/sampling": (t_sampled - t_start) - stats["rollout"] - stats["scoring"],
-            "time/rollout": stats["rollout"],
-            "time/scoring": stats["scoring"],
-            "time/old_logprobs": t_update - t_logprobs,  # recomputed old (and reference) log-probs
-            "time/update": t_weights - t_update - t_step_mean,  # the in-update estimators included
-            "time/improvement": t_step_mean,  # the step_mean estimator's forward after the update
-            "time/weights": t_end - t_weights,
-            "time/step": t_end - t_start,
-            "train/valid_rows": int(valid.sum()),
-            "train/empty_step": int(empty),
-            "train/seq_len": prompt_len + cfg.rollout.max_new_tokens,
-        })
+        record.update(
+            {
+                "sampler/groups_kept": len(groups),
+                "rollout/tokens": stats["tokens"],
+                "rollout/tokens_per_s": stats["tokens"] / max(stats["rollout"], 1e-9),
+                "scoring/errors": stats["score_errors"],
+                "scoring/timeouts": stats["score_timeouts"],
+                "time/sampling": (t_sampled - t_start) - stats["rollout"] - stats["scoring"],
+                "time/rollout": stats["rollout"],
+                "time/scoring": stats["scoring"],
+                "time/old_logprobs": t_update - t_logprobs,  # recomputed old (and reference) log-probs
+                "time/update": t_weights - t_update - t_step_mean,  # the in-update estimators included
+                "time/improvement": t_step_mean,  # the step_mean estimator's forward after the update
+                "time/weights": t_end - t_weights,
+                "time/step": t_end - t_start,
+                "train/valid_rows": int(valid.sum()),
+                "train/empty_step": int(empty),
+                "train/seq_len": prompt_len + cfg.rollout.max_new_tokens,
+            }
+        )
         record.update(memory_metrics())
         record.update({f"train/{k}": float(v) for k, v in upd.items()})
         if upd.get("skipped", 0) > 0:
-            print(f"[mtgrpo] step {step}: {int(upd['skipped'])} non-finite update(s) skipped; parameters left unchanged",
-                  flush=True)
+            print(
+                f"[mtgrpo] step {step}: {int(upd['skipped'])} non-finite update(s) skipped; parameters left unchanged",
+                flush=True,
+            )
         return record
 
     # ------------------------------------------------------------------------------------------------ run
     def evaluate(self) -> dict:
         key = jax.random.fold_in(jax.random.key(self.cfg.seed + 1), self.step)
-        return evaluate_tasks(self.policy, self.tasks, self.cfg.eval, self.cfg.train, step=self.step, key=key,
-                              params=self.params)
+        return evaluate_tasks(
+            self.policy, self.tasks, self.cfg.eval, self.cfg.train, step=self.step, key=key, params=self.params
+        )
 
     def _request_stop(self, signum, frame) -> None:  # noqa: ARG002
         # In the step loop: finish the step, checkpoint, exit. Before the first checkpoint (warm start,
@@ -372,16 +424,22 @@ class Trainer:
         if self.is_primary:
             save_config(cfg, self.run_dir / "config.yaml")
         resumed = self.maybe_restore()
-        writer = MetricsWriter(self.run_dir, tensorboard=cfg.logging.tensorboard,
-                               wandb={"project": cfg.logging.wandb_project} if cfg.logging.wandb else None,
-                               console=cfg.logging.console, is_primary=self.is_primary,
-                               resume_step=self.step if resumed else -1, total_steps=cfg.train.steps)
+        writer = MetricsWriter(
+            self.run_dir,
+            tensorboard=cfg.logging.tensorboard,
+            wandb={"project": cfg.logging.wandb_project} if cfg.logging.wandb else None,
+            console=cfg.logging.console,
+            is_primary=self.is_primary,
+            resume_step=self.step if resumed else -1,
+            total_steps=cfg.train.steps,
+        )
         previous = signal.signal(signal.SIGTERM, self._request_stop)
         try:
             if not resumed:
                 if cfg.sft.steps > 0:
-                    self.params, sft_record = run_sft(cfg, self.tasks, self.policy, self.graphdef, self.params,
-                                                      self.batch_sharding)
+                    self.params, sft_record = run_sft(
+                        cfg, self.tasks, self.policy, self.graphdef, self.params, self.batch_sharding
+                    )
                     self.log(writer, sft_record)
                 if cfg.train.eval_every >= 0:
                     self.log(writer, self.evaluate())
@@ -393,7 +451,11 @@ class Trainer:
             while self.step < cfg.train.steps and not (stop := self._stop_agreed()):
                 self.log(writer, self.train_step())
                 last = self.step == cfg.train.steps
-                if cfg.train.eval_every and (self.step % cfg.train.eval_every == 0 or last) or (last and not cfg.train.eval_every):
+                if (
+                    cfg.train.eval_every
+                    and (self.step % cfg.train.eval_every == 0 or last)
+                    or (last and not cfg.train.eval_every)
+                ):
                     t = time.perf_counter()
                     ev = self.evaluate()
                     ev["time/evaluation"] = time.perf_counter() - t
@@ -403,7 +465,10 @@ class Trainer:
             if stop:
                 if self.checkpointer.latest_step() != self.step:  # the step may have just been checkpointed
                     self.save_checkpoint()
-                print(f"[mtgrpo] SIGTERM: checkpoint saved at step {self.step}; rerun the same command to resume", flush=True)
+                print(
+                    f"[mtgrpo] SIGTERM: checkpoint saved at step {self.step}; rerun the same command to resume",
+                    flush=True,
+                )
                 return {"status": "preempted", "step": self.step}
             # Every process takes part (the sharded parameters are gathered); only process 0 writes.
             save_pretrained(nnx.merge(self.graphdef, self.params, self.rest), self.run_dir / "hf_final")
@@ -413,4 +478,3 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous)
             writer.close()
         return {"status": "done", "step": self.step}
-

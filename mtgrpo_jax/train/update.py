@@ -37,8 +37,16 @@ class Batch(NamedTuple):
     ref_logp: jax.Array  # [N, T] float32 (zeros when beta == 0)
 
 
-def completion_logprobs(model, input_ids, attention_mask, completion_len: int, temperature: float, *,
-                        seq_chunk: int = 0, vocab_chunk: int = 0):
+def completion_logprobs(
+    model,
+    input_ids,
+    attention_mask,
+    completion_len: int,
+    temperature: float,
+    *,
+    seq_chunk: int = 0,
+    vocab_chunk: int = 0,
+):
     """float32 log pi(token) / temperature-scaled, and the entropy, at each completion position: [N, T].
 
     `seq_chunk` / `vocab_chunk` (config `loss.logprob_chunk` / `loss.vocab_chunk`; 0 = whole) compute the LM
@@ -50,8 +58,15 @@ def completion_logprobs(model, input_ids, attention_mask, completion_len: int, t
     # Position p predicts token p + 1: the completion tokens are predicted by positions start-1 .. total-2.
     h = hidden[:, start - 1 : total - 1]
     if seq_chunk or vocab_chunk:
-        return token_logprobs_from_hidden(h, model.head_matrix(), input_ids[:, start:], temperature,
-                                          seq_chunk=seq_chunk, vocab_chunk=vocab_chunk, return_entropy=True)
+        return token_logprobs_from_hidden(
+            h,
+            model.head_matrix(),
+            input_ids[:, start:],
+            temperature,
+            seq_chunk=seq_chunk,
+            vocab_chunk=vocab_chunk,
+            return_entropy=True,
+        )
     logits = model.logits(h).astype(jnp.float32) / temperature
     logp_all = jax.nn.log_softmax(logits, axis=-1)
     targets = input_ids[:, start:]
@@ -101,7 +116,9 @@ def _loss_kwargs(s: UpdateSettings) -> dict:
 
 def _objective(s: UpdateSettings, logp, b: Batch):
     """Per-task GRPO objective [K] of `logp` on rows b (the surrogate, as the loss aggregates it)."""
-    out = per_task_objective(logp, b.old_logp, b.advantages, b.completion_mask, b.task_ids, s.num_tasks, **_loss_kwargs(s))
+    out = per_task_objective(
+        logp, b.old_logp, b.advantages, b.completion_mask, b.task_ids, s.num_tasks, **_loss_kwargs(s)
+    )
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -144,8 +161,9 @@ def make_update_fn(graphdef, tx: optax.GradientTransformation, s: UpdateSettings
 
     def loss_fn(params, mb: Batch):
         model = nnx.merge(graphdef, params)
-        logp, entropy = completion_logprobs(model, mb.input_ids, mb.attention_mask, s.completion_len, s.temperature,
-                                     **_chunks(s))
+        logp, entropy = completion_logprobs(
+            model, mb.input_ids, mb.attention_mask, s.completion_len, s.temperature, **_chunks(s)
+        )
         loss, metrics = policy_loss(
             logp,
             mb.old_logp,
@@ -191,8 +209,9 @@ def make_update_fn(graphdef, tx: optax.GradientTransformation, s: UpdateSettings
             before = sequence_sums(s, flat(logp), mb)  # this mini-batch's training forward, before its step
             if "minibatch_sum" in wanted:
                 model = nnx.merge(graphdef, params)
-                after_logp, _ = completion_logprobs(model, mb.input_ids, mb.attention_mask, s.completion_len,
-                                                   s.temperature, **_chunks(s))
+                after_logp, _ = completion_logprobs(
+                    model, mb.input_ids, mb.attention_mask, s.completion_len, s.temperature, **_chunks(s)
+                )
                 out["improvement/minibatch_sum"] = sequence_sums(s, after_logp, mb) - before
             if "fresh" in wanted:
                 out["improvement/fresh"] = before - sequence_sums(s, mb.old_logp, mb)
@@ -212,8 +231,9 @@ def _chunks(s: UpdateSettings) -> dict:
     return dict(seq_chunk=s.logprob_chunk, vocab_chunk=s.vocab_chunk)
 
 
-def make_logprob_fn(graphdef, completion_len: int, temperature: float, chunks: int = 1, *, seq_chunk: int = 0,
-                    vocab_chunk: int = 0):
+def make_logprob_fn(
+    graphdef, completion_len: int, temperature: float, chunks: int = 1, *, seq_chunk: int = 0, vocab_chunk: int = 0
+):
     """logprobs(params, input_ids, attention_mask) -> [N, T] float32, computed in `chunks` row-chunks (and,
     within a row-chunk, in `seq_chunk` x `vocab_chunk` pieces of the LM head, see `completion_logprobs`)."""
 
@@ -222,12 +242,15 @@ def make_logprob_fn(graphdef, completion_len: int, temperature: float, chunks: i
 
         def one(_, xs):
             ids, mask = xs
-            logp, _ = completion_logprobs(model, ids, mask, completion_len, temperature, seq_chunk=seq_chunk,
-                                          vocab_chunk=vocab_chunk)
+            logp, _ = completion_logprobs(
+                model, ids, mask, completion_len, temperature, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk
+            )
             return None, logp
 
         n = input_ids.shape[0]
-        _, logp = jax.lax.scan(one, None, (input_ids.reshape(chunks, n // chunks, -1), attention_mask.reshape(chunks, n // chunks, -1)))
+        _, logp = jax.lax.scan(
+            one, None, (input_ids.reshape(chunks, n // chunks, -1), attention_mask.reshape(chunks, n // chunks, -1))
+        )
         return logp.reshape(n, -1)
 
     return jax.jit(fn)
@@ -248,14 +271,16 @@ def objective_at_behaviour(s: UpdateSettings, batch: Batch):
     return _objective(s, batch.old_logp, batch)
 
 
-def make_sft_update_fn(graphdef, tx: optax.GradientTransformation, completion_len: int, *, seq_chunk: int = 0,
-                       vocab_chunk: int = 0):
+def make_sft_update_fn(
+    graphdef, tx: optax.GradientTransformation, completion_len: int, *, seq_chunk: int = 0, vocab_chunk: int = 0
+):
     """Supervised warm start: token-mean cross-entropy of the demonstration tokens."""
 
     def loss_fn(params, input_ids, attention_mask, target_mask):
         model = nnx.merge(graphdef, params)
-        logp, _ = completion_logprobs(model, input_ids, attention_mask, completion_len, 1.0, seq_chunk=seq_chunk,
-                                      vocab_chunk=vocab_chunk)
+        logp, _ = completion_logprobs(
+            model, input_ids, attention_mask, completion_len, 1.0, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk
+        )
         m = target_mask.astype(jnp.float32)
         return -jnp.sum(logp * m) / jnp.maximum(jnp.sum(m), 1.0)
 
@@ -273,13 +298,18 @@ def init_opt_state(tx: optax.GradientTransformation, params, mesh):
     where a fresh one does."""
     replicated = NamedSharding(mesh, P())
     shardings = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params),
-        jax.tree.map(lambda x: x.sharding, params), transform_non_params=lambda _: replicated)
+        tx,
+        lambda _, sharding: sharding,
+        jax.eval_shape(tx.init, params),
+        jax.tree.map(lambda x: x.sharding, params),
+        transform_non_params=lambda _: replicated,
+    )
     return jax.jit(tx.init, out_shardings=shardings)(params)
 
 
-def make_optimizer(learning_rate: float, *, b1: float, b2: float, weight_decay: float, grad_clip: float | None,
-                   warmup_steps: int = 0) -> optax.GradientTransformation:
+def make_optimizer(
+    learning_rate: float, *, b1: float, b2: float, weight_decay: float, grad_clip: float | None, warmup_steps: int = 0
+) -> optax.GradientTransformation:
     schedule: Any = learning_rate
     if warmup_steps:
         schedule = optax.linear_schedule(0.0, learning_rate, warmup_steps)

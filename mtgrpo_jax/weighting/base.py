@@ -59,8 +59,9 @@ def check_num_tasks(num_tasks) -> int:
     return num_tasks
 
 
-def check_hyper(name: str, value, *, low: float | None = None, high: float | None = None,
-                low_open: bool = False) -> None:
+def check_hyper(
+    name: str, value, *, low: float | None = None, high: float | None = None, low_open: bool = False
+) -> None:
     """Validate a hyperparameter when it is a concrete number (traced values, e.g. under vmap over
     runs, are the caller's responsibility)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -73,8 +74,9 @@ def check_hyper(name: str, value, *, low: float | None = None, high: float | Non
         raise ValueError(f"{name}={value} must be <= {high}")
 
 
-def accept_signals(signals: TaskSignals, fields: tuple[str, ...], num_tasks: int, owner: str,
-                   optional: tuple[str, ...] = ()):
+def accept_signals(
+    signals: TaskSignals, fields: tuple[str, ...], num_tasks: int, owner: str, optional: tuple[str, ...] = ()
+):
     """(ok [K] bool, rejected [K] bool, cleaned {field: [K] float32}) for the fields an optimizer reads.
 
     ``ok`` = present and every read field finite; cleaned values are 0 wherever not ok. Fields in

@@ -86,8 +86,14 @@ def _initial_state(tx, num_tasks: int) -> MTGRPOState:
     """Zero logits (uniform weights), the logit optimizer's state, and zeroed reward/presence bookkeeping."""
     k = check_num_tasks(num_tasks)
     logits = jnp.zeros((k,), jnp.float32)
-    return MTGRPOState(logits, tx.init(logits), jnp.zeros((k,), jnp.float32), jnp.zeros((k,), jnp.bool_),
-                       jnp.zeros((k,), jnp.int32), jnp.zeros((), jnp.int32))
+    return MTGRPOState(
+        logits,
+        tx.init(logits),
+        jnp.zeros((k,), jnp.float32),
+        jnp.zeros((k,), jnp.bool_),
+        jnp.zeros((k,), jnp.int32),
+        jnp.zeros((), jnp.int32),
+    )
 
 
 def _freeze_absent(new, old, ok):
@@ -102,9 +108,15 @@ def _freeze_absent(new, old, ok):
     return jax.tree.map(pick, new, old)
 
 
-def mt_grpo(lam: float, learning_rate: float = 0.025, weight_decay: float = 1e-5, *,
-            improvement_clip: float | None = None, reward_ema: float | None = None,
-            coupled_weight_decay: bool = False) -> TaskWeightOptimizer:
+def mt_grpo(
+    lam: float,
+    learning_rate: float = 0.025,
+    weight_decay: float = 1e-5,
+    *,
+    improvement_clip: float | None = None,
+    reward_ema: float | None = None,
+    coupled_weight_decay: bool = False,
+) -> TaskWeightOptimizer:
     """MT-GRPO's improvement-aware weight update (the paper's Subroutine 1; see the module docstring).
 
     s_k = I_k + lam * J_k;  g_k = z_k (s_k - sum_j z_j s_j);  xi <- AdamW(xi, g);  z = softmax(xi).
@@ -119,9 +131,11 @@ def mt_grpo(lam: float, learning_rate: float = 0.025, weight_decay: float = 1e-5
     if reward_ema is not None:
         check_hyper("reward_ema", reward_ema, low=0.0, high=1.0)
     if coupled_weight_decay:
-        tx = optax.chain(optax.add_decayed_weights(weight_decay),
-                         optax.scale_by_adam(b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS),
-                         optax.scale_by_learning_rate(learning_rate))
+        tx = optax.chain(
+            optax.add_decayed_weights(weight_decay),
+            optax.scale_by_adam(b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS),
+            optax.scale_by_learning_rate(learning_rate),
+        )
     else:
         tx = optax.adamw(learning_rate, b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS, weight_decay=weight_decay)
 
@@ -142,8 +156,14 @@ def mt_grpo(lam: float, learning_rate: float = 0.025, weight_decay: float = 1e-5
         updates, opt_state = tx.update(grad, state.opt_state, state.logits)
         logits = optax.apply_updates(state.logits, updates)
         logits, opt_state = _freeze_absent((logits, opt_state), (state.logits, state.opt_state), ok)
-        new = MTGRPOState(logits, opt_state, ema, seen, state.rejected + rejected.astype(jnp.int32),
-                          state.step + jnp.any(ok).astype(jnp.int32))
+        new = MTGRPOState(
+            logits,
+            opt_state,
+            ema,
+            seen,
+            state.rejected + rejected.astype(jnp.int32),
+            state.step + jnp.any(ok).astype(jnp.int32),
+        )
         return jax.nn.softmax(logits), new
 
     def weights(state: MTGRPOState):
@@ -176,10 +196,16 @@ def _released_rounds(signals: TaskSignals, k: int):
     return jnp.where(present, jnp.where(jnp.isnan(reward), jnp.inf, reward), jnp.nan)[None, :]
 
 
-def mt_grpo_released(lam: float, learning_rate: float = 0.025, weight_decay: float = 1e-5, *,
-                     improvement_clip: float | None = RELEASED_IMPROVEMENT_CLIP,
-                     reward_ema: float = RELEASED_REWARD_EMA, use_improvement: bool = True,
-                     steps_per_update: int = 1) -> TaskWeightOptimizer:
+def mt_grpo_released(
+    lam: float,
+    learning_rate: float = 0.025,
+    weight_decay: float = 1e-5,
+    *,
+    improvement_clip: float | None = RELEASED_IMPROVEMENT_CLIP,
+    reward_ema: float = RELEASED_REWARD_EMA,
+    use_improvement: bool = True,
+    steps_per_update: int = 1,
+) -> TaskWeightOptimizer:
     """Subroutine 1 as the released code runs it (``utils/auto_curriculum/priority_decay.py``,
     ``FamoPriorityDecay.update`` with ``update_object='task_diff_bias'``, ``bias_metric='batch_acc'``):
 
@@ -203,9 +229,11 @@ def mt_grpo_released(lam: float, learning_rate: float = 0.025, weight_decay: flo
         check_hyper("improvement_clip", improvement_clip, low=0.0, low_open=True)
     if isinstance(steps_per_update, bool) or not isinstance(steps_per_update, int) or steps_per_update < 1:
         raise ValueError(f"steps_per_update={steps_per_update!r} must be a positive int")
-    tx = optax.chain(optax.add_decayed_weights(weight_decay),
-                     optax.scale_by_adam(b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS),
-                     optax.scale_by_learning_rate(learning_rate))
+    tx = optax.chain(
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_adam(b1=ADAM_B1, b2=ADAM_B2, eps=ADAM_EPS),
+        optax.scale_by_learning_rate(learning_rate),
+    )
 
     def init(num_tasks: int) -> MTGRPOState:
         return _initial_state(tx, num_tasks)
@@ -244,8 +272,14 @@ def mt_grpo_released(lam: float, learning_rate: float = 0.025, weight_decay: flo
             grad = z * (delta - jnp.sum(z * delta))
             updates, opt_state = tx.update(grad, opt_state, logits)
             logits = optax.apply_updates(logits, updates)
-        new = MTGRPOState(logits, opt_state, ema, state.reward_seen | present,
-                          state.rejected + rejected.astype(jnp.int32), state.step + 1)
+        new = MTGRPOState(
+            logits,
+            opt_state,
+            ema,
+            state.reward_seen | present,
+            state.rejected + rejected.astype(jnp.int32),
+            state.step + 1,
+        )
         return jax.nn.softmax(logits), new
 
     def weights(state: MTGRPOState):
@@ -254,15 +288,22 @@ def mt_grpo_released(lam: float, learning_rate: float = 0.025, weight_decay: flo
     return TaskWeightOptimizer(init, update, weights)
 
 
-def regularized_released(eta: float, lam: float = 0.2, learning_rate: float = 0.025,
-                         steps_per_update: int = 4) -> TaskWeightOptimizer:
+def regularized_released(
+    eta: float, lam: float = 0.2, learning_rate: float = 0.025, steps_per_update: int = 4
+) -> TaskWeightOptimizer:
     """Subroutine 2 as the released scripts run it (``scripts/exp-*/appendix/run_mt-grpo_reg_*.sh``:
     ``lambda_bias_type='bias_only'``, ``lambda_bias=0.2``, ``gamma`` = eta in {1e-5, 5e-4, 1e-2}): the
     reward-only score lam * J (J the released accuracy EMA), ``steps_per_update`` (the number of policy
     mini-batches, 4) torch-Adam steps per training step with eta as coupled L2 weight decay."""
     check_hyper("eta", eta, low=0.0, low_open=True)
-    return mt_grpo_released(lam, learning_rate, weight_decay=eta, improvement_clip=None,
-                            use_improvement=False, steps_per_update=steps_per_update)
+    return mt_grpo_released(
+        lam,
+        learning_rate,
+        weight_decay=eta,
+        improvement_clip=None,
+        use_improvement=False,
+        steps_per_update=steps_per_update,
+    )
 
 
 class RegularizedState(NamedTuple):
@@ -302,7 +343,9 @@ def regularized(eta: float, learning_rate: float = 0.025, *, lam: float = 1.0) -
         logits = state.logits - learning_rate * (grad + eta * state.logits)
         any_ok = jnp.any(ok)
         logits = jnp.where(any_ok, logits, state.logits)
-        new = RegularizedState(logits, state.rejected + rejected.astype(jnp.int32), state.step + any_ok.astype(jnp.int32))
+        new = RegularizedState(
+            logits, state.rejected + rejected.astype(jnp.int32), state.step + any_ok.astype(jnp.int32)
+        )
         return jax.nn.softmax(logits), new
 
     def weights(state: RegularizedState):

@@ -66,8 +66,10 @@ def simulate(sampler, weights_fn, steps=200, accept=ACCEPT, seed=123):
 def test_ratio_preserving_shares_track_z_while_weighted_is_biased(variant, weights):
     rp = simulate(RatioPreservingSampler(3, 32, 8, variant=variant, seed=0), WEIGHTS[weights])
     wt = simulate(DynamicSampler(3, 32, 8, follow_weights=True, seed=0), WEIGHTS[weights])  # weights only
-    print(f"\n[{variant}/{weights}] mean |share - z|: ratio-preserving {rp['gap']:.4f}, weighted {wt['gap']:.4f}; "
-          f"shares rp {np.round(rp['mean_shares'], 3)} weighted {np.round(wt['mean_shares'], 3)}")
+    print(
+        f"\n[{variant}/{weights}] mean |share - z|: ratio-preserving {rp['gap']:.4f}, weighted {wt['gap']:.4f}; "
+        f"shares rp {np.round(rp['mean_shares'], 3)} weighted {np.round(wt['mean_shares'], 3)}"
+    )
     assert rp["gap"] < 0.03
     assert wt["gap"] > 0.1  # the weights-only sampler tilts towards the easy task
     for result in rp["results"]:
@@ -87,11 +89,19 @@ def test_weighted_sampler_shares_follow_weights_times_acceptance():
 def test_acceptance_aware_inflation_lowers_rounds(variant):
     figures = {}
     for aware in (True, False):
-        runs = [simulate(RatioPreservingSampler(3, 32, 8, variant=variant, acceptance_aware=aware, seed=s),
-                         WEIGHTS["uniform"], seed=100 + s) for s in range(3)]
+        runs = [
+            simulate(
+                RatioPreservingSampler(3, 32, 8, variant=variant, acceptance_aware=aware, seed=s),
+                WEIGHTS["uniform"],
+                seed=100 + s,
+            )
+            for s in range(3)
+        ]
         figures[aware] = (np.mean([r["mean_rounds"] for r in runs]), np.mean([r["mean_generated"] for r in runs]))
-    print(f"\n[{variant}] mean resampling rounds: with inflation {figures[True][0]:.3f}, without {figures[False][0]:.3f}; "
-          f"groups generated per step {figures[True][1]:.1f} vs {figures[False][1]:.1f}")
+    print(
+        f"\n[{variant}] mean resampling rounds: with inflation {figures[True][0]:.3f}, without {figures[False][0]:.3f}; "
+        f"groups generated per step {figures[True][1]:.1f} vs {figures[False][1]:.1f}"
+    )
     assert figures[True][0] < figures[False][0] - 0.1
     assert figures[True][1] < figures[False][1]
 
@@ -119,8 +129,11 @@ def test_spent_budget_returns_smaller_batch_and_metric():
     metrics = result.metrics(["zebra", "countdown", "arc"])
     assert metrics["sampler/budget_exhausted"] == 1.0 and metrics["sampler/batch_fill"] < 1.0
     # nothing accepted at all
-    for sampler in (RatioPreservingSampler(3, 8, seed=0), DynamicSampler(3, 8, resample_budget=2, seed=0),
-                    DynamicSampler(3, 8, resample_budget=2, follow_weights=True, seed=0)):
+    for sampler in (
+        RatioPreservingSampler(3, 8, seed=0),
+        DynamicSampler(3, 8, resample_budget=2, seed=0),
+        DynamicSampler(3, 8, resample_budget=2, follow_weights=True, seed=0),
+    ):
         result = sampler.sample(np.full(3, 1 / 3), make_generator([0.0, 0.0, 0.0]))
         assert result.num_groups == 0 and result.budget_exhausted and np.all(result.shares == 0)
         assert result.metrics()["sampler/num_groups"] == 0.0
@@ -171,8 +184,10 @@ def test_state_of_the_plain_sampler_under_its_old_kind_name_restores():
     state = {**sampler.get_state(), "kind": "uniform"}  # as checkpoints before the rename hold it
     restored = PlainSampler(3, 16, 4, follow_weights=True, seed=2)
     restored.set_state(state)
-    assert restored.sample(WEIGHTS["drifting"](1), make_generator(ACCEPT)).task_ids.tolist() == \
-        sampler.sample(WEIGHTS["drifting"](1), make_generator(ACCEPT)).task_ids.tolist()
+    assert (
+        restored.sample(WEIGHTS["drifting"](1), make_generator(ACCEPT)).task_ids.tolist()
+        == sampler.sample(WEIGHTS["drifting"](1), make_generator(ACCEPT)).task_ids.tolist()
+    )
 
 
 def test_plain_sampler_returns_everything_generated():
@@ -228,8 +243,7 @@ def test_preserve_ratio_off_refills_to_b_without_targets():
 
 
 def test_released_variant_deterministic_inflation_uses_largest_remainder_apportionment():
-    sampler = RatioPreservingSampler(3, 10, 1, oversample=3.0, variant="released", deterministic_inflation=True,
-                                     seed=0)
+    sampler = RatioPreservingSampler(3, 10, 1, oversample=3.0, variant="released", deterministic_inflation=True, seed=0)
     sampler.rho[:] = [0.0, 0.5, 0.9]  # inflation 1, 2, 5
     generate = make_generator([1.0, 1.0, 1.0])
     result = sampler.sample(np.full(3, 1 / 3), generate)
@@ -249,17 +263,27 @@ def test_largest_remainder():
 def test_bad_inputs_raise_clear_errors():
     sampler = RatioPreservingSampler(3, 8, seed=0)
     good = make_generator(ACCEPT)
-    for weights, match in [([0.5, 0.5], "shape"), ([1, -1, 1], "non-negative"), ([0, 0, 0], "not all zero"),
-                           ([np.nan, 1, 1], "finite"), (None, "required")]:
+    for weights, match in [
+        ([0.5, 0.5], "shape"),
+        ([1, -1, 1], "non-negative"),
+        ([0, 0, 0], "not all zero"),
+        ([np.nan, 1, 1], "finite"),
+        (None, "required"),
+    ]:
         with pytest.raises(ValueError, match=match):
             sampler.sample(weights, good)
     with pytest.raises(ValueError, match="returned 1 results"):
         sampler.sample(np.full(3, 1 / 3), lambda ids: [(True, None)])
     with pytest.raises(ValueError, match="pairs"):
         sampler.sample(np.full(3, 1 / 3), lambda ids: [True] * len(ids))
-    for kwargs, match in [({"batch_size": 0}, "batch_size"), ({"oversample": 0}, "oversample"),
-                          ({"acceptance_cap": 0.5}, "acceptance_cap"), ({"variant": "mine"}, "variant"),
-                          ({"rho_decay": 1.0}, "rho_decay"), ({"resample_budget": -1}, "resample_budget")]:
+    for kwargs, match in [
+        ({"batch_size": 0}, "batch_size"),
+        ({"oversample": 0}, "oversample"),
+        ({"acceptance_cap": 0.5}, "acceptance_cap"),
+        ({"variant": "mine"}, "variant"),
+        ({"rho_decay": 1.0}, "rho_decay"),
+        ({"resample_budget": -1}, "resample_budget"),
+    ]:
         with pytest.raises(ValueError, match=match):
             RatioPreservingSampler(**{"num_tasks": 3, "batch_size": 8, **kwargs})
     with pytest.raises(ValueError, match="unknown sampler kind"):

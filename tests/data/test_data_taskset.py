@@ -14,7 +14,9 @@ def _examples(task: str, n: int) -> list[dict]:
 
 
 def _make(seed: int = 0) -> TaskSet:
-    return TaskSet({"zebra": _examples("zebra", 7), "arc": _examples("arc_1d", 5), "cd": _examples("countdown", 3)}, seed=seed)
+    return TaskSet(
+        {"zebra": _examples("zebra", 7), "arc": _examples("arc_1d", 5), "cd": _examples("countdown", 3)}, seed=seed
+    )
 
 
 def test_streams_shuffle_cover_epochs_and_stay_separate():

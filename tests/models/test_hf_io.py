@@ -14,8 +14,15 @@ from mtgrpo_jax.models import ModelConfig, Transformer, load_pretrained, save_pr
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-CFG = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-           num_key_value_heads=2, max_position_embeddings=128)
+CFG = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 
 
 def _params(model):
@@ -32,8 +39,15 @@ def _assert_same_params(a, b):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_load_save_load_is_exact(tmp_path, dtype):
-    cfg = ModelConfig(model_type="qwen3", head_dim=16, attention_bias=False, qk_norm=True, tie_word_embeddings=False,
-                      eos_token_id=[1, 2], **CFG)
+    cfg = ModelConfig(
+        model_type="qwen3",
+        head_dim=16,
+        attention_bias=False,
+        qk_norm=True,
+        tie_word_embeddings=False,
+        eos_token_id=[1, 2],
+        **CFG,
+    )
     model = Transformer(cfg, rngs=nnx.Rngs(3), dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
     save_pretrained(model, tmp_path / "a")
     first = load_pretrained(tmp_path / "a", dtype=dtype)
@@ -46,12 +60,26 @@ def test_load_save_load_is_exact(tmp_path, dtype):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("model_type,extra", [
-    ("qwen2", dict(tie_word_embeddings=True)),
-    ("llama", dict(attention_bias=True, tie_word_embeddings=False,  # o_proj bias too
-                   rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
-                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
-])
+@pytest.mark.parametrize(
+    "model_type,extra",
+    [
+        ("qwen2", dict(tie_word_embeddings=True)),
+        (
+            "llama",
+            dict(
+                attention_bias=True,
+                tie_word_embeddings=False,  # o_proj bias too
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 4.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16,
+                },
+            ),
+        ),
+    ],
+)
 def test_transformers_loads_what_we_save(tmp_path, model_type, extra):
     cfg = ModelConfig(model_type=model_type, **CFG, **extra)
     model = Transformer(cfg, rngs=nnx.Rngs(4), dtype=jnp.float32, param_dtype=jnp.float32)
@@ -86,22 +114,30 @@ def test_bad_checkpoints_name_the_culprit(tmp_path):
     tensors = load_file(tmp_path / "model.safetensors")
     name = "model.layers.1.self_attn.k_proj.weight"
 
-    save_file({k: v for k, v in tensors.items() if k != name}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v for k, v in tensors.items() if k != name}, tmp_path / "model.safetensors", metadata={"format": "pt"}
+    )
     with pytest.raises(ValueError, match=f"missing tensor '{name}'"):
         load_pretrained(tmp_path)
 
     save_file({**tensors, name: tensors[name][:, :-1]}, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=rf"tensor '{name}' in model.safetensors has shape \[16, 31\], expected \[16, 32\]"):
+    with pytest.raises(
+        ValueError, match=rf"tensor '{name}' in model.safetensors has shape \[16, 31\], expected \[16, 32\]"
+    ):
         load_pretrained(tmp_path)
 
-    save_file({**tensors, "model.layers.2.mlp.up_proj.weight": tensors["model.layers.1.mlp.up_proj.weight"]},
-              tmp_path / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {**tensors, "model.layers.2.mlp.up_proj.weight": tensors["model.layers.1.mlp.up_proj.weight"]},
+        tmp_path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     with pytest.raises(ValueError, match="unexpected tensor 'model.layers.2.mlp.up_proj.weight'"):
         load_pretrained(tmp_path)
 
     config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["GemmaForCausalLM"],
-                                                      "model_type": "gemma"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({**config, "architectures": ["GemmaForCausalLM"], "model_type": "gemma"})
+    )
     with pytest.raises(ValueError, match="unsupported architecture 'GemmaForCausalLM'"):
         load_pretrained(tmp_path)
 

@@ -10,8 +10,15 @@ from flax import nnx
 from mtgrpo_jax.models import ModelConfig, Transformer
 from mtgrpo_jax.train.update import completion_logprobs
 
-CFG = ModelConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, tie_word_embeddings=False)
+CFG = ModelConfig(
+    vocab_size=101,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+)
 
 
 def _batch(rows=3, prompt=5, completion=7, seed=0):
@@ -19,7 +26,7 @@ def _batch(rows=3, prompt=5, completion=7, seed=0):
     ids = rng.integers(1, CFG.vocab_size, size=(rows, prompt + completion)).astype(np.int32)
     mask = np.ones_like(ids, bool)
     mask[0, :3] = False  # left padding
-    mask[1, prompt + 4:] = False  # a short completion
+    mask[1, prompt + 4 :] = False  # a short completion
     ids[~mask] = 0
     return jnp.asarray(ids), jnp.asarray(mask)
 
@@ -67,8 +74,11 @@ def _cudnn_via_xla(monkeypatch):
     from mtgrpo_jax.models import attention
 
     real = jax.nn.dot_product_attention
-    monkeypatch.setattr(attention.jax.nn, "dot_product_attention",
-                        lambda *a, implementation=None, **kw: real(*a, implementation="xla", **kw))
+    monkeypatch.setattr(
+        attention.jax.nn,
+        "dot_product_attention",
+        lambda *a, implementation=None, **kw: real(*a, implementation="xla", **kw),
+    )
 
 
 @pytest.mark.parametrize("implementation", ["splash", "cudnn"])
@@ -106,8 +116,10 @@ def test_model_with_splash_attention_under_a_mesh_equals_xla():
     from mtgrpo_jax.parallel import make_mesh
 
     ids, mask = _batch(rows=4)  # 4 rows over data x fsdp = 4, 2 kv heads over tensor = 2
-    models = {impl: Transformer(CFG, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32, attention=impl)
-              for impl in ("xla", "splash")}
+    models = {
+        impl: Transformer(CFG, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32, attention=impl)
+        for impl in ("xla", "splash")
+    }
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     with jax.set_mesh(mesh):
         out = {impl: np.asarray(nnx.jit(lambda m: m(ids, attention_mask=mask))(m)) for impl, m in models.items()}

@@ -13,16 +13,31 @@ from mtgrpo_jax.models import KVCache, ModelConfig, Transformer, load_pretrained
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128)
-LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8}
+COMMON = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8,
+}
 CASES = {
     "qwen2_tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
     "qwen2_untied": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=False)),
     "qwen3_qk_norm": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16, tie_word_embeddings=True)),
-    "llama3_rope_scaling": ("LlamaConfig", "LlamaForCausalLM",
-                            dict(tie_word_embeddings=False, rope_theta=5e5, rope_scaling=LLAMA3_SCALING)),
+    "llama3_rope_scaling": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(tie_word_embeddings=False, rope_theta=5e5, rope_scaling=LLAMA3_SCALING),
+    ),
 }
 
 
@@ -53,8 +68,11 @@ def test_logits_match_transformers(case, tmp_path):
     ids, mask = _left_padded_batch()
     positions = np.maximum(mask.cumsum(1) - 1, 0)
     with torch.no_grad():
-        ref = hf(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
-                 position_ids=torch.tensor(positions)).logits.numpy()
+        ref = hf(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            position_ids=torch.tensor(positions),
+        ).logits.numpy()
     model = load_pretrained(tmp_path, dtype="float32")
     assert model.config.model_type == hf.config.model_type
     assert model.config.qk_norm == (case == "qwen3_qk_norm")
@@ -77,7 +95,10 @@ def test_llama3_scaling_changes_the_function(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     plain = load_pretrained(tmp_path, dtype="float32")
     assert plain.config.rope_scaling is None
-    a, b = scaled(jnp.asarray(ids), attention_mask=jnp.asarray(mask)), plain(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    a, b = (
+        scaled(jnp.asarray(ids), attention_mask=jnp.asarray(mask)),
+        plain(jnp.asarray(ids), attention_mask=jnp.asarray(mask)),
+    )
     assert np.abs(np.asarray(a) - np.asarray(b))[mask].max() > 1e-3
 
 
@@ -111,7 +132,7 @@ def test_cache_prefill_and_decode_equal_full_forward():
     next_pos = positions[:, -1] + 1
     for i in range(steps):
         kv_mask[:, t + i] = True
-        logits, cache = step(model, new_tokens[:, i:i + 1], next_pos[:, None] + i, cache, jnp.int32(t + i), kv_mask)
+        logits, cache = step(model, new_tokens[:, i : i + 1], next_pos[:, None] + i, cache, jnp.int32(t + i), kv_mask)
         np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t + i], atol=1e-5)
 
 
@@ -176,10 +197,17 @@ def test_tiny_config_is_small_qwen2_and_remat_is_equivalent():
 
 
 def test_config_hf_round_trip_and_bad_configs(tmp_path):
-    for cfg in [tiny_config(),
-                ModelConfig(model_type="llama", attention_bias=False, tie_word_embeddings=False,
-                            rope_scaling=LLAMA3_SCALING, eos_token_id=[1, 2]),
-                ModelConfig(model_type="qwen3", head_dim=64, attention_bias=False, qk_norm=True)]:
+    for cfg in [
+        tiny_config(),
+        ModelConfig(
+            model_type="llama",
+            attention_bias=False,
+            tie_word_embeddings=False,
+            rope_scaling=LLAMA3_SCALING,
+            eos_token_id=[1, 2],
+        ),
+        ModelConfig(model_type="qwen3", head_dim=64, attention_bias=False, qk_norm=True),
+    ]:
         assert ModelConfig.from_hf(cfg.to_hf_dict()) == cfg
         hash(cfg)
     hf = tiny_config().to_hf_dict()

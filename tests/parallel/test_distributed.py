@@ -18,8 +18,14 @@ from mtgrpo_jax.parallel.distributed import expand_first_host, resolve_distribut
 
 
 def test_single_process_is_a_no_op(monkeypatch):
-    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID",
-                "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
+    for var in (
+        "JAX_COORDINATOR_ADDRESS",
+        "JAX_NUM_PROCESSES",
+        "JAX_PROCESS_ID",
+        "SLURM_JOB_ID",
+        "TPU_WORKER_HOSTNAMES",
+        "MEGASCALE_COORDINATOR_ADDRESS",
+    ):
         monkeypatch.delenv(var, raising=False)
     assert initialize_distributed() is False
     assert initialize_distributed(num_processes=1) is False
@@ -28,13 +34,23 @@ def test_single_process_is_a_no_op(monkeypatch):
 def test_resolve_launch_modes():
     assert resolve_distributed(env={}) is None
     assert resolve_distributed("10.0.0.1:1234", 4, 2, env={}) == {
-        "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2}
+        "coordinator_address": "10.0.0.1:1234",
+        "num_processes": 4,
+        "process_id": 2,
+    }
     env = {"JAX_COORDINATOR_ADDRESS": "host0:99", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
     assert resolve_distributed(env=env) == {"coordinator_address": "host0:99", "num_processes": 2, "process_id": 1}
-    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "8", "SLURM_PROCID": "5",
-             "SLURM_STEP_NODELIST": "gpu-node[07-10,12]"}
-    assert resolve_distributed(env=slurm) == {"coordinator_address": "gpu-node07:12597", "num_processes": 8,
-                                              "process_id": 5}
+    slurm = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "8",
+        "SLURM_PROCID": "5",
+        "SLURM_STEP_NODELIST": "gpu-node[07-10,12]",
+    }
+    assert resolve_distributed(env=slurm) == {
+        "coordinator_address": "gpu-node07:12597",
+        "num_processes": 8,
+        "process_id": 5,
+    }
     assert resolve_distributed(env={**slurm, "SLURM_NTASKS": "1"}) is None  # one task: nothing to join
     assert resolve_distributed(env={"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}) == {}  # TPU pod: auto-detect
     assert resolve_distributed(env={"TPU_WORKER_HOSTNAMES": "t0"}) is None  # single-host TPU VM
@@ -53,8 +69,15 @@ def test_two_processes_sharded_forward(tmp_path):
     """Two processes x 4 fake CPU devices join with jax.distributed, each loads only its shards of a
     checkpoint into the data 2 x fsdp 2 x tensor 2 mesh, run one sharded forward, gather the logits and
     save the model back collectively; all of it must match the single-process results."""
-    cfg = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    cfg = ModelConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     model = Transformer(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
     ckpt = tmp_path / "ckpt"
     save_pretrained(model, ckpt)
@@ -70,10 +93,24 @@ def test_two_processes_sharded_forward(tmp_path):
     worker = Path(__file__).with_name("_two_process_worker.py")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = tmp_path / "logits.npy"
-    procs = [subprocess.Popen([sys.executable, str(worker), f"127.0.0.1:{port}", str(i), str(ckpt),
-                               str(tmp_path / "inputs.npz"), str(out)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(worker),
+                f"127.0.0.1:{port}",
+                str(i),
+                str(ckpt),
+                str(tmp_path / "inputs.npz"),
+                str(out),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     logs = []
     try:
         for p in procs:

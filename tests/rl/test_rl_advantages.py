@@ -36,8 +36,9 @@ def _rewards(seed, p=6, g=5):
 
 
 @pytest.mark.parametrize("precision", ["float64", "float32"])
-@pytest.mark.parametrize("estimator,std", [("grpo", "unbiased"), ("grpo", "biased"), ("drgrpo", "unbiased"),
-                                           ("rloo", "unbiased")])
+@pytest.mark.parametrize(
+    "estimator,std", [("grpo", "unbiased"), ("grpo", "biased"), ("drgrpo", "unbiased"), ("rloo", "unbiased")]
+)
 def test_advantages_match_numpy(estimator, std, precision):
     rewards = _rewards(0)
     expected = ref_advantages(rewards, estimator, std, 1e-6)

@@ -29,8 +29,9 @@ def test_logprobs_and_entropy_match_numpy(chunk_size):
     assert lp.dtype == ent.dtype == jnp.float32 and lp.shape == tokens.shape
     np.testing.assert_allclose(lp, exp_lp, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ent, exp_ent, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(fn(jnp.asarray(logits), jnp.asarray(tokens), 0.8, chunk_size=chunk_size), exp_lp,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        fn(jnp.asarray(logits), jnp.asarray(tokens), 0.8, chunk_size=chunk_size), exp_lp, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_bf16_logits_give_float32_and_chunked_gradient_matches():
@@ -41,8 +42,9 @@ def test_bf16_logits_give_float32_and_chunked_gradient_matches():
     plain, chunked = fn(logits, tokens), fn(logits, tokens, chunk_size=16)
     assert plain.dtype == chunked.dtype == jnp.float32
     np.testing.assert_allclose(plain, chunked, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(plain, ref_logprobs(np.asarray(logits, np.float32), np.asarray(tokens), 1.0)[0],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        plain, ref_logprobs(np.asarray(logits, np.float32), np.asarray(tokens), 1.0)[0], rtol=1e-5, atol=1e-5
+    )
 
     def loss(x, chunk):
         lp, ent = token_logprobs_from_logits(x, tokens, 1.3, chunk_size=chunk, return_entropy=True)
@@ -89,17 +91,27 @@ def test_chunked_from_hidden_matches_full_values_and_gradients(seq_chunk, vocab_
         def f(h, w):
             lp, ent = fn(h, w)
             return jnp.sum(lp * weights) + 0.3 * jnp.sum(ent * weights[::-1])
+
         return f
 
     full = lambda h, w: _full_from_hidden(h, w, tokens, 0.7)  # noqa: E731
-    chunked = lambda h, w: token_logprobs_from_hidden(h, w, tokens, 0.7, seq_chunk=seq_chunk,  # noqa: E731
-                                                      vocab_chunk=vocab_chunk, return_entropy=True)
+    chunked = lambda h, w: token_logprobs_from_hidden(
+        h,
+        w,
+        tokens,
+        0.7,
+        seq_chunk=seq_chunk,  # noqa: E731
+        vocab_chunk=vocab_chunk,
+        return_entropy=True,
+    )
     exp_lp, exp_ent = jax.jit(full)(hidden, head)
     lp, ent = jax.jit(chunked)(hidden, head)
     assert lp.shape == ent.shape == tokens.shape and lp.dtype == jnp.float32
     np.testing.assert_allclose(lp, exp_lp, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ent, exp_ent, rtol=1e-5, atol=1e-5)
-    ref_lp, ref_ent = ref_logprobs(np.asarray(hidden, np.float64) @ np.asarray(head, np.float64), np.asarray(tokens), 0.7)
+    ref_lp, ref_ent = ref_logprobs(
+        np.asarray(hidden, np.float64) @ np.asarray(head, np.float64), np.asarray(tokens), 0.7
+    )
     np.testing.assert_allclose(lp, ref_lp, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(ent, ref_ent, rtol=1e-4, atol=1e-4)
     g_full = jax.jit(jax.grad(objective(full), argnums=(0, 1)))(hidden, head)
@@ -120,7 +132,9 @@ def test_chunked_from_hidden_never_holds_full_logits():
 
     def temp_bytes(fn):
         loss = lambda hd, w: jnp.sum(fn(hd, w))  # noqa: E731
-        return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(hidden, head).compile().memory_analysis().temp_size_in_bytes
+        return (
+            jax.jit(jax.grad(loss, argnums=(0, 1))).lower(hidden, head).compile().memory_analysis().temp_size_in_bytes
+        )
 
     full = temp_bytes(lambda hd, w: _full_from_hidden(hd, w, tokens, 1.0)[0])
     chunked = temp_bytes(lambda hd, w: token_logprobs_from_hidden(hd, w, tokens, seq_chunk=16, vocab_chunk=1024))

@@ -21,8 +21,21 @@ from mtgrpo_jax.rl import (
 EPS_LOW, EPS_HIGH = 0.2, 0.28
 
 
-def ref_loss_and_grad(logp, old, adv, mask, *, aggregation, max_length=None, ref=None, beta=0.0, kl=None,
-                      dual_clip=None, entropy=None, entropy_coef=0.0):
+def ref_loss_and_grad(
+    logp,
+    old,
+    adv,
+    mask,
+    *,
+    aggregation,
+    max_length=None,
+    ref=None,
+    beta=0.0,
+    kl=None,
+    dual_clip=None,
+    entropy=None,
+    entropy_coef=0.0,
+):
     """Loss and d loss / d logp, one token at a time, in float64."""
     n, t = logp.shape
     max_length = t if max_length is None else max_length
@@ -39,8 +52,7 @@ def ref_loss_and_grad(logp, old, adv, mask, *, aggregation, max_length=None, ref
             loss, grad = -a * dual_clip, 0.0
         if ref is not None:
             d = logp[i, j] - ref[i, j]
-            value, slope = {"k1": (d, 1.0), "k2": (0.5 * d * d, d),
-                            "k3": (np.exp(-d) + d - 1, 1 - np.exp(-d))}[kl]
+            value, slope = {"k1": (d, 1.0), "k2": (0.5 * d * d, d), "k3": (np.exp(-d) + d - 1, 1 - np.exp(-d))}[kl]
             loss, grad = loss + beta * value, grad + beta * slope
         if entropy is not None:
             loss -= entropy_coef * entropy[i, j]
@@ -85,41 +97,78 @@ def test_policy_loss_matches_numpy_reference(precision):
     b = make_batch(0)
     rtol = 1e-6 if precision == "float64" else 1e-5
     with _ctx(precision):
+
         @jax.jit
         def all_cases(logp, old, adv, mask, ref, entropy):
             # One program for every case: one compilation instead of 24.
             out = []
             for agg, kl, dual in CASES:
+
                 def f(lp, agg=agg, kl=kl, dual=dual):
-                    return policy_loss(lp, old, adv, mask, eps_low=EPS_LOW, eps_high=EPS_HIGH, aggregation=agg,
-                                       max_length=12 if agg.endswith("norm") else None,
-                                       ref_logp=None if kl is None else ref, beta=0.0 if kl is None else 0.1,
-                                       kl_estimator=kl or "k3", dual_clip=dual, entropy=entropy,
-                                       entropy_coef=0.01)[0]
+                    return policy_loss(
+                        lp,
+                        old,
+                        adv,
+                        mask,
+                        eps_low=EPS_LOW,
+                        eps_high=EPS_HIGH,
+                        aggregation=agg,
+                        max_length=12 if agg.endswith("norm") else None,
+                        ref_logp=None if kl is None else ref,
+                        beta=0.0 if kl is None else 0.1,
+                        kl_estimator=kl or "k3",
+                        dual_clip=dual,
+                        entropy=entropy,
+                        entropy_coef=0.01,
+                    )[0]
+
                 out.append(jax.value_and_grad(f)(logp))
             return out
 
-        arrays = [jnp.asarray(b[k], precision) for k in ("logp", "old", "adv")] + [jnp.asarray(b["mask"])] + \
-                 [jnp.asarray(b[k], precision) for k in ("ref", "entropy")]
+        arrays = (
+            [jnp.asarray(b[k], precision) for k in ("logp", "old", "adv")]
+            + [jnp.asarray(b["mask"])]
+            + [jnp.asarray(b[k], precision) for k in ("ref", "entropy")]
+        )
         for (agg, kl, dual), (loss, grad) in zip(CASES, all_cases(*arrays)):
             assert loss.dtype == jnp.dtype(precision) and grad.dtype == jnp.dtype(precision)
             exp_loss, exp_grad = ref_loss_and_grad(
-                b["logp"], b["old"], b["adv"], b["mask"], aggregation=agg,
-                max_length=12 if agg.endswith("norm") else None, ref=None if kl is None else b["ref"],
-                beta=0.0 if kl is None else 0.1, kl=kl, dual_clip=dual, entropy=b["entropy"], entropy_coef=0.01)
+                b["logp"],
+                b["old"],
+                b["adv"],
+                b["mask"],
+                aggregation=agg,
+                max_length=12 if agg.endswith("norm") else None,
+                ref=None if kl is None else b["ref"],
+                beta=0.0 if kl is None else 0.1,
+                kl=kl,
+                dual_clip=dual,
+                entropy=b["entropy"],
+                entropy_coef=0.01,
+            )
             case = f"{agg}/{kl}/{dual}"
             np.testing.assert_allclose(float(loss), exp_loss, rtol=rtol, err_msg=case)
-            np.testing.assert_allclose(np.asarray(grad), exp_grad, rtol=rtol, atol=rtol * np.abs(exp_grad).max(),
-                                       err_msg=case)
+            np.testing.assert_allclose(
+                np.asarray(grad), exp_grad, rtol=rtol, atol=rtol * np.abs(exp_grad).max(), err_msg=case
+            )
             assert np.all(np.asarray(grad)[~b["mask"]] == 0.0), case
 
 
 def test_metrics_match_numpy():
     b = make_batch(1)
-    loss, m = jax.jit(lambda *a: policy_loss(*a, eps_low=EPS_LOW, eps_high=EPS_HIGH, aggregation="token-mean",
-                                             ref_logp=jnp.asarray(b["ref"], jnp.float32), beta=0.05, dual_clip=1.5,
-                                             entropy=jnp.asarray(b["entropy"], jnp.float32), entropy_coef=0.02))(
-        *(jnp.asarray(b[k], jnp.float32) for k in ("logp", "old", "adv")), jnp.asarray(b["mask"]))
+    loss, m = jax.jit(
+        lambda *a: policy_loss(
+            *a,
+            eps_low=EPS_LOW,
+            eps_high=EPS_HIGH,
+            aggregation="token-mean",
+            ref_logp=jnp.asarray(b["ref"], jnp.float32),
+            beta=0.05,
+            dual_clip=1.5,
+            entropy=jnp.asarray(b["entropy"], jnp.float32),
+            entropy_coef=0.02,
+        )
+    )(*(jnp.asarray(b[k], jnp.float32) for k in ("logp", "old", "adv")), jnp.asarray(b["mask"]))
     mask = b["mask"]
     r = np.exp(b["logp"] - b["old"])[mask]
     a = np.broadcast_to(b["adv"][:, None], mask.shape)[mask]
@@ -128,8 +177,9 @@ def test_metrics_match_numpy():
     np.testing.assert_allclose(m["dual_clip_frac"], np.mean((a < 0) & (r > 1.5)), rtol=1e-6)
     assert 0 < m["clip_frac_low"] < 1 and 0 < m["clip_frac_high"] < 1 and m["dual_clip_frac"] > 0
     np.testing.assert_allclose(m["approx_kl"], np.mean(r - 1 - np.log(r)), rtol=1e-5)
-    np.testing.assert_allclose([m["ratio_mean"], m["ratio_min"], m["ratio_max"]], [r.mean(), r.min(), r.max()],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        [m["ratio_mean"], m["ratio_min"], m["ratio_max"]], [r.mean(), r.min(), r.max()], rtol=1e-6
+    )
     assert m["num_tokens"] == mask.sum()
     np.testing.assert_allclose(m["entropy"], b["entropy"][mask].mean(), rtol=1e-6)
     d = (b["logp"] - b["ref"])[mask]
@@ -143,8 +193,15 @@ def test_padding_is_inert(aggregation):
     """Padded tokens: gradient exactly 0, and any values there (even inf / NaN) change nothing."""
     b = make_batch(2)
     mask = jnp.asarray(b["mask"])
-    kwargs = dict(eps_low=EPS_LOW, eps_high=EPS_HIGH, aggregation=aggregation, beta=0.1, kl_estimator="k3",
-                  dual_clip=3.0, entropy_coef=0.01)
+    kwargs = dict(
+        eps_low=EPS_LOW,
+        eps_high=EPS_HIGH,
+        aggregation=aggregation,
+        beta=0.1,
+        kl_estimator="k3",
+        dual_clip=3.0,
+        entropy_coef=0.01,
+    )
 
     @jax.jit
     def run(logp, old, adv, ref, ent):
@@ -189,9 +246,20 @@ def test_gradient_wrt_logits_matches_finite_differences(chunk_size):
         @jax.jit
         def f(x):
             lp, ent = token_logprobs_from_logits(x, tokens, 0.7, chunk_size=chunk_size, return_entropy=True)
-            return policy_loss(lp, old, adv, mask, eps_low=EPS_LOW, eps_high=EPS_HIGH,
-                               aggregation="seq-mean-token-mean", ref_logp=ref, beta=0.1, kl_estimator="k3",
-                               entropy=ent, entropy_coef=0.05)[0]
+            return policy_loss(
+                lp,
+                old,
+                adv,
+                mask,
+                eps_low=EPS_LOW,
+                eps_high=EPS_HIGH,
+                aggregation="seq-mean-token-mean",
+                ref_logp=ref,
+                beta=0.1,
+                kl_estimator="k3",
+                entropy=ent,
+                entropy_coef=0.05,
+            )[0]
 
         grad = np.asarray(jax.jit(jax.grad(f))(logits))
         x0 = np.asarray(logits)
@@ -211,8 +279,15 @@ def test_per_task_objectives_recombine(aggregation):
     b = make_batch(5, n=12, t=7)
     b["mask"][-1] = False
     task_ids = np.array([0, 2, 1, 0, 2, 2, 0, 1, 2, 0, 3, -1])  # task 3 has one row; -1 is padding
-    kwargs = dict(eps_low=EPS_LOW, eps_high=EPS_HIGH, aggregation=aggregation, beta=0.05,
-                  dual_clip=2.0, entropy_coef=0.01, max_length=10)
+    kwargs = dict(
+        eps_low=EPS_LOW,
+        eps_high=EPS_HIGH,
+        aggregation=aggregation,
+        beta=0.05,
+        dual_clip=2.0,
+        entropy_coef=0.01,
+        max_length=10,
+    )
     arrays = {k: jnp.asarray(v, jnp.float32) for k, v in b.items() if k != "mask"}
     mask = jnp.asarray(b["mask"])
 
@@ -222,18 +297,24 @@ def test_per_task_objectives_recombine(aggregation):
         per = per_task_objective(logp, old, adv, mask, ids, 5, ref_logp=ref, entropy=ent, **kwargs)
         return full, per
 
-    full, per = both(arrays["logp"], arrays["old"], arrays["adv"], arrays["ref"], arrays["entropy"],
-                     jnp.asarray(task_ids))
+    full, per = both(
+        arrays["logp"], arrays["old"], arrays["adv"], arrays["ref"], arrays["entropy"], jnp.asarray(task_ids)
+    )
     assert per.objective.shape == per.count.shape == (5,)
     np.testing.assert_allclose(recombine_task_objectives(per.objective, per.count), -full, rtol=1e-6)
     assert per.objective[4] == 0 and per.count[4] == 0  # a task absent from the batch
-    expected_count = [(b["mask"][task_ids == k].sum() if aggregation == "token-mean"
-                       else (b["mask"][task_ids == k].sum(1) > 0).sum()) for k in range(5)]
+    expected_count = [
+        (b["mask"][task_ids == k].sum() if aggregation == "token-mean" else (b["mask"][task_ids == k].sum(1) > 0).sum())
+        for k in range(5)
+    ]
     np.testing.assert_array_equal(per.count, expected_count)
     for k in range(4):  # J_k is exactly the negated loss of task k's rows alone (rows of other tasks masked)
         rows = jnp.asarray(task_ids == k)[:, None]
-        sub = jax.jit(lambda a: policy_loss(a["logp"], a["old"], a["adv"], mask & rows, ref_logp=a["ref"],
-                                            entropy=a["entropy"], **kwargs)[0])(arrays)
+        sub = jax.jit(
+            lambda a: policy_loss(
+                a["logp"], a["old"], a["adv"], mask & rows, ref_logp=a["ref"], entropy=a["entropy"], **kwargs
+            )[0]
+        )(arrays)
         np.testing.assert_allclose(per.objective[k], -sub, rtol=1e-6)
 
 

@@ -13,8 +13,14 @@ PROMPTS = [[5, 9, 2], [7, 1, 4, 4, 8, 3, 2, 6, 11], [13], [3, 3, 3, 3], [8, 1], 
 
 
 def test_chunk_rows_arithmetic():
-    cfg = ModelConfig(num_hidden_layers=36, num_key_value_heads=2, hidden_size=2048, num_attention_heads=16,
-                      intermediate_size=64, vocab_size=64)
+    cfg = ModelConfig(
+        num_hidden_layers=36,
+        num_key_value_heads=2,
+        hidden_size=2048,
+        num_attention_heads=16,
+        intermediate_size=64,
+        vocab_size=64,
+    )
     assert kv_cache_bytes_per_row(cfg, 1, jnp.bfloat16) == 36 * 2 * 128 * 2 * 2  # 36 KiB a token (issue 12)
     per_row = kv_cache_bytes_per_row(cfg, 5120, jnp.bfloat16)
     # 10 prompts x 8 samples fit in exactly 10 rows' worth of budget; a prompt's samples are never split
@@ -27,9 +33,14 @@ def test_chunk_rows_arithmetic():
         rollout_chunk_rows(cfg, 0.001, positions=5120, n=8, dtype=jnp.bfloat16)
 
 
-@pytest.mark.parametrize("params", [SamplingParams(n=3, temperature=0.0, max_new_tokens=6),
-                                    SamplingParams(n=3, temperature=1.0, top_p=0.9, max_new_tokens=6)],
-                         ids=["greedy", "sampled"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(n=3, temperature=0.0, max_new_tokens=6),
+        SamplingParams(n=3, temperature=1.0, top_p=0.9, max_new_tokens=6),
+    ],
+    ids=["greedy", "sampled"],
+)
 def test_budgeted_chunks_equal_one_call(params):
     model = make_model("qwen2")
     buckets = Buckets(prompt_lengths=(16,), batch_sizes=(1, 2, 8))

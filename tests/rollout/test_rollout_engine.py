@@ -15,14 +15,32 @@ from mtgrpo_jax.models import ModelConfig, Transformer, decode
 from mtgrpo_jax.rollout import Buckets, RolloutEngine, SamplingParams, to_serve_layout
 
 ALPHA = 1e-3
-BASE = dict(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, eos_token_id=None)
+BASE = dict(
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    eos_token_id=None,
+)
 FAMILIES = {
     "qwen2": dict(model_type="qwen2", tie_word_embeddings=True, attention_bias=True),
     "qwen3": dict(model_type="qwen3", head_dim=16, qk_norm=True, attention_bias=False, tie_word_embeddings=True),
-    "llama": dict(model_type="llama", attention_bias=False, tie_word_embeddings=False, num_key_value_heads=1,
-                  rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                    original_max_position_embeddings=64)),
+    "llama": dict(
+        model_type="llama",
+        attention_bias=False,
+        tie_word_embeddings=False,
+        num_key_value_heads=1,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        ),
+    ),
 }
 BUCKETS = Buckets(prompt_lengths=(8, 16), batch_sizes=(2, 4))
 PROMPTS = [[5, 9, 2], [7, 1, 4, 4, 8, 3, 2, 6, 11], [13]]
@@ -36,8 +54,13 @@ def make_model(family: str, seed: int = 0) -> Transformer:
     params = nnx.state(model, nnx.Param)
     rng = np.random.default_rng(seed + 100)  # NumPy: no XLA compilation per parameter shape
     flat = jax.tree_util.tree_flatten_with_path(params)
-    new = [jnp.asarray(1.0 + 0.2 * rng.standard_normal(x.shape) if "norm" in str(path)
-                       else 0.35 * rng.standard_normal(x.shape), jnp.float32) for path, x in flat[0]]
+    new = [
+        jnp.asarray(
+            1.0 + 0.2 * rng.standard_normal(x.shape) if "norm" in str(path) else 0.35 * rng.standard_normal(x.shape),
+            jnp.float32,
+        )
+        for path, x in flat[0]
+    ]
     nnx.update(model, jax.tree.unflatten(flat[1], new))
     return model
 
@@ -71,8 +94,8 @@ def full_forward_log_softmax(model, seq, temperature=1.0):
         _forwards[id(model)] = (jax.jit(lambda st, ids: nnx.merge(graphdef, st)(ids)), state)
     fn, state = _forwards[id(model)]
     ids = np.zeros((1, _REF_LEN), np.int32)
-    ids[0, :len(seq)] = seq
-    logits = np.asarray(fn(state, jnp.asarray(ids))[0, :len(seq)], np.float64) / temperature
+    ids[0, : len(seq)] = seq
+    logits = np.asarray(fn(state, jnp.asarray(ids))[0, : len(seq)], np.float64) / temperature
     top = logits.max(-1, keepdims=True)
     return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
 
@@ -81,7 +104,7 @@ def reference_greedy(model, prompt, steps):
     seq = list(prompt)
     for _ in range(steps):
         seq.append(int(np.argmax(full_forward_log_softmax(model, seq)[-1])))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 @pytest.mark.parametrize("family,impl", [("qwen2", "fast"), ("qwen3", "fast"), ("llama", "fast"), ("qwen2", "model")])
@@ -97,7 +120,7 @@ def test_greedy_matches_stepwise_argmax_and_logprobs(models, engines, family, im
     for i, prompt in enumerate(PROMPTS):
         expect = reference_greedy(model, prompt, m)
         assert out.tokens[i].tolist() == expect, (family, i)
-        logp = full_forward_log_softmax(model, prompt + expect)[len(prompt) - 1:-1]
+        logp = full_forward_log_softmax(model, prompt + expect)[len(prompt) - 1 : -1]
         np.testing.assert_allclose(out.logprobs[i], logp[np.arange(m), expect], atol=1e-4, rtol=0)
         seen.update(expect)
     assert len(seen) >= 5  # non-degenerate paths (not the random-init "repeat the last token" case)
@@ -117,12 +140,24 @@ def test_blocked_cache_and_phased_decode_match_stepwise_argmax(models, block, ma
     for i, prompt in enumerate(PROMPTS):
         expect = reference_greedy(model, prompt, m)
         assert out.tokens[i].tolist() == expect, (block, i)
-        logp = full_forward_log_softmax(model, prompt + expect)[len(prompt) - 1:-1]
+        logp = full_forward_log_softmax(model, prompt + expect)[len(prompt) - 1 : -1]
         np.testing.assert_allclose(out.logprobs[i], logp[np.arange(m), expect], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("m,block,max_phases", [(12, 5, 2), (1, 4, 4), (2, 4, 4), (128, 32, 4), (128, 64, 4),
-                                              (128, 32, 3), (1024, 64, 4), (30, 64, 4), (9, 3, 100)])
+@pytest.mark.parametrize(
+    "m,block,max_phases",
+    [
+        (12, 5, 2),
+        (1, 4, 4),
+        (2, 4, 4),
+        (128, 32, 4),
+        (128, 64, 4),
+        (128, 32, 3),
+        (1024, 64, 4),
+        (30, 64, 4),
+        (9, 3, 100),
+    ],
+)
 def test_decode_phases_cover_every_step_once_in_order(models, m, block, max_phases):
     """Every decode step t in [0, m - 1) runs in exactly one phase, phases run in order, and the
     generated slot t a step writes lies in the blocks its phase may write and read."""
@@ -143,12 +178,13 @@ def test_decode_phases_cover_every_step_once_in_order(models, m, block, max_phas
 def test_sampled_logprobs_equal_full_forward_log_softmax_at_temperature(models, engines, family):
     model, engine = models[family], engines[family]
     temperature = 0.8
-    out = engine.generate(PROMPTS, SamplingParams(n=2, temperature=temperature, top_k=20, top_p=0.9,
-                                                   max_new_tokens=8), jax.random.key(1))
+    out = engine.generate(
+        PROMPTS, SamplingParams(n=2, temperature=temperature, top_k=20, top_p=0.9, max_new_tokens=8), jax.random.key(1)
+    )
     assert out.tokens.shape == (6, 8) and out.prompt_index.tolist() == [0, 0, 1, 1, 2, 2]
     for r in range(6):
         prompt = PROMPTS[out.prompt_index[r]]
-        logp = full_forward_log_softmax(model, prompt + out.tokens[r].tolist(), temperature)[len(prompt) - 1:-1]
+        logp = full_forward_log_softmax(model, prompt + out.tokens[r].tolist(), temperature)[len(prompt) - 1 : -1]
         np.testing.assert_allclose(out.logprobs[r], logp[np.arange(8), out.tokens[r]], atol=1e-4, rtol=0)
         # every sampled token is inside its step's top-k (top-p is checked exactly in the unit tests)
         ranks = (logp > logp[np.arange(8), out.tokens[r]][:, None]).sum(-1)

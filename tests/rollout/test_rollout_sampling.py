@@ -91,8 +91,14 @@ def test_top_p_keeps_exactly_the_nucleus():
     assert _chisquare_p(counts, probs[kept] / probs[kept].sum()) > ALPHA
     # logprobs are those of the full (unfiltered) distribution
     np.testing.assert_allclose(logprobs, logits[tokens], atol=1e-5)
-    assert np.asarray(sampling.kept_tokens(jnp.asarray(logits[None], jnp.float32), 1.0, top_p=0.75))[0].tolist() == \
-        [True, False, True, False, True, False]
+    assert np.asarray(sampling.kept_tokens(jnp.asarray(logits[None], jnp.float32), 1.0, top_p=0.75))[0].tolist() == [
+        True,
+        False,
+        True,
+        False,
+        True,
+        False,
+    ]
 
 
 def test_top_k_keeps_exactly_k_most_likely_then_top_p():

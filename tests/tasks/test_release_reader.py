@@ -26,7 +26,7 @@ def _remove_boxed(s):  # utils.py 19-26
     try:
         assert s[: len(left)] == left
         assert s[-1] == "}"
-        return s[len(left): -1]
+        return s[len(left) : -1]
     except Exception:
         return None
 
@@ -47,7 +47,7 @@ def _last_boxed_only_string(string):  # utils.py 28-51
                 right = i
                 break
         i += 1
-    return None if right is None else string[idx: right + 1]
+    return None if right is None else string[idx : right + 1]
 
 
 def released_extract_solution(solution_str):  # utils.py 3-16

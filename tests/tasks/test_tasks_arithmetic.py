@@ -67,7 +67,10 @@ def test_generation_is_deterministic_sliceable_and_seeded():
     assert [e["question"] for e in a] != [e["question"] for e in generate_examples("arithmetic", 2, 12, seed=4)]
     # Pinned stream: a change here must bump arithmetic.GENERATOR_VERSION (it keys the parquet cache).
     assert [e["question"].split("?")[0] for e in generate_examples("arithmetic", 1, 3, seed=0)] == [
-        "What is 0 + 7", "What is 9 + 4", "What is 1 + 2"]
+        "What is 0 + 7",
+        "What is 9 + 4",
+        "What is 1 + 2",
+    ]
     with pytest.raises(ValueError, match="level"):
         generate_examples("arithmetic", 6, 1)
 
@@ -122,9 +125,29 @@ def test_scores_wrong_and_missing_answers():
 @pytest.mark.parametrize(
     "answer",
     [
-        "7+5", "7 + 5", "10+2", "__import__('os').system('echo hi')", "12.0", "1.2e1", "+12", "- 12", "1_2",
-        "0x0C", "12/1", "twelve", "１２", "١٢", "12\u0662", "¹²", "(12)", "{12}", "12 12", "1" * 13,
-        "0" * 11 + "12", "9" * 5000, "-" + "9" * 13,
+        "7+5",
+        "7 + 5",
+        "10+2",
+        "__import__('os').system('echo hi')",
+        "12.0",
+        "1.2e1",
+        "+12",
+        "- 12",
+        "1_2",
+        "0x0C",
+        "12/1",
+        "twelve",
+        "１２",
+        "١٢",
+        "12\u0662",
+        "¹²",
+        "(12)",
+        "{12}",
+        "12 12",
+        "1" * 13,
+        "0" * 11 + "12",
+        "9" * 5000,
+        "-" + "9" * 13,
     ],
 )
 def test_adversarial_answers_are_wrong_but_formatted(answer):
@@ -153,8 +176,23 @@ def test_cli_writes_verl_parquet(tmp_path, capsys):
     from mtgrpo_jax import cli
 
     out = str(tmp_path / "data")
-    argv = ["data", "generate", "--tasks", "arithmetic", "--levels", "1,2,3", "--per-level", "5", "--out", out,
-            "--workers", "1", "--no-progress", "--chunk-size", "2"]
+    argv = [
+        "data",
+        "generate",
+        "--tasks",
+        "arithmetic",
+        "--levels",
+        "1,2,3",
+        "--per-level",
+        "5",
+        "--out",
+        out,
+        "--workers",
+        "1",
+        "--no-progress",
+        "--chunk-size",
+        "2",
+    ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     for level in (1, 2, 3):

@@ -85,16 +85,34 @@ def test_generation_is_deterministic_and_sliceable():
 
 def test_cli_generates_caches_and_resumes(tmp_path, monkeypatch):
     out = str(tmp_path / "data")
-    argv = ["--tasks", "countdown,arc", "--levels", "1,2", "--per-level", "6", "--out", out, "--workers", "1",
-            "--chunk-size", "4", "--no-progress", "--seed", "5"]
+    argv = [
+        "--tasks",
+        "countdown,arc",
+        "--levels",
+        "1,2",
+        "--per-level",
+        "6",
+        "--out",
+        out,
+        "--workers",
+        "1",
+        "--chunk-size",
+        "4",
+        "--no-progress",
+        "--seed",
+        "5",
+    ]
     assert gen.main(argv, prog="mtgrpo data generate") == 0
-    paths = {(t, level): os.path.join(out, t, f"train_level{level}.parquet") for t in ("countdown", "arc_1d") for level in (1, 2)}
+    paths = {
+        (t, level): os.path.join(out, t, f"train_level{level}.parquet")
+        for t in ("countdown", "arc_1d")
+        for level in (1, 2)
+    }
     for (task, level), path in paths.items():
         examples = load_examples(path)
         assert len(examples) == 6 and {e["task"] for e in examples} == {task}
         assert {e["difficulty"] for e in examples} == {level} and [e["index"] for e in examples] == list(range(6))
         assert examples == generate_examples(task, level, 6, seed=5)  # the pool and the cache change nothing
-
 
     calls = []
     real = gen.generate_rows
@@ -109,7 +127,19 @@ def test_cli_generates_caches_and_resumes(tmp_path, monkeypatch):
 
 def test_cli_output_schema_matches_released(tmp_path, released_dir):
     out = str(tmp_path / "data")
-    argv = ["--tasks", "countdown,zebra", "--levels", "1", "--per-level", "2", "--out", out, "--workers", "1", "--no-progress"]
+    argv = [
+        "--tasks",
+        "countdown,zebra",
+        "--levels",
+        "1",
+        "--per-level",
+        "2",
+        "--out",
+        out,
+        "--workers",
+        "1",
+        "--no-progress",
+    ]
     assert gen.main(argv, prog="gen") == 0
     for task, name in (("countdown", "test_countdown.parquet"), ("zebra", "test_zebra.parquet")):
         released_schema = pq.read_schema(os.path.join(released_dir, name)).remove_metadata()
@@ -126,8 +156,21 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
 @pytest.mark.slow
 def test_cli_parallel_workers_match_inline(tmp_path):
     out = str(tmp_path / "par")
-    argv = ["--tasks", "countdown", "--levels", "3", "--per-level", "8", "--out", out, "--workers", "2",
-            "--chunk-size", "2", "--no-progress"]
+    argv = [
+        "--tasks",
+        "countdown",
+        "--levels",
+        "3",
+        "--per-level",
+        "8",
+        "--out",
+        out,
+        "--workers",
+        "2",
+        "--chunk-size",
+        "2",
+        "--no-progress",
+    ]
     assert gen.main(argv, prog="gen") == 0
     assert load_examples(os.path.join(out, "countdown", "train_level3.parquet")) == generate_examples("countdown", 3, 8)
 
@@ -136,7 +179,25 @@ def test_mtgrpo_cli_dispatches_data_generate(tmp_path, capsys):
     from mtgrpo_jax import cli
 
     out = str(tmp_path / "cli")
-    assert cli.main(["data", "generate", "--tasks", "arc_1d", "--levels", "1", "--per-level", "2", "--out", out,
-                     "--workers", "1", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "data",
+                "generate",
+                "--tasks",
+                "arc_1d",
+                "--levels",
+                "1",
+                "--per-level",
+                "2",
+                "--out",
+                out,
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "arc_1d level 1" in capsys.readouterr().out
     assert len(load_examples(os.path.join(out, "arc_1d", "train_level1.parquet"))) == 2

@@ -89,9 +89,13 @@ def test_any_layout_with_mapped_columns_and_clear_errors(tmp_path):
     rows = [{"q": "What is 2 + 3?", "a": "5"}, {"q": "What is 4 * 2?", "a": 8}]
     (tmp_path / "set").mkdir()
     (tmp_path / "set" / "part.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    examples = load_source({"path": str(tmp_path / "set"), "columns": {"question": "q", "answer": "a"}}, task="arithmetic")
+    examples = load_source(
+        {"path": str(tmp_path / "set"), "columns": {"question": "q", "answer": "a"}}, task="arithmetic"
+    )
     assert [(e["task"], e["question"], e["answer"]) for e in examples] == [
-        ("arithmetic", "What is 2 + 3?", "5"), ("arithmetic", "What is 4 * 2?", "8")]
+        ("arithmetic", "What is 2 + 3?", "5"),
+        ("arithmetic", "What is 4 * 2?", "8"),
+    ]
     assert get_task("arithmetic").score("\\boxed{8}", examples[1]).correct
     with pytest.raises(ValueError, match="not a verl-layout file"):
         load_examples(tmp_path / "set")  # no task family named for rows that do not name theirs

@@ -27,14 +27,22 @@ class VowelCountTask(BaseTask):
     def generate_items(self, level: int, start: int, stop: int, base_seed: int) -> Iterator[tuple[int, str, Any]]:
         for index in range(start, stop):
             rng = random.Random(index * 2**32 + base_seed)
-            word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(*self.levels[level]["letters"])))
-            yield index, f"How many vowels (a, e, i, o, u) does '{word}' have?", {"target": str(sum(c in "aeiou" for c in word))}
+            word = "".join(
+                rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(*self.levels[level]["letters"]))
+            )
+            yield (
+                index,
+                f"How many vowels (a, e, i, o, u) does '{word}' have?",
+                {"target": str(sum(c in "aeiou" for c in word))},
+            )
 
     def check(self, answer: str, example: Mapping[str, Any]) -> bool:
         return answer.strip() == str(example["answer"])
 
     def reference_answer(self, example: Mapping[str, Any]) -> str:
         return str(example["answer"])
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -58,7 +66,9 @@ def test_one_line_of_config_generates_and_scores_a_user_family(importable, tmp_p
     from mtgrpo_jax.data import TaskSet
     from mtgrpo_jax.train.setup import build_tasks
 
-    cfg = _config(tmp_path, f"{{name: vowels, family: '{SPEC}', train: {{level: 1, n: 12}}, eval: {{level: 2, n: 5, seed: 3}}}}")
+    cfg = _config(
+        tmp_path, f"{{name: vowels, family: '{SPEC}', train: {{level: 1, n: 12}}, eval: {{level: 2, n: 5, seed: 3}}}}"
+    )
     (task,) = build_tasks(cfg)
     assert task.task.family == "vowels" and task.task.prompt_style == "compact"
     assert len(task.train) == 12 and len(task.eval) == 5
@@ -79,14 +89,20 @@ def test_one_line_of_config_generates_and_scores_a_user_family(importable, tmp_p
 def test_user_family_reads_any_file_with_mapped_columns(importable, tmp_path):
     from mtgrpo_jax.train.setup import build_tasks
 
-    rows = [{"prompt": "How many vowels does 'idea' have?", "target": 3, "lvl": 1},
-            {"prompt": "How many vowels does 'rhythm' have?", "target": 0, "lvl": 2}]
+    rows = [
+        {"prompt": "How many vowels does 'idea' have?", "target": 3, "lvl": 1},
+        {"prompt": "How many vowels does 'rhythm' have?", "target": 0, "lvl": 2},
+    ]
     (tmp_path / "words.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "words.csv").write_text("prompt,target,lvl\n" + "".join(f"\"{r['prompt']}\",{r['target']},{r['lvl']}\n" for r in rows))
+    (tmp_path / "words.csv").write_text(
+        "prompt,target,lvl\n" + "".join(f'"{r["prompt"]}",{r["target"]},{r["lvl"]}\n' for r in rows)
+    )
     for name in ("words.jsonl", "words.csv"):
-        line = (f"{{name: vowels, family: '{SPEC}', train: {{path: {tmp_path / name}, columns: {{question: prompt, "
-                f"answer: target, difficulty: lvl}}}}, eval: {{path: {tmp_path / name}, level: 2, "
-                f"columns: {{question: prompt, answer: target, difficulty: lvl}}}}}}")
+        line = (
+            f"{{name: vowels, family: '{SPEC}', train: {{path: {tmp_path / name}, columns: {{question: prompt, "
+            f"answer: target, difficulty: lvl}}}}, eval: {{path: {tmp_path / name}, level: 2, "
+            f"columns: {{question: prompt, answer: target, difficulty: lvl}}}}}}"
+        )
         (task,) = build_tasks(_config(tmp_path, line))
         assert [e["question"] for e in task.train] == [r["prompt"] for r in rows]
         assert [e["answer"] for e in task.train] == ["3", "0"] and [e["difficulty"] for e in task.train] == [1, 2]
@@ -95,8 +111,10 @@ def test_user_family_reads_any_file_with_mapped_columns(importable, tmp_path):
         assert task.task.score("\\boxed{3}", task.train[0]).correct
     from mtgrpo_jax.config import ConfigError
 
-    bad = (f"{{name: vowels, family: '{SPEC}', train: {{path: {tmp_path / 'words.jsonl'}, "
-           "columns: {question: text, answer: target}}}")
+    bad = (
+        f"{{name: vowels, family: '{SPEC}', train: {{path: {tmp_path / 'words.jsonl'}, "
+        "columns: {question: text, answer: target}}}"
+    )
     with pytest.raises(ConfigError, match=r"tasks\.0\.train: .*no column 'text' for the question"):
         build_tasks(_config(tmp_path, bad))
 
@@ -106,8 +124,26 @@ def test_data_generate_cli_takes_a_user_family(importable, tmp_path, capsys):
     from mtgrpo_jax.tasks import generate_examples, load_examples
 
     out = tmp_path / "gen"
-    assert cli.main(["data", "generate", "--tasks", SPEC, "--levels", "1,2", "--per-level", "3", "--out", str(out),
-                     "--workers", "1", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "data",
+                "generate",
+                "--tasks",
+                SPEC,
+                "--levels",
+                "1,2",
+                "--per-level",
+                "3",
+                "--out",
+                str(out),
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "level 2" in capsys.readouterr().out
     (folder,) = [p for p in out.iterdir() if not p.name.startswith(".")]
     assert load_examples(folder / "train_level2.parquet", task=SPEC) == generate_examples(SPEC, 2, 3)

@@ -59,8 +59,27 @@ def test_countdown_parser_exact_arithmetic():
 
 @pytest.mark.parametrize(
     "text",
-    ["2 ** 3", "8 // 2", "x + 1", "abs(3)", "(1).real", "1.5 + 2", "08 + 1", "(1 + 2", "1 + 2)", "1 +", "",
-     "1 2", "٣ + 1", "1²", "８ + 1", "__import__('os')", "1 = 1", "3 \\times 4", "1e3"],
+    [
+        "2 ** 3",
+        "8 // 2",
+        "x + 1",
+        "abs(3)",
+        "(1).real",
+        "1.5 + 2",
+        "08 + 1",
+        "(1 + 2",
+        "1 + 2)",
+        "1 +",
+        "",
+        "1 2",
+        "٣ + 1",
+        "1²",
+        "８ + 1",
+        "__import__('os')",
+        "1 = 1",
+        "3 \\times 4",
+        "1e3",
+    ],
 )
 def test_countdown_rejects_non_expressions(text):
     with pytest.raises(ExpressionError):
@@ -98,18 +117,42 @@ def test_countdown_solver():
 # --- math ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "answer,reference",
-    [("0.5", "\\frac{1}{2}"), ("\\dfrac{1}{2}", "\\frac12"), ("1/2", "\\frac{1}{2}"), ("5", "5.0"),
-     ("5.00", "5"), ("\\$36", "36"), ("36^\\circ", "36"), ("5.4 \\text{ cents}", "5.4"), ("x = 3", "3"),
-     ("\\text{(C)}", "C"), ("1,000", "1000"), ("10\\%", "10"), ("\\left(2, 3\\right)", "(2,3)"),
-     ("3\\sqrt{5}", "3 \\sqrt{5}"), ("\\sqrt3", "\\sqrt{3}"), ("-\\frac{3}{4}", "-0.75"), (".5", "0.5"),
-     ("\\frac{4}{8}", "0.5")],
+    [
+        ("0.5", "\\frac{1}{2}"),
+        ("\\dfrac{1}{2}", "\\frac12"),
+        ("1/2", "\\frac{1}{2}"),
+        ("5", "5.0"),
+        ("5.00", "5"),
+        ("\\$36", "36"),
+        ("36^\\circ", "36"),
+        ("5.4 \\text{ cents}", "5.4"),
+        ("x = 3", "3"),
+        ("\\text{(C)}", "C"),
+        ("1,000", "1000"),
+        ("10\\%", "10"),
+        ("\\left(2, 3\\right)", "(2,3)"),
+        ("3\\sqrt{5}", "3 \\sqrt{5}"),
+        ("\\sqrt3", "\\sqrt{3}"),
+        ("-\\frac{3}{4}", "-0.75"),
+        (".5", "0.5"),
+        ("\\frac{4}{8}", "0.5"),
+    ],
 )
 def test_math_equivalent(answer, reference):
     assert answers_equivalent(answer, reference)
 
 
-@pytest.mark.parametrize("answer,reference", [("0.51", "\\frac{1}{2}"), ("2", "3"), ("(2,3)", "[2,3]"), ("\\sqrt{5}", "5"),
-                                              ("1e999999999", "1"), ("\\frac{1}{0}", "0")])
+@pytest.mark.parametrize(
+    "answer,reference",
+    [
+        ("0.51", "\\frac{1}{2}"),
+        ("2", "3"),
+        ("(2,3)", "[2,3]"),
+        ("\\sqrt{5}", "5"),
+        ("1e999999999", "1"),
+        ("\\frac{1}{0}", "0"),
+    ],
+)
 def test_math_not_equivalent(answer, reference):
     assert not answers_equivalent(answer, reference)
 
@@ -172,7 +215,9 @@ def test_adversarial_completion_is_fast_and_safe(name, example):
 
 
 def test_in_limit_nesting_still_scores_correct():
-    assert get_task("countdown").score(ADVERSARIAL["deep_nesting_in_limit"], COUNTDOWN).reward == 0.1  # depth 200 > limit
+    assert (
+        get_task("countdown").score(ADVERSARIAL["deep_nesting_in_limit"], COUNTDOWN).reward == 0.1
+    )  # depth 200 > limit
     assert get_task("countdown").score("\\boxed{" + "(" * 20 + "96*8+73" + ")" * 20 + "}", COUNTDOWN).correct
 
 

@@ -41,10 +41,20 @@ def _groups(rng, n_groups, size, length):
     for _ in range(n_groups):
         lengths = rng.integers(0, length + 1, size)
         mask = np.arange(length)[None, :] < lengths[:, None]  # the rollout's masks are prefixes
-        groups.append(Group(int(rng.integers(0, 3)), {}, rng.integers(1, 50, rng.integers(1, 7)).tolist(),
-                            rng.integers(1, 50, (size, length)).astype(np.int32), mask,
-                            rng.normal(size=(size, length)).astype(np.float32), np.zeros(size, np.float32),
-                            np.zeros(size, bool), np.zeros(size, bool), rng.normal(size=size).astype(np.float32)))
+        groups.append(
+            Group(
+                int(rng.integers(0, 3)),
+                {},
+                rng.integers(1, 50, rng.integers(1, 7)).tolist(),
+                rng.integers(1, 50, (size, length)).astype(np.int32),
+                mask,
+                rng.normal(size=(size, length)).astype(np.float32),
+                np.zeros(size, np.float32),
+                np.zeros(size, bool),
+                np.zeros(size, bool),
+                rng.normal(size=size).astype(np.float32),
+            )
+        )
     return groups
 
 
@@ -52,13 +62,23 @@ def _groups(rng, n_groups, size, length):
 def test_build_batch_matches_the_row_by_row_layout(completion_len):
     rng = np.random.default_rng(0)
     groups = _groups(rng, 3, 4, 6)
-    batch, valid = build_batch(groups, num_rows=16, prompt_len=8, completion_len=completion_len, pad_id=0,
-                               rng=np.random.default_rng(5))
+    batch, valid = build_batch(
+        groups, num_rows=16, prompt_len=8, completion_len=completion_len, pad_id=0, rng=np.random.default_rng(5)
+    )
     order = np.random.default_rng(5).permutation(16)
     ids, attn, cmask, old_logp, adv, task_ids, ref_valid = _reference(groups, 16, 8, completion_len, 0)
-    for got, want in zip((batch.input_ids, batch.attention_mask, batch.completion_mask, batch.old_logp,
-                          batch.advantages, batch.task_ids, valid),
-                         (ids, attn, cmask, old_logp, adv, task_ids, ref_valid)):
+    for got, want in zip(
+        (
+            batch.input_ids,
+            batch.attention_mask,
+            batch.completion_mask,
+            batch.old_logp,
+            batch.advantages,
+            batch.task_ids,
+            valid,
+        ),
+        (ids, attn, cmask, old_logp, adv, task_ids, ref_valid),
+    ):
         np.testing.assert_array_equal(got, want[order])
     with pytest.raises(ValueError, match="do not fit"):
         build_batch(groups, num_rows=8, prompt_len=8, completion_len=6, pad_id=0, rng=np.random.default_rng(0))

@@ -9,16 +9,33 @@ from mtgrpo_jax.train.bench import main
 
 @pytest.mark.slow
 def test_bench_step_json(tmp_path, capsys):
-    code = main(["--json", "--steps", "1", "--warmup", "1", f"data_dir={tmp_path}",
-                 "model.overrides={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, "
-                 "num_key_value_heads: 1}", "sampler.batch_size=4", "sampler.group_size=4", "rollout.batch_buckets=[8,16]",
-                 "tasks.0.train.n=16", "tasks.1.train.n=16", "tasks.2.train.n=16"], prog="bench")
+    code = main(
+        [
+            "--json",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            f"data_dir={tmp_path}",
+            "model.overrides={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, "
+            "num_key_value_heads: 1}",
+            "sampler.batch_size=4",
+            "sampler.group_size=4",
+            "rollout.batch_buckets=[8,16]",
+            "tasks.0.train.n=16",
+            "tasks.1.train.n=16",
+            "tasks.2.train.n=16",
+        ],
+        prog="bench",
+    )
     assert code == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for method in ("mt_grpo", "dapo"):
         r = out[method]
-        parts = sum(r[f"time/{p}"] for p in ("sampling", "rollout", "scoring", "old_logprobs", "update",
-                                                 "improvement", "weights"))
+        parts = sum(
+            r[f"time/{p}"]
+            for p in ("sampling", "rollout", "scoring", "old_logprobs", "update", "improvement", "weights")
+        )
         assert 0 < parts <= r["time/step"] * 1.01
     assert sorted(out["estimators"]) == ["fresh", "minibatch_sum", "step_mean"]
     # only the step_mean estimator runs its own forward after the update

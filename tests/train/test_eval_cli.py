@@ -41,16 +41,42 @@ def test_eval_on_released_sets_with_baseline_and_thresholds(tmp_path, capsys):
     save_pretrained(model, run / "hf_final")
     load_tokenizer().save_pretrained(run / "hf_final")
     names = ["countdown-l1", "countdown-l2"]
-    _write_history(run, [(0, 0.0, {n: 0.1 for n in names}), (10, 1800.0, {n: 0.35 for n in names}),
-                         (20, 3600.0, {"countdown-l1": 0.6, "countdown-l2": 0.55})])
+    _write_history(
+        run,
+        [
+            (0, 0.0, {n: 0.1 for n in names}),
+            (10, 1800.0, {n: 0.35 for n in names}),
+            (20, 3600.0, {"countdown-l1": 0.6, "countdown-l2": 0.55}),
+        ],
+    )
     base = tmp_path / "base"
     _write_history(base, [(20, 10.0, {"countdown-l1": 0.5, "countdown-l2": 0.25})])
     subset = tmp_path / "countdown.parquet"
     shutil.copy(RELEASED / "test_countdown.parquet", subset)
 
-    code = main([str(run), "--tasks", str(subset), "--n", "4", "--pass-k", "1,4", "--max-examples", "3",
-                 "--max-new-tokens", "8", "--baseline", str(base), "--thresholds", "0.3,0.5,0.9", "--json",
-                 "rollout.prompt_style=compact", "rollout.prompt_buckets=[128,256]", "rollout.batch_buckets=[8]"])
+    code = main(
+        [
+            str(run),
+            "--tasks",
+            str(subset),
+            "--n",
+            "4",
+            "--pass-k",
+            "1,4",
+            "--max-examples",
+            "3",
+            "--max-new-tokens",
+            "8",
+            "--baseline",
+            str(base),
+            "--thresholds",
+            "0.3,0.5,0.9",
+            "--json",
+            "rollout.prompt_style=compact",
+            "rollout.prompt_buckets=[128,256]",
+            "rollout.batch_buckets=[8]",
+        ]
+    )
     assert code == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(out["tasks"]) == {"countdown-l1", "countdown-l2", "countdown-l3", "countdown-l4"}
@@ -73,8 +99,9 @@ def test_eval_bad_input_is_one_line(tmp_path, capsys):
 
 
 # --- rough edges a real model dir hits ------------------------------------------------------------
-def _tiny_model_dir(path: Path, *, vocab_size: int | None = None, tokenizer_files=("tokenizer.json",),
-                    dtype="float32") -> Path:
+def _tiny_model_dir(
+    path: Path, *, vocab_size: int | None = None, tokenizer_files=("tokenizer.json",), dtype="float32"
+) -> Path:
     import jax.numpy as jnp
     from flax import nnx
 
@@ -118,12 +145,30 @@ def test_eval_flags_do_not_override_config_unless_given_and_names_line_up_with_r
 
     # A finished run trained on countdown level 1 under its own name, with an evaluation history.
     run = tmp_path / "run"
-    _tiny_model_dir(run / "hf_final", tokenizer_files=("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"))
-    task = {"name": "countdown-easy", "family": "countdown", "train": {"level": 1, "n": 4},
-            "eval": {"path": str(RELEASED / "test_countdown.parquet"), "level": 1}}
-    save_config(from_dict({"tasks": [task], "eval": {"n": 3, "max_examples": 1},
-                           "rollout": {"max_new_tokens": 4, "prompt_style": "compact", "prompt_buckets": [128],
-                                       "batch_buckets": [8]}}), run / "config.yaml")
+    _tiny_model_dir(
+        run / "hf_final", tokenizer_files=("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+    )
+    task = {
+        "name": "countdown-easy",
+        "family": "countdown",
+        "train": {"level": 1, "n": 4},
+        "eval": {"path": str(RELEASED / "test_countdown.parquet"), "level": 1},
+    }
+    save_config(
+        from_dict(
+            {
+                "tasks": [task],
+                "eval": {"n": 3, "max_examples": 1},
+                "rollout": {
+                    "max_new_tokens": 4,
+                    "prompt_style": "compact",
+                    "prompt_buckets": [128],
+                    "batch_buckets": [8],
+                },
+            }
+        ),
+        run / "config.yaml",
+    )
     _write_history(run, [(0, 0.0, {"countdown-easy": 0.0})])
     subset = tmp_path / "countdown.parquet"
     shutil.copy(RELEASED / "test_countdown.parquet", subset)

@@ -22,15 +22,36 @@ from mtgrpo_jax.models import ModelConfig, Transformer
 from mtgrpo_jax.train.update import Batch, UpdateSettings, make_logprob_fn, make_optimizer, make_update_fn
 
 K, M, ROWS, P, T = 3, 4, 16, 6, 5
-CFG = dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True)
+CFG = dict(
+    model_type="qwen2",
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=64,
+    tie_word_embeddings=True,
+)
 
 
 def settings(improvement, mini_batches=M, diagnostics=False):
-    return UpdateSettings(mini_batches=mini_batches, micro_batches=2, completion_len=T, temperature=1.0,
-                          eps_low=0.2, eps_high=0.28, dual_clip=None, aggregation="token-mean", beta=0.0,
-                          kl_estimator="k3", entropy_coef=0.0, num_tasks=K, improvement=improvement,
-                          improvement_diagnostics=diagnostics)
+    return UpdateSettings(
+        mini_batches=mini_batches,
+        micro_batches=2,
+        completion_len=T,
+        temperature=1.0,
+        eps_low=0.2,
+        eps_high=0.28,
+        dual_clip=None,
+        aggregation="token-mean",
+        beta=0.0,
+        kl_estimator="k3",
+        entropy_coef=0.0,
+        num_tasks=K,
+        improvement=improvement,
+        improvement_diagnostics=diagnostics,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +70,15 @@ def setup():
     adv = rng.normal(0, 1, ROWS).astype(np.float32)
     task = np.asarray([0, 1, 2, 0] * (ROWS // 4), np.int32)
     task[5] = 0  # task 1 absent from the second mini-batch
-    batch = Batch(jnp.asarray(ids), jnp.asarray(attn), jnp.asarray(cmask), jnp.asarray(old), jnp.asarray(adv),
-                  jnp.asarray(task), jnp.zeros((ROWS, T), jnp.float32))
+    batch = Batch(
+        jnp.asarray(ids),
+        jnp.asarray(attn),
+        jnp.asarray(cmask),
+        jnp.asarray(old),
+        jnp.asarray(adv),
+        jnp.asarray(task),
+        jnp.zeros((ROWS, T), jnp.float32),
+    )
     tx = make_optimizer(3e-2, b1=0.9, b2=0.99, weight_decay=0.0, grad_clip=None)
     return graphdef, params, batch, tx, logprobs
 
@@ -78,8 +106,14 @@ def reference(setup):
     for m in range(M):
         rows = slice(m * n, (m + 1) * n)
         mb = jax.tree.map(lambda x: jnp.asarray(x[rows]), b)
-        ids, attn, mask, old, adv, task = (b.input_ids[rows], b.attention_mask[rows], b.completion_mask[rows],
-                                           b.old_logp[rows], b.advantages[rows], b.task_ids[rows])
+        ids, attn, mask, old, adv, task = (
+            b.input_ids[rows],
+            b.attention_mask[rows],
+            b.completion_mask[rows],
+            b.old_logp[rows],
+            b.advantages[rows],
+            b.task_ids[rows],
+        )
         before = release_loss_vec(np.asarray(logprobs(params, ids, attn)), old, adv, mask)
         behaviour = release_loss_vec(old, old, adv, mask)
         params, opt_state, metrics, none_rows = one(params, opt_state, mb)
@@ -106,6 +140,7 @@ def test_minibatch_sum_and_fresh_match_the_release_formula(setup):
     # the paper's optimizer gets the step's sum of the rows: the release's scale, ~N_k x a per-task mean
     np.testing.assert_allclose(rows.sum(0), want_sum.sum(0), atol=5e-5)
     # fresh alone gives the same rows as under diagnostics
-    _, _, _, fresh_rows = make_update_fn(graphdef, tx, settings("fresh"))(jax.tree.map(jnp.copy, params),
-                                                                         tx.init(params), batch)
+    _, _, _, fresh_rows = make_update_fn(graphdef, tx, settings("fresh"))(
+        jax.tree.map(jnp.copy, params), tx.init(params), batch
+    )
     np.testing.assert_allclose(np.asarray(fresh_rows), want_fresh, atol=2e-5)

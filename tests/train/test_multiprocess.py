@@ -32,8 +32,11 @@ RTOL, ATOL = 1e-4, 1e-5
 
 
 def _env(devices: int | None) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_"))
+    }
     env.update(PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
     if devices is not None:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
@@ -41,8 +44,9 @@ def _env(devices: int | None) -> dict:
 
 
 def _run(cmd: list[str], env: dict, what: str) -> None:
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900
+    )
     assert proc.returncode == 0, f"{what} failed:\n{proc.stdout[-6000:]}"
 
 
@@ -80,23 +84,45 @@ def _assert_close(a, b, where: str) -> None:
 def test_two_processes_train_like_one(tmp_path):
     # 1. One warm-started model both runs start from.
     warm = tmp_path / "warm"
-    sft = {"sft.steps": 40, "sft.learning_rate": 0.01, "sft.batch_size": 16, "sft.demonstration_style": "answer",
-           "mesh.fsdp": -1}
+    sft = {
+        "sft.steps": 40,
+        "sft.learning_rate": 0.01,
+        "sft.batch_size": 16,
+        "sft.demonstration_style": "answer",
+        "mesh.fsdp": -1,
+    }
     _run(_cli("sft", "--config", str(CONFIG), *tiny_overrides(warm, tmp_path / "data_1", **sft)), _env(8), "warm start")
     start = {"model.init": "pretrained", "model.path": str(warm / "hf_sft"), **RL}
 
     # 2. One process, 8 devices.
     single = tmp_path / "single"
-    _run(_cli("train", "--config", str(CONFIG), *tiny_overrides(single, tmp_path / "data_1", **start)), _env(8),
-         "single-process run")
+    _run(
+        _cli("train", "--config", str(CONFIG), *tiny_overrides(single, tmp_path / "data_1", **start)),
+        _env(8),
+        "single-process run",
+    )
 
     # 3. Two processes x 4 devices through the local launcher, generating their data afresh (process 0
     #    writes the cache, process 1 waits and reads it).
     multi = tmp_path / "multi"
     env = _env(None)
     env["MTGRPO_CMD"] = f"{sys.executable} -m mtgrpo_jax.cli"
-    _run(["bash", str(ROOT / "launch" / "local_multiprocess.sh"), "-n", "2", "-d", "4", "-l", str(tmp_path / "logs"),
-          str(CONFIG), *tiny_overrides(multi, tmp_path / "data_2", **start)], env, "two-process run")
+    _run(
+        [
+            "bash",
+            str(ROOT / "launch" / "local_multiprocess.sh"),
+            "-n",
+            "2",
+            "-d",
+            "4",
+            "-l",
+            str(tmp_path / "logs"),
+            str(CONFIG),
+            *tiny_overrides(multi, tmp_path / "data_2", **start),
+        ],
+        env,
+        "two-process run",
+    )
 
     # The run really was two cooperating processes: each wrote its own shards into the checkpoint.
     shards = {p.name for p in (multi / "checkpoints" / "2" / "arrays").rglob("*process_*")}

@@ -67,23 +67,38 @@ def test_tiny_plan_compiles_rollout_update_and_improvement_for_v5e(tiny_config, 
 def test_plan_that_cannot_fit_exits_1_naming_program_and_knob(tiny_config, capsys):
     pytest.importorskip("libtpu")
     # 4096 prompts of 4096 tokens in one prefill: [B, H, P, P] attention scores alone are about a terabyte.
-    code, out, err = _run(capsys, "--config", tiny_config, "--topology", "v5e-4", "--only", "rollout_prefill",
-                          "sampler.batch_size=2048", "rollout.prompt_buckets=[4096]", "rollout.batch_buckets=[4096]")
+    code, out, err = _run(
+        capsys,
+        "--config",
+        tiny_config,
+        "--topology",
+        "v5e-4",
+        "--only",
+        "rollout_prefill",
+        "sampler.batch_size=2048",
+        "rollout.prompt_buckets=[4096]",
+        "rollout.batch_buckets=[4096]",
+    )
     assert code == 1, err
     line = _one_line(err)
     assert "rollout_prefill does not fit v5e-4" in line and "GiB per device > 15.75 GiB HBM" in line
     assert "rollout." in line.split(";")[-1]  # the knob
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--topology", "v5p-7"], "topology 'v5p-7'"),
-    (["--topology", "v5e-4", "model.path=Qwen/Qwen9-1T"], "unknown model 'Qwen/Qwen9-1T'"),
-    (["--topology", "v5e-4", "mesh.data=3"], "mesh data=3 x fsdp=-1 x tensor=1 does not divide the 4 available"),
-    (["--topology", "v5e-4", "mesh.data=8", "mesh.fsdp=1"], "8 devices does not match the 4 available devices of "
-                                                            "the slice v5e-4"),
-    (["--topology", "v5e-4", "--only", "everything"], "unknown program 'everything'"),
-    (["--topology", "v5e-4", "rollout.batch_buckets=[2,4]"], "rollout.batch_buckets: [2] are not multiples"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--topology", "v5p-7"], "topology 'v5p-7'"),
+        (["--topology", "v5e-4", "model.path=Qwen/Qwen9-1T"], "unknown model 'Qwen/Qwen9-1T'"),
+        (["--topology", "v5e-4", "mesh.data=3"], "mesh data=3 x fsdp=-1 x tensor=1 does not divide the 4 available"),
+        (
+            ["--topology", "v5e-4", "mesh.data=8", "mesh.fsdp=1"],
+            "8 devices does not match the 4 available devices of the slice v5e-4",
+        ),
+        (["--topology", "v5e-4", "--only", "everything"], "unknown program 'everything'"),
+        (["--topology", "v5e-4", "rollout.batch_buckets=[2,4]"], "rollout.batch_buckets: [2] are not multiples"),
+    ],
+)
 def test_bad_inputs_are_one_line_errors(tiny_config, capsys, argv, words):
     if "v5e-4" in argv:
         pytest.importorskip("libtpu")
@@ -92,11 +107,18 @@ def test_bad_inputs_are_one_line_errors(tiny_config, capsys, argv, words):
     assert words in _one_line(err)
 
 
-@pytest.mark.parametrize("name, billions", [
-    ("Qwen/Qwen2.5-0.5B", 0.494), ("Qwen/Qwen2.5-1.5B", 1.544), ("Qwen/Qwen2.5-3B", 3.086),
-    ("Qwen/Qwen2.5-7B", 7.616), ("Qwen/Qwen3-8B", 8.191), ("Qwen/Qwen3-4B", 4.022),
-    ("meta-llama/Llama-3.1-8B", 8.030),
-])
+@pytest.mark.parametrize(
+    "name, billions",
+    [
+        ("Qwen/Qwen2.5-0.5B", 0.494),
+        ("Qwen/Qwen2.5-1.5B", 1.544),
+        ("Qwen/Qwen2.5-3B", 3.086),
+        ("Qwen/Qwen2.5-7B", 7.616),
+        ("Qwen/Qwen3-8B", 8.191),
+        ("Qwen/Qwen3-4B", 4.022),
+        ("meta-llama/Llama-3.1-8B", 8.030),
+    ],
+)
 def test_known_models_have_their_published_sizes(name, billions):
     cfg = load_config(None, [f"model.path={name}"])
     assert plan_mod.model_config(cfg).num_params() / 1e9 == pytest.approx(billions, abs=0.002)
@@ -115,9 +137,18 @@ def test_micro_batches_auto_on_cpu_keeps_logits_under_a_gib():
 
     from mtgrpo_jax.parallel import make_mesh
 
-    cfg = load_config(None, ["optim.micro_batches=auto", "sampler.batch_size=8", "sampler.group_size=8",
-                             "optim.mini_batches=2", "rollout.max_new_tokens=1024", "rollout.prompt_buckets=[1024]",
-                             "model.overrides.vocab_size=65536"])
+    cfg = load_config(
+        None,
+        [
+            "optim.micro_batches=auto",
+            "sampler.batch_size=8",
+            "sampler.group_size=8",
+            "optim.mini_batches=2",
+            "rollout.max_new_tokens=1024",
+            "rollout.prompt_buckets=[1024]",
+            "model.overrides.vocab_size=65536",
+        ],
+    )
     mesh = make_mesh(fsdp=-1)
     model = plan_mod.abstract_model(cfg, plan_mod.model_config(cfg))
     graphdef, params, _ = nnx.split(model, nnx.Param, ...)
@@ -129,8 +160,9 @@ def test_micro_batches_auto_on_cpu_keeps_logits_under_a_gib():
     assert logits(count) <= plan_mod.CPU_LOGITS_BUDGET_BYTES
     fewer = [c for c in plan_mod.valid_micro_batches(cfg, mesh) if c < count]
     assert all(logits(c) > plan_mod.CPU_LOGITS_BUDGET_BYTES for c in fewer)  # the fewest that fit
-    assert plan_mod.resolve_micro_batches(load_config(None, ["optim.micro_batches=2"]), mesh, graphdef, params,
-                                          None) == 2
+    assert (
+        plan_mod.resolve_micro_batches(load_config(None, ["optim.micro_batches=2"]), mesh, graphdef, params, None) == 2
+    )
 
 
 @pytest.mark.parametrize("extra", [0.0, 0.3])
@@ -159,6 +191,7 @@ def test_micro_batch_search_finds_the_fewest_that_fit_in_few_compiles(extra):
 # ---------------------------------------------------------------------------------------------------------------
 # Costs that count every loop trip: the layer scan and the chunked logprob scans, checked against a hand count.
 
+
 def _cost_config(tmp_path, layers: int) -> str:
     """The tiny config at `layers` layers, its vocabulary large enough that the chunked LM head is a quarter of
     the work (so a head counted one chunk in 16 would show), XLA attention (whose score matmuls the cost
@@ -172,8 +205,9 @@ def _cost_config(tmp_path, layers: int) -> str:
     return str(path)
 
 
-def _hand_count(mc, tokens_per_row: int, rows: int, query_len: int, head_positions: int, passes: int,
-                head_passes: int) -> float:
+def _hand_count(
+    mc, tokens_per_row: int, rows: int, query_len: int, head_positions: int, passes: int, head_passes: int
+) -> float:
     """FLOPs, all devices: 2 per multiply-add of the q/k/v/o and MLP projections at every query position,
     XLA attention's full [query_len, tokens] scores and their use on the values, in every layer, `passes`
     forward passes' worth (1 forward, 2 its backward, 1 the rematerialised forward); the LM head at
@@ -228,15 +262,26 @@ def test_update_cost_counts_every_layer_and_logprob_chunk(tmp_path):
     # micro-batch of 4 rows, over the 4 devices. A layer: forward, backward (2) and the block-rematerialised
     # forward. What the hand count leaves out (norms, rope, softmax, silu) is about 1 % at this size.
     one = dataclasses.replace(mc, num_hidden_layers=1)
-    layer = _hand_count(one, prompt + completion, rows // 4, prompt + completion, completion, passes=4,
-                        head_passes=0) / 4
+    layer = (
+        _hand_count(one, prompt + completion, rows // 4, prompt + completion, completion, passes=4, head_passes=0) / 4
+    )
     assert 1.0 <= cost.per_layer[0] / layer <= 1.05
     # The rest is the LM head at the 32 completion positions, in 4 position blocks x 4 vocabulary slices: at
     # least its forward, its backward (2) and the checkpointed forward (4 passes; one chunk in 16 counted would
     # be 1/16 of that). The nested checkpoints (position blocks, then vocabulary slices) recompute it once or
     # twice more in the compiled update, hence the upper bound.
-    head = _hand_count(dataclasses.replace(mc, num_hidden_layers=0), prompt + completion, rows // 4, 1, completion,
-                       passes=0, head_passes=4) / 4
+    head = (
+        _hand_count(
+            dataclasses.replace(mc, num_hidden_layers=0),
+            prompt + completion,
+            rows // 4,
+            1,
+            completion,
+            passes=0,
+            head_passes=4,
+        )
+        / 4
+    )
     rest = cost.flops - 3 * cost.per_layer[0]
     print(f"update: per layer {cost.per_layer[0]:.4g} (hand {layer:.4g}), rest {rest:.4g} (head hand {head:.4g})")
     assert 1.0 <= rest / head <= 1.6
@@ -292,7 +337,9 @@ def test_prefill_cost_counts_every_layer(tmp_path):
     hand = _hand_count(plan_mod.model_config(cfg), 64, 8, 64, 1, passes=1, head_passes=1) / 4
     assert 1.0 <= p.flops / hand <= 1.1
     topo = plan_mod.resolve_topology("v5e:2x2")
-    assert p.roofline_s == pytest.approx(max(p.flops / topo.chip.peak_flops, p.bytes_accessed / topo.chip.hbm_bandwidth))
+    assert p.roofline_s == pytest.approx(
+        max(p.flops / topo.chip.peak_flops, p.bytes_accessed / topo.chip.hbm_bandwidth)
+    )
 
 
 def test_cost_falls_back_to_the_compiled_count_when_a_variant_does_not_compile():
@@ -317,6 +364,14 @@ def test_cost_falls_back_to_the_compiled_count_when_a_variant_does_not_compile()
     off = plan_mod.Depths(cfg, mc, make_mesh(fsdp=-1), optax.sgd(0.1), enabled=False).cost(build)
     assert off.flops is None and off.how.startswith("as compiled") and "--no-count-loops" in off.how
     counted = plan_mod.Cost(100.0, 50.0, "unrolled")
-    report = plan_mod._report("x", compiled, plan_mod.resolve_topology("v5e:2x2"), calls=1, scale=2, cost=counted,
-                              extra_flops=1.0, extra_how=" + more")
+    report = plan_mod._report(
+        "x",
+        compiled,
+        plan_mod.resolve_topology("v5e:2x2"),
+        calls=1,
+        scale=2,
+        cost=counted,
+        extra_flops=1.0,
+        extra_how=" + more",
+    )
     assert (report.flops, report.bytes_accessed, report.cost_counted) == (201.0, 100.0, "unrolled + more")

@@ -46,7 +46,10 @@ def test_a_chat_template_means_instruct_the_question_as_the_user_turn(chat_tok):
     text, (cfg, choice) = _text({}, chat_tok)
     body = get_task("countdown").prompt_body(EXAMPLE)
     assert text == f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"  # no transcript, no system turn
-    assert (choice.kind, cfg.model.kind, cfg.rollout.prompt_style, cfg.rollout.template) == ("instruct",) * 2 + ("question", "chat")
+    assert (choice.kind, cfg.model.kind, cfg.rollout.prompt_style, cfg.rollout.template) == ("instruct",) * 2 + (
+        "question",
+        "chat",
+    )
     assert "chat template" in choice.describe() and "instruct" in choice.describe()
 
 
@@ -69,7 +72,9 @@ def test_rollout_keys_still_override_and_are_recorded(chat_tok, plain_tok):
     assert text.startswith("<|im_start|>user\n" + PROMPT_PREFIX)  # the transcript inside the template, as asked
     assert choice.overridden == ("rollout.template=chat",) and "overridden" in choice.describe()
     text, (cfg, _) = _text({"rollout": {"prompt_style": "compact"}}, plain_tok)
-    assert cfg.rollout.template == "raw" and text.endswith("Put the final expression in \\boxed{}, for example \\boxed{(1 + 2) / 3}.")
+    assert cfg.rollout.template == "raw" and text.endswith(
+        "Put the final expression in \\boxed{}, for example \\boxed{(1 + 2) / 3}."
+    )
 
 
 def test_a_system_prompt_only_when_the_config_gives_one(chat_tok):
@@ -81,7 +86,10 @@ def test_one_encoder_for_chat_and_raw(chat_tok, plain_tok):
     messages = [{"role": "user", "content": "2+2?"}]
     assert prompt_text(chat_tok, messages, template="raw") == "2+2?"
     assert prompt_text(plain_tok, messages) == "User: 2+2?\nAssistant:"  # chat asked, no template: a plain transcript
-    assert encode_prompt(chat_tok, messages) == chat_tok(prompt_text(chat_tok, messages), add_special_tokens=False)["input_ids"]
+    assert (
+        encode_prompt(chat_tok, messages)
+        == chat_tok(prompt_text(chat_tok, messages), add_special_tokens=False)["input_ids"]
+    )
     with pytest.raises(ValueError, match="template must be one of"):
         prompt_text(chat_tok, messages, template="jinja")
 

@@ -13,8 +13,11 @@ def _records(seed, n=40, k=3, g=6, rounds=3):
     for _ in range(n):
         correct = rng.random(g) < rng.random()
         rewards = np.where(correct, 1.0, np.where(rng.random(g) < 0.5, 0.1, 0.0)).astype(np.float32)
-        out.append(GroupRecord(int(rng.integers(0, k - 1)), int(rng.integers(0, rounds)), rewards, correct,
-                               bool(np.ptp(rewards) > 0)))
+        out.append(
+            GroupRecord(
+                int(rng.integers(0, k - 1)), int(rng.integers(0, rounds)), rewards, correct, bool(np.ptp(rewards) > 0)
+            )
+        )
     return out  # task k-1 is never generated
 
 
@@ -53,8 +56,15 @@ def test_sampler_counts_are_checked():
     gen = np.bincount([r.task_id for r in recs], minlength=3)
     acc = np.bincount([r.task_id for r in recs if r.accepted], minlength=3)
     kept_counts = np.bincount([r.task_id for r in kept], minlength=3)
-    step_signals(3, recs, [r.task_id for r in kept], [0.0] * len(kept), groups_generated=gen,
-                 accepted_generated=acc, kept_counts=kept_counts)
+    step_signals(
+        3,
+        recs,
+        [r.task_id for r in kept],
+        [0.0] * len(kept),
+        groups_generated=gen,
+        accepted_generated=acc,
+        kept_counts=kept_counts,
+    )
     with pytest.raises(ValueError, match="groups_generated"):
         step_signals(3, recs, [r.task_id for r in kept], [0.0] * len(kept), groups_generated=gen + 1)
     with pytest.raises(ValueError, match="task ids must lie in"):

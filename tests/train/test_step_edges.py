@@ -15,16 +15,29 @@ from mtgrpo_jax.config import load_config
 
 def _overrides(run_dir: Path, data_dir: Path, **extra) -> list[str]:
     base = {
-        "output_dir": str(run_dir), "data_dir": str(data_dir),
-        "model.init": "random", "model.dtype": "float32",
+        "output_dir": str(run_dir),
+        "data_dir": str(data_dir),
+        "model.init": "random",
+        "model.dtype": "float32",
         "model.overrides": "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
-                           "num_key_value_heads: 1}",
+        "num_key_value_heads: 1}",
         "tasks": "[{name: countdown, family: countdown, train: {level: 1, n: 12, seed: 2}, eval: {level: 1, n: 4, seed: 8}}]",
-        "rollout.max_new_tokens": 8, "rollout.prompt_style": "compact", "rollout.prompt_buckets": "[256]",
-        "rollout.batch_buckets": "[8]", "sampler.batch_size": 4, "sampler.group_size": 4,
-        "sampler.resample_budget": 1, "optim.mini_batches": 2, "optim.learning_rate": 1e-3,
-        "train.steps": 2, "train.eval_every": 0, "train.checkpoint_every": 1, "eval.n": 2, "eval.max_examples": 2,
-        "logging.console": False, "logging.tensorboard": False,
+        "rollout.max_new_tokens": 8,
+        "rollout.prompt_style": "compact",
+        "rollout.prompt_buckets": "[256]",
+        "rollout.batch_buckets": "[8]",
+        "sampler.batch_size": 4,
+        "sampler.group_size": 4,
+        "sampler.resample_budget": 1,
+        "optim.mini_batches": 2,
+        "optim.learning_rate": 1e-3,
+        "train.steps": 2,
+        "train.eval_every": 0,
+        "train.checkpoint_every": 1,
+        "eval.n": 2,
+        "eval.max_examples": 2,
+        "logging.console": False,
+        "logging.tensorboard": False,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -34,7 +47,9 @@ def test_a_step_with_no_valid_rows_skips_the_update_and_is_counted(tmp_path, cap
     from mtgrpo_jax.train.trainer import Trainer
 
     # A random-init model never writes a box: every group's rewards are equal, the strict filter keeps none.
-    trainer = Trainer(load_config(None, _overrides(tmp_path / "run", tmp_path / "data", **{"sampler.filter": "strict"})))
+    trainer = Trainer(
+        load_config(None, _overrides(tmp_path / "run", tmp_path / "data", **{"sampler.filter": "strict"}))
+    )
     before = jax.tree.map(np.asarray, trainer.params)
     opt_before = jax.tree.map(np.asarray, trainer.opt_state)
     record = trainer.train_step()

@@ -98,8 +98,11 @@ def test_each_method_runs_end_to_end(method, tmp_path, data_dir):
 def test_non_finite_step_is_skipped_and_parameters_untouched(tmp_path, data_dir):
     from mtgrpo_jax.train.trainer import Trainer
 
-    cfg = load_config(None, tiny_overrides(tmp_path / "run", data_dir, **{"train.steps": 1, "train.eval_every": 0}),
-                      [ROOT / "configs" / "methods" / "grpo.yaml"])
+    cfg = load_config(
+        None,
+        tiny_overrides(tmp_path / "run", data_dir, **{"train.steps": 1, "train.eval_every": 0}),
+        [ROOT / "configs" / "methods" / "grpo.yaml"],
+    )
     trainer = Trainer(cfg)
     before = jax.tree.map(np.asarray, trainer.params)
     original = trainer._generate_groups
@@ -120,8 +123,15 @@ def test_non_finite_step_is_skipped_and_parameters_untouched(tmp_path, data_dir)
 
 def _cli(args: list[str], **kw) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "mtgrpo_jax.cli", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mtgrpo_jax.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def _final_params(run_dir: Path) -> dict:
@@ -183,7 +193,9 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, data_dir)
 def test_bad_config_gives_one_line_naming_the_culprit(extra, needle, tmp_path, data_dir):
     empty_model = tmp_path / "model_without_weights"
     empty_model.mkdir()
-    (empty_model / "config.json").write_text((ROOT / "mtgrpo_jax" / "assets" / "tiny_model" / "config.json").read_text())
+    (empty_model / "config.json").write_text(
+        (ROOT / "mtgrpo_jax" / "assets" / "tiny_model" / "config.json").read_text()
+    )
     extra = {k: str(v).replace("__MODEL_DIR__", str(empty_model)) for k, v in extra.items()}
     needle = needle.replace("__MODEL_DIR__", str(empty_model))
     proc = _cli(["train", *tiny_overrides(tmp_path / "run", data_dir, **extra)])
@@ -204,8 +216,9 @@ def test_lenient_filter_switch_keeps_all_partial_credit_groups_like_the_release(
     np.testing.assert_array_equal(paper, [False, False, False, True, True])
     # the release with pure_acc_filter=False drops only all-0 and all-1 groups (ray_trainer.py, the uid loop)
     np.testing.assert_array_equal(released, [False, False, True, True, True])
-    np.testing.assert_array_equal(_filter_groups(SamplerCfg(filter="strict"), rewards, correct),
-                                  [False, False, False, True, False])
+    np.testing.assert_array_equal(
+        _filter_groups(SamplerCfg(filter="strict"), rewards, correct), [False, False, False, True, False]
+    )
     assert _filter_groups(SamplerCfg(filter="none"), rewards, correct).all()
 
 

@@ -50,8 +50,7 @@ def run(opt, rewards, improvements, present=None):
         z, state = opt.update(TaskSignals(reward=sig[0], improvement=sig[1], present=sig[2]), state)
         return state, z
 
-    state, zs = jax.jit(lambda s: jax.lax.scan(body, s, (rewards, improvements, present)))(
-        opt.init(rewards.shape[1]))
+    state, zs = jax.jit(lambda s: jax.lax.scan(body, s, (rewards, improvements, present)))(opt.init(rewards.shape[1]))
     return np.asarray(zs), state
 
 
@@ -76,8 +75,11 @@ def test_paper_form_options_match_their_reference():
     rewards, improvements = _signals(1)
     rewards = (rewards > 0.5).astype(float)  # binary batch accuracy
     improvements = improvements * 3  # so that the [-0.1, 0.1] clip bites
-    zs, _ = run(mt_grpo(0.2, weight_decay=1e-2, improvement_clip=0.1, reward_ema=0.5, coupled_weight_decay=True),
-                rewards, improvements)
+    zs, _ = run(
+        mt_grpo(0.2, weight_decay=1e-2, improvement_clip=0.1, reward_ema=0.5, coupled_weight_decay=True),
+        rewards,
+        improvements,
+    )
     expected = ref_mt_grpo(rewards, improvements, 0.2, wd=1e-2, coupled=True, clip=0.1, ema=0.5)
     np.testing.assert_allclose(zs, expected, atol=2e-6)
     # each option on its own differs from the paper's form
@@ -110,11 +112,16 @@ def test_absent_tasks_are_frozen_and_scored_neutrally():
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), same, state))
 
 
-@pytest.mark.parametrize("make, expected", [(lambda: mt_grpo(0.5), [1, 1, 1, 0]),
-                                            (lambda: mt_grpo_released(0.5), [1, 1, 1, 0]),
-                                            # Subroutine 2 reads only the reward: the infinite improvements are ignored
-                                            (lambda: regularized(0.2, lam=0.5), [0, 1, 0, 0])],
-                         ids=["mt_grpo", "released", "regularized"])
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda: mt_grpo(0.5), [1, 1, 1, 0]),
+        (lambda: mt_grpo_released(0.5), [1, 1, 1, 0]),
+        # Subroutine 2 reads only the reward: the infinite improvements are ignored
+        (lambda: regularized(0.2, lam=0.5), [0, 1, 0, 0]),
+    ],
+    ids=["mt_grpo", "released", "regularized"],
+)
 def test_non_finite_signals_are_masked_and_counted(make, expected):
     opt = make()
     rewards, improvements = _signals(3, steps=4)
@@ -128,7 +135,9 @@ def test_non_finite_signals_are_masked_and_counted(make, expected):
     np.testing.assert_array_equal(np.asarray(bad.rejected) - np.asarray(state.rejected), expected)
     # identical to the update where those tasks were simply absent, except the rejection counter
     absent = present & ~np.asarray(expected, bool)
-    _, clean = jax.jit(opt.update)(TaskSignals(jnp.nan_to_num(reward), jnp.zeros(4), present=jnp.asarray(absent)), state)
+    _, clean = jax.jit(opt.update)(
+        TaskSignals(jnp.nan_to_num(reward), jnp.zeros(4), present=jnp.asarray(absent)), state
+    )
     same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), bad._replace(rejected=clean.rejected), clean)
     assert jax.tree.all(same)
 

@@ -52,6 +52,7 @@ def test_simplex_finiteness_and_rejection_under_vmap(name):
         def body(state, s):
             z, state = opt.update(s, state)
             return state, z
+
         return jax.lax.scan(body, opt.init(K), sig)
 
     states, zs = jax.jit(jax.vmap(one_run))(signals)
@@ -61,7 +62,9 @@ def test_simplex_finiteness_and_rejection_under_vmap(name):
     np.testing.assert_allclose(zs.sum(-1), 1.0, atol=1e-5)
     assert jax.tree.all(jax.tree.map(lambda x: bool(jnp.all(jnp.isfinite(x))), states))
     if hasattr(states, "rejected"):
-        reads = {"sec": [2], "sec_cold": [2], "regularized": [0], "regularized_tiny_eta": [0]}.get(name, [0, 1])  # fields read
+        reads = {"sec": [2], "sec_cold": [2], "regularized": [0], "regularized_tiny_eta": [0]}.get(
+            name, [0, 1]
+        )  # fields read
         expected = np.sum(np.asarray(bad & signals.present & jnp.isin(which, jnp.asarray(reads))), axis=1)
         np.testing.assert_array_equal(np.asarray(states.rejected), expected)
         assert expected.sum() > 0
@@ -94,4 +97,3 @@ def test_hyperparameters_can_vary_across_vmapped_runs():
     z = np.asarray(jax.jit(jax.vmap(run))(lams))
     np.testing.assert_allclose(z[0], 1 / 3, atol=1e-6)  # lam = 0, I = 0: no signal, weights stay uniform
     assert z[1, 0] > 0.4 and z[2, 0] > 0.4
-

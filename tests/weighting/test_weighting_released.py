@@ -31,8 +31,17 @@ class ReleasedBandit:
     """priority_decay.FamoPriorityDecay with update_object='task_diff_bias', bias_metric='batch_acc',
     fixed_p_each=0, SNR_update_step_threshold=0 (every released MT-GRPO script), in float64."""
 
-    def __init__(self, k, lr=0.025, gamma=1e-5, lambda_bias=0.2, delta_threshold=None, bias_only=False,
-                 decay=0.5, training_lr=1e-6):
+    def __init__(
+        self,
+        k,
+        lr=0.025,
+        gamma=1e-5,
+        lambda_bias=0.2,
+        delta_threshold=None,
+        bias_only=False,
+        decay=0.5,
+        training_lr=1e-6,
+    ):
         self.w = np.zeros(k)  # line 315
         self.m, self.v, self.t = np.zeros(k), np.zeros(k), 0
         self.lr, self.gamma, self.lambda_bias = lr, gamma, lambda_bias
@@ -96,12 +105,16 @@ def _signals(rounds, diffs, k):
         for a, d in diff.items():
             improvement[i, a] = -d
     present = ~np.all(np.isnan(round_reward), axis=0) | np.any(improvement != 0, axis=0)
-    return TaskSignals(reward=np.nan_to_num(round_reward[-1]), improvement=improvement, present=present,
-                       round_reward=round_reward)
+    return TaskSignals(
+        reward=np.nan_to_num(round_reward[-1]), improvement=improvement, present=present, round_reward=round_reward
+    )
 
 
-@pytest.mark.parametrize("lam, gamma, threshold", [(0.2, 1e-5, None), (0.3, 1e-4, None), (1.2, 1e-4, 0.2)],
-                         ids=["exp1", "exp2-0.3", "exp2-1.2"])
+@pytest.mark.parametrize(
+    "lam, gamma, threshold",
+    [(0.2, 1e-5, None), (0.3, 1e-4, None), (1.2, 1e-4, 0.2)],
+    ids=["exp1", "exp2-0.3", "exp2-1.2"],
+)
 def test_matches_the_released_bandit_step_by_step(lam, gamma, threshold):
     k = 3
     ref = ReleasedBandit(k, gamma=gamma, lambda_bias=lam, delta_threshold=threshold)
@@ -152,8 +165,9 @@ def test_reward_ema_starts_at_zero_and_moves_every_round():
     k = 2
     opt = mt_grpo_released(0.2)
     rounds = np.array([[1.0, np.nan], [1.0, 0.5], [np.nan, 0.5]], np.float32)
-    _, state = opt.update(TaskSignals(reward=np.zeros(k), improvement=np.zeros((4, k)), round_reward=rounds),
-                          opt.init(k))
+    _, state = opt.update(
+        TaskSignals(reward=np.zeros(k), improvement=np.zeros((4, k)), round_reward=rounds), opt.init(k)
+    )
     # task 0: 0 -> 0.5 -> 0.75 (absent in round 3); task 1: 0 -> (absent) -> 0.25 -> 0.375
     np.testing.assert_allclose(np.asarray(state.reward_ema), [0.75, 0.375], atol=1e-7)
 
@@ -170,8 +184,9 @@ def test_absent_tasks_keep_their_lambda_reward_term():
     rr = np.array([[0.2, 0.9, 0.6], [0.3, np.nan, np.nan]], np.float32)
     imp = np.zeros((4, k), np.float32)
     imp[:, 0] = 0.02
-    z, _ = opt.update(TaskSignals(reward=rr[0], improvement=imp, present=np.array([True, False, False]),
-                                  round_reward=rr), opt.init(k))
+    z, _ = opt.update(
+        TaskSignals(reward=rr[0], improvement=imp, present=np.array([True, False, False]), round_reward=rr), opt.init(k)
+    )
     np.testing.assert_allclose(np.asarray(z), expected, atol=2e-6)
     assert abs(float(z[1]) - 1 / 3) > 1e-3  # the absent tasks' logits moved
 
@@ -223,8 +238,14 @@ def test_non_finite_improvements_are_counted_and_the_task_read_as_absent():
     assert np.all(np.isfinite(np.asarray(z)))
     np.testing.assert_array_equal(np.asarray(state.rejected), [1, 0, 0])
     # exactly as if the task had been absent (no EMA move, I = 0; its lam * J term still counts)
-    z0, _ = opt.update(TaskSignals(reward=np.full(k, 0.5), improvement=np.where(np.isfinite(imp), imp, 0.0),
-                                   present=np.array([False, True, True])), opt.init(k))
+    z0, _ = opt.update(
+        TaskSignals(
+            reward=np.full(k, 0.5),
+            improvement=np.where(np.isfinite(imp), imp, 0.0),
+            present=np.array([False, True, True]),
+        ),
+        opt.init(k),
+    )
     np.testing.assert_array_equal(np.asarray(z), np.asarray(z0))
     with pytest.raises(ValueError, match="improvement must be"):
         opt.update(TaskSignals(reward=np.zeros(k), improvement=np.zeros((2, 4))), opt.init(k))
