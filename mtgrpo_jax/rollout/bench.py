@@ -8,22 +8,20 @@ Both sides compute in float32 by default: torch on CPU with `torch.set_num_threa
 float32 parameters, activations and KV cache. `--dtypes float32,bfloat16` also measures ours with
 bf16 weights and activations (the library default; same weights rounded) around the same float32
 reference; its KV cache stays float32 (`--cache-dtype`), because XLA:CPU's bf16 batched attention
-dots are slow while its bf16 x bf16 -> f32 matmuls are about twice as fast as float32 ones.
-`--reference-dtype bfloat16` runs transformers in bf16 instead (on a CPU with AVX512-BF16 its
-decode steps are about 1.25x and its prefill about 2x faster than in float32), for a
-bf16-against-bf16 comparison.
+dots are slow while its bf16 x bf16 -> f32 matmuls are faster than float32 ones.
+`--reference-dtype bfloat16` runs transformers in bf16 instead (faster than float32 on a CPU with
+AVX512-BF16), for a bf16-against-bf16 comparison.
 
 Reported per size:
 - tokens_per_s: new tokens / wall time of one `generate` call (compilation excluded, prefill
   included), averaged over a run just before and a run just after the reference (the CPU is shared
   with other processes; both runs are reported too).
 - reference_tokens_per_s: the same for transformers, timed on the second of two identical calls
-  (torch sets up its CPU kernels per shape on first use), over the full length. At 100M parameters
-  that takes about 9 minutes (two calls of about 4.5); `--ref-new-tokens K` times only K tokens per
-  row and extrapolates (prefill + measured steps + the remaining steps at the mean of the last
-  measured ones). Later steps of transformers' growing cache are slower than earlier ones (at 100M:
-  1.55 s per step in the first quarter, 2.07 s in the last), so the extrapolation flatters the
-  reference (280 instead of 246 tokens/s) and is flagged `reference_extrapolated`.
+  (torch sets up its CPU kernels per shape on first use), over the full length: at 100M parameters the
+  longest part of the benchmark. `--ref-new-tokens K` times only K tokens per row and extrapolates
+  (prefill + measured steps + the remaining steps at the mean of the last measured ones). Later steps
+  of transformers' growing cache are slower than earlier ones, so the extrapolation flatters the
+  reference and is flagged `reference_extrapolated`.
 - decode roofline: bytes one decode step must read (all weights + the KV cache the step reads,
   averaged over the steps: each prompt's k/v once for its n samples, and only the generated-token
   blocks written so far) over the read bandwidth (a 512 MiB row-sum), compared with the measured
@@ -380,7 +378,7 @@ def main(argv: list[str] | None = None, prog: str = "mtgrpo bench rollout") -> i
         type=int,
         default=None,
         help="new tokens the reference really generates, the rest extrapolated (default: all; "
-        "16 cuts the 100M reference from ~9 to ~2 minutes but flatters it)",
+        "16 makes the 100M reference several times shorter but flatters it)",
     )
     ap.add_argument(
         "--dtypes",
