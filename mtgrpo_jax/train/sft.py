@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import jax
 import numpy as np
@@ -39,9 +40,7 @@ def row_probabilities(names: list[str], sft_weight: dict[str, float]) -> np.ndar
     rows are then drawn alike (each task's share is its share of the rows), the draw without weights."""
     if all(sft_weight.get(name, 1.0) == 1.0 for name in set(names)):
         return None
-    counts: dict[str, int] = {}
-    for name in names:
-        counts[name] = counts.get(name, 0) + 1
+    counts = Counter(names)
     p = np.array([sft_weight.get(name, 1.0) / counts[name] for name in names])
     return p / p.sum()
 
