@@ -607,6 +607,21 @@ class Depths:
 # The step's geometry
 
 
+def update_chunk_program(d: Depth, tx, settings: UpdateSettings, rows: int, prompt_len: int, sharding, constrain):
+    """The policy update's cost unit: the update program of one mini-batch of one micro-batch of `rows` rows.
+
+    The step's update (`make_update_fn`) runs `mini_batches x micro_batches` micro-batch forward/backward
+    passes, and, per mini-batch, what the improvement estimator adds (`minibatch_sum`: one more forward of
+    the whole mini-batch) and one optimizer update. All of it but the optimizer updates is linear in the
+    rows, so `chunks` times this program's cost is the step's, with the optimizer counted `chunks` times
+    instead of `mini_batches` times (a fraction of a percent at the paper's sizes). Counting the step's own
+    program instead, whose mini- and micro-batch loops stay loops, would count its per-mini-batch forward
+    once per micro-batch: 4x the hand count for exp1's minibatch_sum update."""
+    one = settings._replace(mini_batches=1, micro_batches=1)
+    batch = abstract_batch(rows, prompt_len, settings.completion_len, sharding)
+    return make_update_fn(d.graphdef, tx, one, constrain), (d.params, d.opt_state, batch), {}
+
+
 def update_settings(cfg: Config, micro_batches: int) -> UpdateSettings:
     """The trainer's UpdateSettings for `cfg` (one place, so plan and trainer compile the same program)."""
     return UpdateSettings(
@@ -804,15 +819,18 @@ def plan(
             extra_how=" + splash attention counted analytically",
         )
 
-    def measure(build: Callable[[Depth, int], tuple], what: str, rows: int) -> tuple[_Compiled, Cost]:
+    def measure(
+        build: Callable[[Depth, int], tuple], what: str, rows: int, cost_build: Callable | None = None
+    ) -> tuple[_Compiled, Cost]:
         """The real program at `rows` rows per chunk (its memory) and its cost with every layer and logprob
-        chunk counted."""
+        chunk counted. `cost_build`: the program whose cost is one chunk's, when `build`'s is not (the
+        caller scales the cost by the chunks)."""
         say(f"compiling {what} ...")
         fn, args, kwargs = build(depths.real, rows)
         compiled = _try_compile(fn, *args, mesh=mesh, **kwargs)
         if depths.enabled:
             say(f"compiling {what} at 1 and 2 layers, loops unrolled, for its cost ...")
-        return compiled, depths.cost(build, rows, min_rows=batch_devices(mesh))
+        return compiled, depths.cost(cost_build or build, rows, min_rows=batch_devices(mesh))
 
     def step_batch(r: int) -> Batch:  # the step's batch with r rows per chunk (rows // chunks in the real one)
         return abstract_batch(r * chunks, prompt_len, completion_len, batch_sh)
@@ -868,7 +886,12 @@ def plan(
         def update_program(d: Depth, r: int):
             return make_update_fn(d.graphdef, tx, settings, constrain), (d.params, d.opt_state, step_batch(r)), {}
 
-        c, cost = measure(update_program, "the policy update", rows // chunks)
+        c, cost = measure(
+            update_program,
+            "the policy update",
+            rows // chunks,
+            lambda d, r: update_chunk_program(d, tx, settings, r, prompt_len, batch_sh, constrain),
+        )
         # The release's `minibatch_sum` estimator runs one more forward of every mini-batch inside the update.
         estimators = {settings.improvement} | ({"minibatch_sum"} if settings.improvement_diagnostics else set())
         passes = training_passes + ("minibatch_sum" in estimators)

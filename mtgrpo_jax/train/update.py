@@ -1,5 +1,5 @@
 """The jitted device-side programs of a training step: token logprobs, the policy update (mini-batches x
-micro-batches inside one `lax.scan`, parameters and optimizer state donated, non-finite updates skipped),
+micro-batches inside one `lax.scan` (`loops.scan`, which `mtgrpo plan` can unroll), parameters and optimizer state donated, non-finite updates skipped),
 the per-task objective used for the improvement signal, and the supervised warm-start update.
 
 Everything here takes the model as (graphdef, params) so one compiled program serves every step; the
@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mtgrpo_jax import loops
 from mtgrpo_jax.rl import per_task_objective, policy_loss, token_logprobs_from_hidden
 
 
@@ -191,7 +192,7 @@ def make_update_fn(graphdef, tx: optax.GradientTransformation, s: UpdateSettings
             return acc, (loss, metrics, logp)
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, (losses, metrics, logp) = jax.lax.scan(micro_step, zeros, micro)
+        grads, (losses, metrics, logp) = loops.scan(micro_step, zeros, micro)
         grads = jax.tree.map(lambda g: g / s.micro_batches, grads)
         loss = jnp.mean(losses)
         grad_norm = optax.tree.norm(grads)
@@ -218,7 +219,7 @@ def make_update_fn(graphdef, tx: optax.GradientTransformation, s: UpdateSettings
         return (params, opt_state), out
 
     def update(params, opt_state, batch: Batch):
-        (params, opt_state), metrics = jax.lax.scan(minibatch_step, (params, opt_state), _split(batch, s.mini_batches))
+        (params, opt_state), metrics = loops.scan(minibatch_step, (params, opt_state), _split(batch, s.mini_batches))
         rows = {k: metrics.pop(k) for k in list(metrics) if k.startswith("improvement/")}  # [M, K] each
         improvement = rows.pop(f"improvement/{s.improvement}", None)
         metrics = {k: jnp.mean(v) for k, v in metrics.items()} | {"skipped": jnp.sum(metrics["skipped"])} | rows

@@ -234,7 +234,6 @@ def test_update_cost_counts_every_layer_and_logprob_chunk(tmp_path):
     from mtgrpo_jax import loops
     from mtgrpo_jax.parallel import BATCH_AXES, make_mesh
     from mtgrpo_jax.parallel.topology import topology_devices
-    from mtgrpo_jax.train.update import make_update_fn
 
     cfg = load_config(_cost_config(tmp_path, 3))
     mc = plan_mod.model_config(cfg)
@@ -243,12 +242,11 @@ def test_update_cost_counts_every_layer_and_logprob_chunk(tmp_path):
     tx = plan_mod.make_optimizer(1e-6, b1=0.9, b2=0.99, weight_decay=0.01, grad_clip=1.0)
     rows, prompt, completion = 4 * 4, 64, 32  # sampler 4 prompts x 4 samples; prompt bucket; max_new_tokens
     batch_sh = NamedSharding(mesh, P(BATCH_AXES))
-    batch = plan_mod.abstract_batch(rows, prompt, completion, batch_sh)
     settings = plan_mod.update_settings(cfg, 2)
     constrain = lambda b: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sh), b)  # noqa: E731
 
-    def update_program(d):
-        return make_update_fn(d.graphdef, tx, settings, constrain), (d.params, d.opt_state, batch), {}
+    def update_program(d):  # the plan's cost unit: one micro-batch of 4 rows (the step runs 2 x 2 of them)
+        return plan_mod.update_chunk_program(d, tx, settings, rows // 4, prompt, batch_sh, constrain)
 
     depths = plan_mod.Depths(cfg, mc, mesh, tx)
     cost = depths.cost(update_program)
@@ -258,9 +256,8 @@ def test_update_cost_counts_every_layer_and_logprob_chunk(tmp_path):
         direct = plan_mod.compile_program(fn, *args, mesh=mesh)
     assert cost.flops == pytest.approx(direct.flops, rel=0.01)
     assert cost.bytes_accessed == pytest.approx(direct.bytes_accessed, rel=0.05)
-    # The scan over 2 mini-batches x 2 micro-batches stays a loop (the plan scales it): its body is one
-    # micro-batch of 4 rows, over the 4 devices. A layer: forward, backward (2) and the block-rematerialised
-    # forward. What the hand count leaves out (norms, rope, softmax, silu) is about 1 % at this size.
+    # One micro-batch of 4 rows, over the 4 devices. A layer: forward, backward (2) and the
+    # block-rematerialised forward. What the hand count leaves out (norms, rope, softmax, silu) is about 1 %.
     one = dataclasses.replace(mc, num_hidden_layers=1)
     layer = (
         _hand_count(one, prompt + completion, rows // 4, prompt + completion, completion, passes=4, head_passes=0) / 4
@@ -300,7 +297,6 @@ def test_update_cost_extrapolates_over_rows(tmp_path):
     from mtgrpo_jax import loops
     from mtgrpo_jax.parallel import BATCH_AXES, make_mesh
     from mtgrpo_jax.parallel.topology import topology_devices
-    from mtgrpo_jax.train.update import make_update_fn
 
     cfg = load_config(_cost_config(tmp_path, 3))
     mc = plan_mod.model_config(cfg)
@@ -311,8 +307,7 @@ def test_update_cost_extrapolates_over_rows(tmp_path):
     constrain = lambda b: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sh), b)  # noqa: E731
 
     def update_program(d, r):
-        batch = plan_mod.abstract_batch(4 * r, 64, 32, batch_sh)
-        return make_update_fn(d.graphdef, tx, settings, constrain), (d.params, d.opt_state, batch), {}
+        return plan_mod.update_chunk_program(d, tx, settings, r, 64, batch_sh, constrain)
 
     depths = plan_mod.Depths(cfg, mc, mesh, tx)
     cost = depths.cost(update_program, 12, min_rows=4)  # 3 rows per device
@@ -325,6 +320,54 @@ def test_update_cost_extrapolates_over_rows(tmp_path):
     assert cost.bytes_accessed == pytest.approx(direct.bytes_accessed, rel=0.1)
     # At no more than twice the devices' rows the variants are compiled at the real rows, as before.
     assert depths.cost(update_program, 8, min_rows=4).how == "unrolled at 1 and 2 layers, extrapolated to 3"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("improvement", ["minibatch_sum", "step_mean"])
+def test_plan_update_cost_equals_the_whole_update_with_every_loop_trip_counted(tmp_path, improvement):
+    """`plan`'s policy_update FLOPs (one chunk's cost, scaled by the 2 x 2 chunks) equal the step's whole update
+    compiled with every loop unrolled: the layers, the logprob chunks, the mini- and micro-batches, and, with
+    the release's minibatch_sum estimator, its one extra forward per mini-batch (which a per-chunk count of
+    the step's own program counts once per micro-batch)."""
+    pytest.importorskip("libtpu")
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from mtgrpo_jax import loops
+    from mtgrpo_jax.parallel import BATCH_AXES, make_mesh
+    from mtgrpo_jax.parallel.topology import topology_devices
+    from mtgrpo_jax.train.update import make_update_fn
+
+    path = _cost_config(tmp_path, 3)
+    raw = yaml.safe_load(open(path))
+    raw["weighting"]["improvement"] = improvement
+    path = tmp_path / "whole.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(str(path))
+    p = plan_mod.plan(cfg, "v5e:2x2", only={"policy_update"}).programs["policy_update"]
+    mesh = make_mesh(fsdp=-1, devices=topology_devices(plan_mod.resolve_topology("v5e:2x2")))
+    settings = plan_mod.update_settings(cfg, 2)
+    assert settings.improvement == improvement and (settings.mini_batches, settings.micro_batches) == (2, 2)
+    batch_sh = NamedSharding(mesh, P(BATCH_AXES))
+    constrain = lambda b: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sh), b)  # noqa: E731
+    o = cfg.optim  # the optimizer as `plan` builds it
+    tx = plan_mod.make_optimizer(
+        o.learning_rate,
+        b1=o.b1,
+        b2=o.b2,
+        weight_decay=o.weight_decay,
+        grad_clip=o.grad_clip,
+        warmup_steps=o.warmup_steps,
+    )
+    d = plan_mod.Depths(cfg, plan_mod.model_config(cfg), mesh, tx).at(3)
+    with loops.unrolled_scans():
+        fn = make_update_fn(d.graphdef, tx, settings, constrain)
+        whole = plan_mod.compile_program(
+            fn, d.params, d.opt_state, plan_mod.abstract_batch(16, 64, 32, batch_sh), mesh=mesh
+        )
+    # The plan counts the optimizer update once per chunk (4) instead of once per mini-batch (2): about 0.1 %.
+    assert p.flops == pytest.approx(whole.flops, rel=0.01)
 
 
 @pytest.mark.slow
