@@ -209,11 +209,19 @@ def make_update_fn(graphdef, tx: optax.GradientTransformation, s: UpdateSettings
             flat = lambda x: x.reshape((-1,) + x.shape[2:])
             before = sequence_sums(s, flat(logp), mb)  # this mini-batch's training forward, before its step
             if "minibatch_sum" in wanted:
+                # The updated policy's forward of this mini-batch, one micro-batch at a time (as the training
+                # forward ran it), so it holds no more than one micro-batch's activations.
                 model = nnx.merge(graphdef, params)
-                after_logp, _ = completion_logprobs(
-                    model, mb.input_ids, mb.attention_mask, s.completion_len, s.temperature, **_chunks(s)
-                )
-                out["improvement/minibatch_sum"] = sequence_sums(s, after_logp, mb) - before
+
+                def after_step(_, m):
+                    m = constrain(m)
+                    after, _ = completion_logprobs(
+                        model, m.input_ids, m.attention_mask, s.completion_len, s.temperature, **_chunks(s)
+                    )
+                    return None, after
+
+                _, after_logp = loops.scan(after_step, None, micro)
+                out["improvement/minibatch_sum"] = sequence_sums(s, flat(after_logp), mb) - before
             if "fresh" in wanted:
                 out["improvement/fresh"] = before - sequence_sums(s, mb.old_logp, mb)
         return (params, opt_state), out
