@@ -73,7 +73,6 @@ from mtgrpo_jax.train.update import (
     UpdateSettings,
     make_logprob_fn,
     make_objective_fn,
-    make_optimizer,
     make_sft_update_fn,
     make_update_fn,
 )
@@ -770,15 +769,7 @@ def plan(
     model = abstract_model(cfg, mc)
     graphdef, params, _rest = nnx.split(model, nnx.Param, ...)
     params = sharded_abstract_state(params, mesh, "train")
-    o = cfg.optim
-    tx = make_optimizer(
-        o.learning_rate,
-        b1=o.b1,
-        b2=o.b2,
-        weight_decay=o.weight_decay,
-        grad_clip=o.grad_clip,
-        warmup_steps=o.warmup_steps,
-    )
+    tx = setup.build_policy_optimizer(cfg)
     opt_state = abstract_opt_state(tx, params, mesh)
     depths = Depths(cfg, mc, mesh, tx, Depth(model, graphdef, params, opt_state), enabled=count_loops)
     rows = cfg.sampler.batch_size * cfg.sampler.group_size
@@ -788,7 +779,7 @@ def plan(
         cfg, mesh, graphdef, params, tx, opt_state=opt_state, hbm_bytes=topo.chip.hbm_bytes, progress=say
     )
     settings = update_settings(cfg, micro)
-    chunks = o.mini_batches * micro
+    chunks = cfg.optim.mini_batches * micro
     programs: dict[str, ProgramPlan] = {}
     # What stays in HBM for the whole run besides each program's own arguments: the policy's parameters
     # and optimizer state (train layout) and, with a KL term, the reference parameters.

@@ -17,6 +17,7 @@ from mtgrpo_jax.models import ModelConfig, Transformer, load_pretrained, load_to
 from mtgrpo_jax.models.tokenizer import check_tokenizer_fits, has_tokenizer
 from mtgrpo_jax.parallel import initialize_distributed, make_mesh, shard_model
 from mtgrpo_jax.tasks import load_source, resolve_task
+from mtgrpo_jax.train.update import make_optimizer
 
 
 def build_mesh(cfg: Config):
@@ -187,6 +188,19 @@ def build_sampler(cfg: Config, num_tasks: int):
     return make_sampler(s.kind, num_tasks, s.batch_size, s.group_size, seed=cfg.seed, **settings)
 
 
+def build_policy_optimizer(cfg: Config):
+    """The policy's optimizer from `optim` (one place, so the trainer and `mtgrpo plan` build the same one)."""
+    o = cfg.optim
+    return make_optimizer(
+        o.learning_rate,
+        b1=o.b1,
+        b2=o.b2,
+        weight_decay=o.weight_decay,
+        grad_clip=o.grad_clip,
+        warmup_steps=o.warmup_steps,
+    )
+
+
 def build_weight_optimizer(cfg: Config, num_tasks: int):
     w = cfg.weighting
     if w.kind == "mt_grpo":
@@ -222,6 +236,7 @@ __all__ = [
     "build_model",
     "build_tasks",
     "build_sampler",
+    "build_policy_optimizer",
     "build_weight_optimizer",
     "configured_task",
     "improvement_mode",

@@ -42,7 +42,6 @@ from mtgrpo_jax.train.update import (
     init_opt_state,
     make_logprob_fn,
     make_objective_fn,
-    make_optimizer,
     make_update_fn,
     objective_at_behaviour,
 )
@@ -94,21 +93,13 @@ class Trainer:
         self.weights = np.asarray(to_host(self.weight_opt.weights(self.weight_state)), np.float32)
 
         self.graphdef, self.params, self.rest = nnx.split(self.model, nnx.Param, ...)
-        o = cfg.optim
-        self.tx = make_optimizer(
-            o.learning_rate,
-            b1=o.b1,
-            b2=o.b2,
-            weight_decay=o.weight_decay,
-            grad_clip=o.grad_clip,
-            warmup_steps=o.warmup_steps,
-        )
+        self.tx = setup.build_policy_optimizer(cfg)
         self.opt_state = init_opt_state(self.tx, self.params, self.mesh)
         # "auto": the fewest micro-batches whose update fits the devices' memory (see train.plan).
         self.micro_batches = resolve_micro_batches(cfg, self.mesh, self.graphdef, self.params, self.tx)
         self.settings = update_settings(cfg, self.micro_batches)
         self.rows = s.batch_size * s.group_size
-        self.micro_rows = self.rows // (o.mini_batches * self.micro_batches)
+        self.micro_rows = self.rows // (cfg.optim.mini_batches * self.micro_batches)
         self.batch_sharding = batch_sharding(self.mesh)
         constrain = lambda b: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.batch_sharding), b)
         self.update_fn = make_update_fn(self.graphdef, self.tx, self.settings, constrain)

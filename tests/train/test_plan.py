@@ -10,6 +10,8 @@ from mtgrpo_jax.cli import main
 from mtgrpo_jax.config import load_config
 from mtgrpo_jax.models import ModelConfig
 from mtgrpo_jax.train import plan as plan_mod
+from mtgrpo_jax.train import setup
+from mtgrpo_jax.train.update import make_optimizer
 
 TINY = {
     "model": {"init": "random", "overrides": {"num_hidden_layers": 1, "vocab_size": 512}},
@@ -239,7 +241,7 @@ def test_update_cost_counts_every_layer_and_logprob_chunk(tmp_path):
     mc = plan_mod.model_config(cfg)
     topo = plan_mod.resolve_topology("v5e:2x2")
     mesh = make_mesh(fsdp=-1, devices=topology_devices(topo))
-    tx = plan_mod.make_optimizer(1e-6, b1=0.9, b2=0.99, weight_decay=0.01, grad_clip=1.0)
+    tx = make_optimizer(1e-6, b1=0.9, b2=0.99, weight_decay=0.01, grad_clip=1.0)
     rows, prompt, completion = 4 * 4, 64, 32  # sampler 4 prompts x 4 samples; prompt bucket; max_new_tokens
     batch_sh = NamedSharding(mesh, P(BATCH_AXES))
     settings = plan_mod.update_settings(cfg, 2)
@@ -301,7 +303,7 @@ def test_update_cost_extrapolates_over_rows(tmp_path):
     cfg = load_config(_cost_config(tmp_path, 3))
     mc = plan_mod.model_config(cfg)
     mesh = make_mesh(fsdp=-1, devices=topology_devices(plan_mod.resolve_topology("v5e:2x2")))
-    tx = plan_mod.make_optimizer(1e-6, b1=0.9, b2=0.99, weight_decay=0.01, grad_clip=1.0)
+    tx = make_optimizer(1e-6, b1=0.9, b2=0.99, weight_decay=0.01, grad_clip=1.0)
     batch_sh = NamedSharding(mesh, P(BATCH_AXES))
     settings = plan_mod.update_settings(cfg, 2)  # 2 mini-batches x 2 micro-batches: 4 chunks
     constrain = lambda b: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sh), b)  # noqa: E731
@@ -351,15 +353,7 @@ def test_plan_update_cost_equals_the_whole_update_with_every_loop_trip_counted(t
     assert settings.improvement == improvement and (settings.mini_batches, settings.micro_batches) == (2, 2)
     batch_sh = NamedSharding(mesh, P(BATCH_AXES))
     constrain = lambda b: jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, batch_sh), b)  # noqa: E731
-    o = cfg.optim  # the optimizer as `plan` builds it
-    tx = plan_mod.make_optimizer(
-        o.learning_rate,
-        b1=o.b1,
-        b2=o.b2,
-        weight_decay=o.weight_decay,
-        grad_clip=o.grad_clip,
-        warmup_steps=o.warmup_steps,
-    )
+    tx = setup.build_policy_optimizer(cfg)  # the optimizer `plan` builds
     d = plan_mod.Depths(cfg, plan_mod.model_config(cfg), mesh, tx).at(3)
     with loops.unrolled_scans():
         fn = make_update_fn(d.graphdef, tx, settings, constrain)
