@@ -1,6 +1,7 @@
 """The jitted device-side programs of a training step: token logprobs, the policy update (mini-batches x
-micro-batches inside one `lax.scan` (`loops.scan`, which `mtgrpo plan` can unroll), parameters and optimizer state donated, non-finite updates skipped),
-the per-task objective used for the improvement signal, and the supervised warm-start update.
+micro-batches inside one `lax.scan`, via `loops.scan` so `mtgrpo plan` can unroll it; parameters and
+optimizer state donated, non-finite updates skipped), the per-task objective used for the improvement
+signal, and the supervised warm-start update.
 
 Everything here takes the model as (graphdef, params) so one compiled program serves every step; the
 host never sees an intermediate value of the update.
