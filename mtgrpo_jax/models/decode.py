@@ -4,15 +4,18 @@ Why a step specialised for one new token per row, next to the uncached / prefill
 `[L, B, S, Hkv, D]` cache layout and the layer `scan` are right for prefill and training, but in a
 one-token decode step on XLA:CPU they cost more than the matmuls: attention's batched dot wants
 `[B, Hkv, S, D]`, so every layer would transpose (copy) its whole k and v cache every step, and the
-scan dynamic-slices every layer's weights and cache (more copies). So decoding keeps its own cache:
-per layer, k as `[B, Hkv, D, S]` (contraction dim major, the layout the CPU batched matmul wants) and v
-as `[B, Hkv, S, D]`, each updated in place with `dynamic_update_slice`; per-layer weights prepared once
-before the decode loop as plain 2-D matrices (q|k|v and gate|up concatenated on one device); the layers
-unrolled in the loop body.
+scan dynamic-slices every layer's weights and cache (more copies). So decoding keeps its own cache,
+head-major: per layer, k as `[Bp, Hkv, n, D, S]` (contraction dim major, the layout the CPU batched
+matmul wants) and v as `[Bp, Hkv, n, S, D]` for Bp prompts of n samples each, updated in place with
+`dynamic_update_slice`; per-layer weights prepared once before the decode loop as plain 2-D matrices
+(q|k|v and gate|up concatenated on one device); the layers unrolled in the loop body.
 
 The prompts' k/v (`Prefix`) are held once per prompt, not once per sample: a step stacks the queries
 of a prompt's n samples into one matrix per kv head and reads the prompt's keys and values once for
-all of them (n times less prompt traffic, and no n-fold copy of the prompt cache).
+all of them (n times less prompt traffic, and no n-fold copy of the prompt cache). Because the
+attention runs in the `[Bp, Hkv, n, ...]` order throughout, that stacking is a reshape, and every
+attention dot has its batch dims leading in both operands: the step transposes only the queries in
+and the attention output out (each `[B, Hq * D]`, small), never a score or probability tensor.
 
 The generated-token cache is cut into slot blocks (`block_sizes`; one block when `block` is None). A
 step reads only the first `blocks` of them: the rollout runs its decode loop in phases, and a phase's
@@ -38,8 +41,9 @@ _MASK_VALUE = float(np.finfo(np.float32).min)
 
 
 class DecodeCache(NamedTuple):
-    """Per layer, a tuple of slot blocks: keys `[B, Hkv, D, C_j]` and values `[B, Hkv, C_j, D]`;
-    block j holds slots [j * C, j * C + C_j) (see `block_sizes`)."""
+    """Per layer, a tuple of slot blocks: keys `[Bp, Hkv, n, D, C_j]` and values `[Bp, Hkv, n, C_j, D]`
+    (row prompt * n + sample is [prompt, :, sample]); block j holds slots [j * C, j * C + C_j) (see
+    `block_sizes`)."""
 
     k: tuple
     v: tuple
@@ -51,11 +55,12 @@ def block_sizes(length: int, block: int | None) -> tuple[int, ...]:
     return tuple(min(block, length - start) for start in range(0, length, block))
 
 
-def cache_shapes(cfg, rows: int, length: int, block: int | None = None):
-    """Shapes of one layer's k and v decode cache (`cfg` a ModelConfig): a tuple of block shapes each."""
+def cache_shapes(cfg, prompts: int, n: int, length: int, block: int | None = None):
+    """Shapes of one layer's k and v decode cache for `prompts` prompts of `n` samples each (`cfg` a
+    ModelConfig): a tuple of block shapes each."""
     nkv, d = cfg.num_key_value_heads, cfg.head_dim
     sizes = block_sizes(length, block)
-    return tuple((rows, nkv, d, c) for c in sizes), tuple((rows, nkv, c, d) for c in sizes)
+    return tuple((prompts, nkv, n, d, c) for c in sizes), tuple((prompts, nkv, n, c, d) for c in sizes)
 
 
 def prepare_weights(model, positions: int | None = None) -> dict:
@@ -131,7 +136,7 @@ def _write(blocks, new, slot, slot_axis: int, first: int, stop: int):
         size = block.shape[slot_axis]
         if j in candidates:
             local = slot - start
-            index = [0, 0, 0, 0]
+            index = [0] * block.ndim
             if len(candidates) == 1:
                 index[slot_axis] = local
                 out[j] = jax.lax.dynamic_update_slice(block, new.astype(block.dtype), tuple(index))
@@ -159,7 +164,7 @@ def step(
 ):
     """One token per row: `tokens` int32 [B] at `positions` [B]; its k/v are written at slot
     `slot` (scalar, traced) of the generated-token cache. `weights` from `prepare_weights`; rows are
-    prompt-major (row = prompt * n + sample, n = B / Bp).
+    prompt-major (row = prompt * n + sample, n = B / Bp, the cache's third dim).
 
     Row b attends to its prompt's prefix slots (where `prefix.mask`) and to generated slots
     s <= slot, reading only the first `blocks` cache blocks (all when None); the caller guarantees
@@ -172,12 +177,13 @@ def step(
     cos, sin = (jnp.take(table, positions, axis=0)[:, None, :] for table in weights["rope"])
     x = jnp.take(weights["embed"], tokens, axis=0).astype(dt)  # [B, H]
     blocks = len(cache.k[0]) if blocks is None else blocks
-    window = sum(v.shape[2] for v in cache.v[0][:blocks])  # generated slots read this step
+    window = sum(v.shape[3] for v in cache.v[0][:blocks])  # generated slots read this step
     bp, p_len = prefix.mask.shape
     n = b // bp
+    # [Bp, 1, 1, 1, P+W]: a prompt's padding, and the generated slots written so far (the same for every row)
     mask = jnp.concatenate(
-        [jnp.repeat(prefix.mask, n, axis=0), jnp.broadcast_to(jnp.arange(window)[None, :] <= slot, (b, window))], axis=1
-    )  # [B, P+W]
+        [prefix.mask, jnp.broadcast_to(jnp.arange(window)[None, :] <= slot, (bp, window))], axis=1
+    )[:, None, None, None, :]
     nkv, d = cfg.num_key_value_heads, cfg.head_dim
     group = cfg.num_attention_heads // nkv
     nq = cfg.num_attention_heads
@@ -189,6 +195,10 @@ def step(
         # plain low-precision dot, but XLA:CPU runs bf16 x bf16 -> f32 dots in its fast kernels
         # instead of converting whole operands to f32 first.
         return jnp.dot(a, w, preferred_element_type=jnp.float32).astype(dt)
+
+    def head_major(a, heads):  # [B, heads, ...] -> [Bp, Hkv, n, heads / Hkv, ...]
+        a = a.reshape(bp, n, nkv, heads // nkv, *a.shape[2:])
+        return jnp.swapaxes(a, 1, 2)
 
     for w, k_cache, v_cache, k_prefix, v_prefix in zip(weights["layers"], cache.k, cache.v, prefix.k, prefix.v):
         h = layers.rms_norm(x, w["input_norm"], cfg.rms_norm_eps)
@@ -207,47 +217,51 @@ def step(
             k = layers.rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
         q = layers.apply_rope(q[:, None], cos, sin)[:, 0]
         k = layers.apply_rope(k[:, None], cos, sin)[:, 0]
-        k_cache = _write(k_cache, k[:, :, :, None], slot, 3, first_block, blocks)
-        v_cache = _write(v_cache, v[:, :, None, :], slot, 2, first_block, blocks)
+        k, v = head_major(k, nkv)[:, :, :, 0], head_major(v, nkv)[:, :, :, 0]  # [Bp, Hkv, n, D]
+        k_cache = _write(k_cache, k[..., None], slot, 4, first_block, blocks)
+        v_cache = _write(v_cache, v[..., None, :], slot, 3, first_block, blocks)
         new_k.append(k_cache)
         new_v.append(v_cache)
 
         # Attention runs in the wider of the activation and cache dtypes: the model's math when they
         # match; with a float32 cache under bf16 weights (faster on CPU, whose bf16 batched dots are
         # slow) no per-step cast of the whole cache.
-        qg = q.reshape(b, nkv, group, d).astype(att_dt)  # query head k * group + g reads kv head k
-        # The prefix: prompt i's n samples share its k/v, so their queries go in one matrix.
-        q_shared = qg.reshape(bp, n, nkv, group, d)
+        qg = head_major(q, nq).astype(att_dt)  # [Bp, Hkv, n, G, D]: query head k * G + g reads kv head k
+        # The prefix: prompt i's n samples share its k/v, so their queries are one [n * G, D] matrix.
         prefix_scores = jnp.einsum(
-            "bnkgd,bkdp->bnkgp", q_shared, k_prefix.astype(att_dt), preferred_element_type=jnp.float32
-        ).reshape(b, nkv, group, p_len)
+            "bkmd,bkdp->bkmp",
+            qg.reshape(bp, nkv, n * group, d),
+            k_prefix.astype(att_dt),
+            preferred_element_type=jnp.float32,
+        ).reshape(bp, nkv, n, group, p_len)
         scores = jnp.concatenate(
             [prefix_scores]
             + [
-                jnp.einsum("bkgd,bkds->bkgs", qg, kb.astype(att_dt), preferred_element_type=jnp.float32)
+                jnp.einsum("bkngd,bkndc->bkngc", qg, kb.astype(att_dt), preferred_element_type=jnp.float32)
                 for kb in k_cache[:blocks]
             ],
             axis=-1,
         )
-        scores = jnp.where(mask[:, None, None, :], scores * (d**-0.5), _MASK_VALUE)
+        scores = jnp.where(mask, scores * (d**-0.5), _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(att_dt)
         attn = jnp.einsum(
-            "bnkgp,bkpd->bnkgd",
-            probs[..., :p_len].reshape(bp, n, nkv, group, p_len),
+            "bkmp,bkpd->bkmd",
+            probs[..., :p_len].reshape(bp, nkv, n * group, p_len),
             v_prefix.astype(att_dt),
             preferred_element_type=jnp.float32,
-        ).reshape(b, nkv, group, d)
+        ).reshape(bp, nkv, n, group, d)
         start = p_len
         for vb in v_cache[:blocks]:
-            size = vb.shape[2]
+            size = vb.shape[3]
             attn = attn + jnp.einsum(
-                "bkgs,bksd->bkgd",
+                "bkngc,bkncd->bkngd",
                 probs[..., start : start + size],
                 vb.astype(att_dt),
                 preferred_element_type=jnp.float32,
             )
             start += size
-        out = mm(attn.astype(dt).reshape(b, nq * d), w["o"])
+        attn = jnp.swapaxes(attn, 1, 2).reshape(b, nq * d)  # back to row-major [B, Hq * D]
+        out = mm(attn.astype(dt), w["o"])
         if cfg.o_proj_bias:
             out = out + w["o_bias"]
         x = x + out

@@ -239,9 +239,10 @@ class Transformer(nnx.Module):
     # ------------------------------------------------------------------ one-token decoding
     # The rollout's decode loop: a per-layer cache in the layout a one-token step wants, the prompts' k/v
     # held once per prompt, the generated slots in blocks (see `mtgrpo_jax.models.decode`).
-    def decode_cache_shapes(self, rows: int, length: int, block: int | None = None):
-        """Shapes of one layer's `DecodeCache` k and v blocks for `rows` rows and `length` generated slots."""
-        return decode.cache_shapes(self.config, rows, length, block)
+    def decode_cache_shapes(self, prompts: int, n: int, length: int, block: int | None = None):
+        """Shapes of one layer's `DecodeCache` k and v blocks for `prompts` prompts of `n` samples each and
+        `length` generated slots."""
+        return decode.cache_shapes(self.config, prompts, n, length, block)
 
     def decode_weights(self, positions: int | None = None) -> dict:
         """The weights a decode step reads, prepared once before the loop (2-D, activation dtype), and

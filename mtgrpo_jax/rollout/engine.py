@@ -301,7 +301,7 @@ class RolloutEngine:
         self.num_truncated_prompts = 0
         self.last_reshard_seconds = 0.0
         self._graphdef = nnx.graphdef(model)
-        self._cache = None  # ((rows, length), cache): the one preallocated decode cache
+        self._cache = None  # ((rows, prompt bucket, max_new_tokens, n), cache): the one preallocated decode cache
         self._program = jax.jit(
             self._run,
             static_argnames=("n", "max_new_tokens", "greedy", "top_k", "use_top_p"),
@@ -360,8 +360,7 @@ class RolloutEngine:
             mask = np.zeros((b_bucket, p_bucket), bool)
             ids[:count], mask[:count] = ids_all[start : start + count], mask_all[start : start + count]
             mask[count:, -1] = True  # padding rows get one token so that their softmax is defined
-            rows = b_bucket * n
-            cache = self._take_cache(rows, p_bucket, m)
+            cache = self._take_cache(b_bucket, n, p_bucket, m)
             with self._mesh_context():
                 result, cache = self._program(
                     state,
@@ -380,7 +379,7 @@ class RolloutEngine:
                     top_k=int(params.top_k),
                     use_top_p=params.top_p < 1.0,
                 )
-            self._cache = ((rows, p_bucket, m), cache)
+            self._cache = ((b_bucket * n, p_bucket, m, n), cache)
             # to_host, not device_get: in a multi-process run the rows are spread over every process.
             tokens, logprobs, lengths, stopped, n_steps = parallel.to_host(result)
             used = count * n
@@ -467,24 +466,24 @@ class RolloutEngine:
         # every process holds the same prompts; each supplies its own shards (no cross-process check)
         return parallel.host_to_global(x, NamedSharding(self.mesh, spec))
 
-    def _cache_layout(self, rows: int, p: int, m: int):
-        """(shapes, shardings) pytrees of the decode cache for this implementation and shape (rows,
-        prompt bucket p, max_new_tokens m): rows over (data, fsdp), kv heads over tensor when it
-        divides them; shardings None without a mesh. The fast path's cache holds the m generated
-        slots only (the prompts' k/v stay in a per-prompt prefix)."""
+    def _cache_layout(self, prompts: int, n: int, p: int, m: int):
+        """(shapes, shardings) pytrees of the decode cache for this implementation and shape (prompts
+        of n samples, prompt bucket p, max_new_tokens m): prompts (rows) over (data, fsdp), kv heads over
+        tensor when it divides them; shardings None without a mesh. The fast path's cache holds the m
+        generated slots only (the prompts' k/v stay in a per-prompt prefix)."""
         cfg = self.config
         length = p + m
-        if self.decode_impl == "fast":  # per layer, per block: k [R, Hkv, D, C], v [R, Hkv, C, D]
-            k_shape, v_shape = self.model.decode_cache_shapes(rows, m, self.attention_block)
+        if self.decode_impl == "fast":  # per layer, per block: k [Bp, Hkv, n, D, C], v [Bp, Hkv, n, C, D]
+            k_shape, v_shape = self.model.decode_cache_shapes(prompts, n, m, self.attention_block)
             shapes = decode.DecodeCache((k_shape,) * cfg.num_hidden_layers, (v_shape,) * cfg.num_hidden_layers)
-            batch_dim, head_dim, ndim = 0, 1, 4
+            batch_dim, batch, head_dim, ndim = 0, prompts, 1, 5
         else:  # the model's [L, R, S, Hkv, D]
-            shape = (cfg.num_hidden_layers, rows, length, cfg.num_key_value_heads, cfg.head_dim)
+            shape = (cfg.num_hidden_layers, prompts * n, length, cfg.num_key_value_heads, cfg.head_dim)
             shapes = KVCache(shape, shape)
-            batch_dim, head_dim, ndim = 1, 3, 5
+            batch_dim, batch, head_dim, ndim = 1, prompts * n, 3, 5
         if self.mesh is None:
             return shapes, None
-        sharding = self._sharding(ndim, batch_dim, rows, head_dim)
+        sharding = self._sharding(ndim, batch_dim, batch, head_dim)
         return shapes, jax.tree.map(lambda _: sharding, shapes, is_leaf=_is_shape)
 
     def _sharding(self, ndim: int, batch_dim: int, batch: int, head_dim: int | None = None) -> NamedSharding:
@@ -496,14 +495,14 @@ class RolloutEngine:
             shape[head_dim], axes[head_dim] = self.config.num_key_value_heads, parallel.LAYOUTS["serve"]["kv_heads"]
         return NamedSharding(self.mesh, parallel.divisible_spec(shape, axes, parallel.mesh_axis_sizes(self.mesh)))
 
-    def _take_cache(self, rows: int, p: int, m: int):
+    def _take_cache(self, prompts: int, n: int, p: int, m: int):
         """The preallocated cache for this shape (reused; it is donated to the program), else a fresh
         one. Only one cache is held, so memory stays bounded by the largest shape in use."""
         held, self._cache = self._cache, None  # the held buffer is about to be donated, or dropped
-        if held is not None and held[0] == (rows, p, m):
+        if held is not None and held[0] == (prompts * n, p, m, n):
             return held[1]
         del held
-        shapes, shardings = self._cache_layout(rows, p, m)
+        shapes, shardings = self._cache_layout(prompts, n, p, m)
         make = jax.jit(
             lambda: jax.tree.map(lambda s: jnp.zeros(s, self.cache_dtype), shapes, is_leaf=_is_shape),
             out_shardings=shardings,
@@ -546,7 +545,7 @@ class RolloutEngine:
         model = nnx.merge(self._graphdef, state)
         b, p = prompt_ids.shape
         rows, m = b * n, max_new_tokens
-        _, cache_shardings = self._cache_layout(rows, p, m)
+        _, cache_shardings = self._cache_layout(b, n, p, m)
         if cache_shardings is None:
             constrain = lambda c: c  # noqa: E731
         else:

@@ -973,8 +973,7 @@ def rollout_programs(
     chunks = math.ceil(prompts / per_chunk)
     state = sharded_abstract_state(nnx.state(model), mesh, "serve")
     rep = NamedSharding(mesh, P())
-    rows = b * n
-    shapes, shardings = engine._cache_layout(rows, p, m)
+    shapes, shardings = engine._cache_layout(b, n, p, m)
     is_shape = lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x)  # noqa: E731
     cache = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s, engine.cache_dtype, sharding=sh), shapes, shardings, is_leaf=is_shape
