@@ -181,9 +181,9 @@ def step(
     bp, p_len = prefix.mask.shape
     n = b // bp
     # [Bp, 1, 1, 1, P+W]: a prompt's padding, and the generated slots written so far (the same for every row)
-    mask = jnp.concatenate(
-        [prefix.mask, jnp.broadcast_to(jnp.arange(window)[None, :] <= slot, (bp, window))], axis=1
-    )[:, None, None, None, :]
+    mask = jnp.concatenate([prefix.mask, jnp.broadcast_to(jnp.arange(window)[None, :] <= slot, (bp, window))], axis=1)[
+        :, None, None, None, :
+    ]
     nkv, d = cfg.num_key_value_heads, cfg.head_dim
     group = cfg.num_attention_heads // nkv
     nq = cfg.num_attention_heads

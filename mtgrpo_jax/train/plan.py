@@ -1022,7 +1022,7 @@ def rollout_programs(
     prefill_entry = ("rollout_prefill", (pre, dict(calls=chunks, cost=pre_cost)))
     if not with_loop:
         return dict([prefill_entry])
-    say(f"compiling the rollout program ({rows} rows, {m} new tokens) ...")
+    say(f"compiling the rollout program ({b * n} rows, {m} new tokens) ...")
     full = _try_compile(
         engine._program,
         state,
