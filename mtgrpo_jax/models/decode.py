@@ -15,7 +15,9 @@ of a prompt's n samples into one matrix per kv head and reads the prompt's keys 
 all of them (n times less prompt traffic, and no n-fold copy of the prompt cache). Because the
 attention runs in the `[Bp, Hkv, n, ...]` order throughout, that stacking is a reshape, and every
 attention dot has its batch dims leading in both operands: the step transposes only the queries in
-and the attention output out (each `[B, Hq * D]`, small), never a score or probability tensor.
+and the attention output out (each `[B, Hq * D]`, small), never a score or probability tensor. The
+softmax is normalised after the value sum, and on CPU the value sums are fused multiply-and-sums
+rather than dots (`_value_sum`).
 
 The generated-token cache is cut into slot blocks (`block_sizes`; one block when `block` is None). A
 step reads only the first `blocks` of them: the rollout runs its decode loop in phases, and a phase's
@@ -150,6 +152,28 @@ def _write(blocks, new, slot, slot_axis: int, first: int, stop: int):
     return tuple(out)
 
 
+def _value_sum(weights, values):
+    """sum_s weights[b, k, i, g, s] * values[b, k, (i,) s, d] -> float32 `[Bp, Hkv, n, G, D]`, where
+    `values` is a prompt's prefix `[Bp, Hkv, S, D]` (shared by its n samples) or a generated-token
+    block `[Bp, Hkv, n, S, D]`.
+
+    On CPU a fused multiply-and-sum: XLA:CPU runs these dots (a few rows each, batched over every
+    prompt, kv head and sample) far below its memory bandwidth, while the fused loop streams the
+    values once (a step's attention takes about 30 % less time at 100M). Elsewhere the batched
+    dot, for the accelerators' matrix units."""
+    bp, nkv, n, group, s = weights.shape
+    shared = values.ndim == 4
+    if jax.default_backend() == "cpu":
+        values = values[:, :, None, None] if shared else values[:, :, :, None]
+        return jnp.sum(weights[..., None].astype(jnp.float32) * values.astype(jnp.float32), axis=-2)
+    if shared:
+        out = jnp.einsum(
+            "bkms,bksd->bkmd", weights.reshape(bp, nkv, n * group, s), values, preferred_element_type=jnp.float32
+        )
+        return out.reshape(bp, nkv, n, group, -1)
+    return jnp.einsum("bkngs,bknsd->bkngd", weights, values, preferred_element_type=jnp.float32)
+
+
 def step(
     model,
     weights,
@@ -243,23 +267,17 @@ def step(
             axis=-1,
         )
         scores = jnp.where(mask, scores * (d**-0.5), _MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(att_dt)
-        attn = jnp.einsum(
-            "bkmp,bkpd->bkmd",
-            probs[..., :p_len].reshape(bp, nkv, n * group, p_len),
-            v_prefix.astype(att_dt),
-            preferred_element_type=jnp.float32,
-        ).reshape(bp, nkv, n, group, d)
+        # The softmax normalised after the value sum (one division per output, not per score).
+        probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))  # unnormalised
+        total = jnp.sum(probs, axis=-1, keepdims=True)
+        probs = probs.astype(att_dt)
+        attn = _value_sum(probs[..., :p_len], v_prefix.astype(att_dt))
         start = p_len
         for vb in v_cache[:blocks]:
             size = vb.shape[3]
-            attn = attn + jnp.einsum(
-                "bkngc,bkncd->bkngd",
-                probs[..., start : start + size],
-                vb.astype(att_dt),
-                preferred_element_type=jnp.float32,
-            )
+            attn = attn + _value_sum(probs[..., start : start + size], vb.astype(att_dt))
             start += size
+        attn = attn / total
         attn = jnp.swapaxes(attn, 1, 2).reshape(b, nq * d)  # back to row-major [B, Hq * D]
         out = mm(attn.astype(dt), w["o"])
         if cfg.o_proj_bias:
