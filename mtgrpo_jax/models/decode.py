@@ -158,9 +158,9 @@ def _value_sum(weights, values):
     block `[Bp, Hkv, n, S, D]`.
 
     On CPU a fused multiply-and-sum: XLA:CPU runs these dots (a few rows each, batched over every
-    prompt, kv head and sample) far below its memory bandwidth, while the fused loop streams the
-    values once (a step's attention takes about 30 % less time at 100M). Elsewhere the batched
-    dot, for the accelerators' matrix units."""
+    prompt, kv head and sample) far below its memory bandwidth and mostly on one core, while the
+    fused loop streams the values once and spreads over the cores. Elsewhere the batched dot, for
+    the accelerators' matrix units."""
     bp, nkv, n, group, s = weights.shape
     shared = values.ndim == 4
     if jax.default_backend() == "cpu":

@@ -136,6 +136,23 @@ def test_cache_prefill_and_decode_equal_full_forward():
         np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t + i], atol=1e-5)
 
 
+def test_decode_value_sum_cpu_and_accelerator_forms_agree(monkeypatch):
+    """The decode step's probability-weighted value sums: the CPU form (a fused multiply-and-sum) and
+    the accelerators' (a batched dot) give the einsum's numbers. CI has no accelerator, so the dot
+    form is selected here by the backend name it checks."""
+    from mtgrpo_jax.models import decode
+
+    rng = np.random.default_rng(0)
+    weights = rng.random((2, 3, 4, 2, 5)).astype(np.float32)  # [Bp, Hkv, n, G, S]
+    prefix = rng.normal(size=(2, 3, 5, 6)).astype(np.float32)  # [Bp, Hkv, S, D]: shared by n samples
+    block = rng.normal(size=(2, 3, 4, 5, 6)).astype(np.float32)  # [Bp, Hkv, n, S, D]: per sample
+    for backend in ("cpu", "gpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        for values, spec in ((prefix, "bkngs,bksd->bkngd"), (block, "bkngs,bknsd->bkngd")):
+            got = decode._value_sum(jnp.asarray(weights), jnp.asarray(values))
+            np.testing.assert_allclose(np.asarray(got), np.einsum(spec, weights, values), rtol=1e-5, atol=1e-6)
+
+
 def test_cache_chunked_prefill_equals_full_forward():
     """Several tokens at a non-zero cache index (chunked prefill / multi-token append)."""
     model = _small_model(model_type="qwen3", head_dim=8, attention_bias=False, qk_norm=True)
