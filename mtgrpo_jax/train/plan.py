@@ -961,7 +961,7 @@ def rollout_programs(
     runs its layers in Python, so a body is one whole step. With the cache in blocks the program runs
     one loop per phase, each body reading the blocks written so far, and the phases split the steps
     about evenly, so the loop costs (the bodies' sum / phases) x `max_new_tokens - 1` steps."""
-    from mtgrpo_jax.rollout.engine import Buckets
+    from mtgrpo_jax.rollout.engine import Buckets, _is_shape
     from mtgrpo_jax.train.policy import build_engine
 
     r = cfg.rollout
@@ -974,9 +974,8 @@ def rollout_programs(
     state = sharded_abstract_state(nnx.state(model), mesh, "serve")
     rep = NamedSharding(mesh, P())
     shapes, shardings = engine._cache_layout(b, n, p, m)
-    is_shape = lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x)  # noqa: E731
     cache = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s, engine.cache_dtype, sharding=sh), shapes, shardings, is_leaf=is_shape
+        lambda s, sh: jax.ShapeDtypeStruct(s, engine.cache_dtype, sharding=sh), shapes, shardings, is_leaf=_is_shape
     )
     batch_sh = NamedSharding(mesh, P(engine._sharding(2, 0, b).spec[0], None))
     ids = jax.ShapeDtypeStruct((b, p), jnp.int32, sharding=batch_sh)
