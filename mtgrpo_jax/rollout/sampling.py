@@ -9,7 +9,10 @@ Why it is written this way:
 - Sampling uses the inverse CDF with one uniform per row instead of Gumbel-max: Gumbel noise needs
   a random number and two logarithms per vocabulary entry, which on CPU costs more than the whole
   decode step of a small model (`mtgrpo bench rollout` shows the step time). The CDF is searched in
-  two levels (block sums, then one block), so it is one pass over the vocabulary plus small work.
+  two levels (block sums, then one block). Without top-k / top-p the weights are never written out:
+  the block sums (which also give the log-partition) are taken straight from the logits and only the
+  chosen block's weights are computed again, so sampling is two passes over the logits (max, then
+  exp and sums) plus small work.
 - Top-p needs the tokens sorted by probability; a full vocabulary sort per step is very slow on
   XLA:CPU, so the top-p threshold is found exactly by bisection over the
   bit patterns of the (non-negative) float32 weights: 31 masked sums instead of a sort.
@@ -40,23 +43,35 @@ def inverse_cdf(weights: jax.Array, u: jax.Array, block: int = _CDF_BLOCK) -> ja
     """Index drawn with probability proportional to `weights` ([R, V], >= 0, some > 0 per row),
     using `u` ([R], uniform in [0, 1)). Zero-weight entries are never returned, even when float
     rounding of the running sums would otherwise point past the last positive entry."""
-    r, v = weights.shape
+    return _blocked_inverse_cdf(_blocks(weights, block, 0.0), u, lambda w: w)[0]
+
+
+def _blocks(x: jax.Array, block: int, fill: float) -> jax.Array:
+    """[R, V] -> [R, ceil(V / block), block], the tail padded with `fill`."""
+    r, v = x.shape
     nb = -(-v // block)
     if nb * block != v:
-        weights = jnp.pad(weights, ((0, 0), (0, nb * block - v)))
-    wb = weights.reshape(r, nb, block)
-    block_sum = jnp.sum(wb, axis=-1)  # [R, nb]
+        x = jnp.pad(x, ((0, 0), (0, nb * block - v)), constant_values=fill)
+    return x.reshape(r, nb, block)
+
+
+def _blocked_inverse_cdf(xb: jax.Array, u: jax.Array, weight) -> tuple[jax.Array, jax.Array]:
+    """`inverse_cdf` over the weights `weight(xb)` (elementwise, >= 0; `xb` [R, nb, block]), and each
+    row's total weight. The CDF is searched in two levels: block sums, then the chosen block, whose
+    weights are computed again from its `xb` entries, so the [R, V] weights are never materialised."""
+    r, nb, block = xb.shape
+    block_sum = jnp.sum(weight(xb), axis=-1)  # [R, nb]
     block_cum = jnp.cumsum(block_sum, axis=-1)
     target = u * block_cum[:, -1]
     last_block = jnp.max(jnp.where(block_sum > 0, jnp.arange(nb, dtype=jnp.int32), 0), -1)
     b = jnp.minimum(jnp.sum(block_cum <= target[:, None], axis=-1).astype(jnp.int32), last_block)
     before = jnp.where(b > 0, jnp.take_along_axis(block_cum, jnp.maximum(b - 1, 0)[:, None], -1)[:, 0], 0.0)
-    chosen = jnp.take_along_axis(wb, b[:, None, None], axis=1)[:, 0]  # [R, block]
+    chosen = weight(jnp.take_along_axis(xb, b[:, None, None], axis=1))[:, 0]  # [R, block]
     inner_cum = jnp.cumsum(chosen, axis=-1)
     inner_iota = jnp.arange(block, dtype=jnp.int32)
     last_inner = jnp.max(jnp.where(chosen > 0, inner_iota, 0), -1)
     j = jnp.minimum(jnp.sum(inner_cum <= (target - before)[:, None], axis=-1).astype(jnp.int32), last_inner)
-    return b * block + j
+    return b * block + j, block_cum[:, -1]
 
 
 def top_p_mask(weights: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -106,9 +121,10 @@ def sample(
         return greedy(logits)
     scaled = logits / jnp.asarray(temperature, jnp.float32)
     top = jnp.max(scaled, axis=-1, keepdims=True)
-    weights = jnp.exp(scaled - top)  # unnormalised softmax; reused for the log-partition
-    log_z = top[:, 0] + jnp.log(jnp.sum(weights, axis=-1))
     v = logits.shape[-1]
+    if 0 < top_k < v or use_top_p:
+        weights = jnp.exp(scaled - top)  # unnormalised softmax; reused for the log-partition
+        log_z = top[:, 0] + jnp.log(jnp.sum(weights, axis=-1))
     if 0 < top_k < v:
         cand_logits, cand_idx = jax.lax.top_k(scaled, top_k)  # sorted descending
         cand_w = jnp.exp(cand_logits - top)
@@ -116,10 +132,15 @@ def sample(
             cand_w = jnp.where(top_p_mask(cand_w, top_p), cand_w, 0.0)
         pick = inverse_cdf(cand_w, u)
         tokens = jnp.take_along_axis(cand_idx, pick[:, None], axis=-1)[:, 0]
+    elif use_top_p:
+        tokens = inverse_cdf(jnp.where(top_p_mask(weights, top_p), weights, 0.0), u)
     else:
-        if use_top_p:
-            weights = jnp.where(top_p_mask(weights, top_p), weights, 0.0)
-        tokens = inverse_cdf(weights, u)
+        # The full distribution: the block sums come straight from the logits and also give the
+        # log-partition, so the step makes two passes over [R, V] (max, then exp and sums) and writes none.
+        tokens, total = _blocked_inverse_cdf(
+            _blocks(scaled, _CDF_BLOCK, -jnp.inf), u, lambda x: jnp.exp(x - top[:, :, None])
+        )
+        log_z = top[:, 0] + jnp.log(total)
     tokens = tokens.astype(jnp.int32)
     chosen = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
     return tokens, chosen - log_z

@@ -138,3 +138,27 @@ def test_inverse_cdf_never_returns_zero_weight(v):
     u = np.concatenate([np.full(128, np.nextafter(np.float32(1), np.float32(0))), rng.random(128)]).astype(np.float32)
     idx = np.asarray(sampling.inverse_cdf(jnp.asarray(weights), jnp.asarray(u)))
     assert (weights[np.arange(256), idx] > 0).all()
+
+
+@pytest.mark.parametrize("v", [7, 300, 32000])
+def test_full_distribution_draw_is_the_inverse_cdf_at_u(v):
+    """Without top-k / top-p, `sample` never materialises the weights (block sums straight from the
+    logits, a vocabulary padded with -inf). The token it returns must still be the inverse CDF of
+    softmax(logits / T) at u (to float32 rounding of the running sums), never a zero-weight entry (u -> 1
+    and logits whose weight underflows to 0 included), with log_softmax's log-probability."""
+    rng = np.random.default_rng(v)
+    logits = (rng.normal(size=(64, v)) * 4).astype(np.float32)
+    logits[:8, : v // 2] = -200.0  # weight exp(-200 - max) underflows to 0
+    u = np.concatenate([np.full(8, np.nextafter(np.float32(1), np.float32(0))), rng.random(56)]).astype(np.float32)
+    for temperature in (1.0, 0.7):
+        tokens, logprobs = jax.jit(lambda lg, u, t=temperature: sampling.sample(lg, u, t))(logits, u)
+        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+        scaled = logits.astype(np.float64) / np.float32(temperature)
+        probs = _softmax(scaled)
+        rows = np.arange(64)
+        cdf_hi = np.cumsum(probs, axis=-1)[rows, tokens]
+        assert (probs[rows, tokens] > 1e-30).all()
+        assert (cdf_hi - probs[rows, tokens] - 1e-5 <= u).all() and (u <= cdf_hi + 1e-5).all()
+        log_softmax = scaled - scaled.max(-1, keepdims=True)
+        log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+        np.testing.assert_allclose(logprobs, log_softmax[rows, tokens], rtol=1e-5, atol=1e-5)
