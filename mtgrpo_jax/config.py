@@ -157,6 +157,9 @@ class RolloutCfg(_Strict):
     # to max_phases loops). None: the platform's default (32 on CPU, one block on accelerators); 0: one block.
     attention_block: int | None = Field(None, ge=0)
     max_phases: int | None = Field(None, ge=1)  # None: the rollout engine's default (4)
+    # The decode step's attention as one compiled kernel per layer on a single x86-64 CPU device with AVX2
+    # and a float32 cache (built on first use; XLA ops where it cannot be). False: always XLA's ops.
+    attention_kernel: bool = True
 
 
 class LossCfg(_Strict):

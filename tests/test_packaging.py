@@ -35,7 +35,11 @@ def test_wheel_ships_method_presets_and_assets(tmp_path):
     assert {"mt_grpo.yaml", "dapo.yaml", "grpo.yaml"} <= set(presets)
     for preset in presets:
         assert f"mtgrpo_jax/presets/methods/{preset}" in names
-    for asset in ("assets/tiny_model/config.json", "assets/tiny_tokenizer/tokenizer.json"):
+    for asset in (
+        "assets/tiny_model/config.json",
+        "assets/tiny_tokenizer/tokenizer.json",
+        "models/kernels/decode_attention.cc",
+    ):
         assert f"mtgrpo_jax/{asset}" in names
 
 

@@ -17,7 +17,10 @@ attention runs in the `[Bp, Hkv, n, ...]` order throughout, that stacking is a r
 attention dot has its batch dims leading in both operands: the step transposes only the queries in
 and the attention output out (each `[B, Hq * D]`, small), never a score or probability tensor. The
 softmax is normalised after the value sum, and on CPU the value sums are fused multiply-and-sums
-rather than dots (`_value_sum`).
+rather than dots (`_value_sum`). On a single x86-64 CPU device with AVX2 and a float32 cache, all of
+a layer's attention (prefix, generated blocks, softmax, value sums) is instead one custom call
+(`mtgrpo_jax.models.kernels`), which streams each cache block once and skips the slots not yet
+written; `_attention` is the same math in XLA ops, for every other case and as its reference.
 
 The generated-token cache is cut into slot blocks (`block_sizes`; one block when `block` is None). A
 step reads only the first `blocks` of them: the rollout runs its decode loop in phases, and a phase's
@@ -37,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtgrpo_jax.models import layers
+from mtgrpo_jax.models import kernels, layers
 
 _MASK_VALUE = float(np.finfo(np.float32).min)
 
@@ -174,6 +177,41 @@ def _value_sum(weights, values):
     return jnp.einsum("bkngs,bknsd->bkngd", weights, values, preferred_element_type=jnp.float32)
 
 
+def _attention(qg, k_prefix, v_prefix, k_blocks, v_blocks, mask, d: int):
+    """softmax(q k^T / sqrt(d)) v over the prefix and the generated blocks, with XLA ops: float32
+    `[Bp, Hkv, n, G, D]` (what `kernels.decode_attention` computes in one pass on CPU)."""
+    bp, nkv, n, group, _ = qg.shape
+    att_dt = qg.dtype
+    p_len = v_prefix.shape[2]
+    # The prefix: prompt i's n samples share its k/v, so their queries are one [n * G, D] matrix.
+    prefix_scores = jnp.einsum(
+        "bkmd,bkdp->bkmp",
+        qg.reshape(bp, nkv, n * group, d),
+        k_prefix.astype(att_dt),
+        preferred_element_type=jnp.float32,
+    ).reshape(bp, nkv, n, group, p_len)
+    scores = jnp.concatenate(
+        [prefix_scores]
+        + [
+            jnp.einsum("bkngd,bkndc->bkngc", qg, kb.astype(att_dt), preferred_element_type=jnp.float32)
+            for kb in k_blocks
+        ],
+        axis=-1,
+    )
+    scores = jnp.where(mask, scores * (d**-0.5), _MASK_VALUE)
+    # The softmax normalised after the value sum (one division per output, not per score).
+    probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))  # unnormalised
+    total = jnp.sum(probs, axis=-1, keepdims=True)
+    probs = probs.astype(att_dt)
+    attn = _value_sum(probs[..., :p_len], v_prefix.astype(att_dt))
+    start = p_len
+    for vb in v_blocks:
+        size = vb.shape[3]
+        attn = attn + _value_sum(probs[..., start : start + size], vb.astype(att_dt))
+        start += size
+    return attn / total
+
+
 def step(
     model,
     weights,
@@ -185,6 +223,7 @@ def step(
     *,
     blocks: int | None = None,
     first_block: int = 0,
+    attention_kernel: bool = True,
 ):
     """One token per row: `tokens` int32 [B] at `positions` [B]; its k/v are written at slot
     `slot` (scalar, traced) of the generated-token cache. `weights` from `prepare_weights`; rows are
@@ -193,7 +232,9 @@ def step(
     Row b attends to its prompt's prefix slots (where `prefix.mask`) and to generated slots
     s <= slot, reading only the first `blocks` cache blocks (all when None); the caller guarantees
     that `slot` lies in blocks [first_block, blocks). Each prompt's prefix is read once for its n
-    samples: their queries are stacked into one matrix per prompt and kv head.
+    samples: their queries are stacked into one matrix per prompt and kv head. On a single x86-64 CPU
+    device with a float32 cache the attention is one custom call per layer (`kernels`; off with
+    `attention_kernel=False`, or where the kernel is not available), elsewhere XLA ops (`_attention`).
     Returns float32 logits [B, V] and the cache."""
     cfg, dt = model.config, model.dtype
     b = tokens.shape[0]
@@ -209,9 +250,9 @@ def step(
         :, None, None, None, :
     ]
     nkv, d = cfg.num_key_value_heads, cfg.head_dim
-    group = cfg.num_attention_heads // nkv
     nq = cfg.num_attention_heads
     att_dt = jnp.promote_types(dt, prefix.k[0].dtype)
+    single_device = jax.sharding.get_abstract_mesh().empty
     new_k, new_v = [], []
 
     def mm(a, w):
@@ -251,33 +292,13 @@ def step(
         # match; with a float32 cache under bf16 weights (faster on CPU, whose bf16 batched dots are
         # slow) no per-step cast of the whole cache.
         qg = head_major(q, nq).astype(att_dt)  # [Bp, Hkv, n, G, D]: query head k * G + g reads kv head k
-        # The prefix: prompt i's n samples share its k/v, so their queries are one [n * G, D] matrix.
-        prefix_scores = jnp.einsum(
-            "bkmd,bkdp->bkmp",
-            qg.reshape(bp, nkv, n * group, d),
-            k_prefix.astype(att_dt),
-            preferred_element_type=jnp.float32,
-        ).reshape(bp, nkv, n, group, p_len)
-        scores = jnp.concatenate(
-            [prefix_scores]
-            + [
-                jnp.einsum("bkngd,bkndc->bkngc", qg, kb.astype(att_dt), preferred_element_type=jnp.float32)
-                for kb in k_cache[:blocks]
-            ],
-            axis=-1,
-        )
-        scores = jnp.where(mask, scores * (d**-0.5), _MASK_VALUE)
-        # The softmax normalised after the value sum (one division per output, not per score).
-        probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))  # unnormalised
-        total = jnp.sum(probs, axis=-1, keepdims=True)
-        probs = probs.astype(att_dt)
-        attn = _value_sum(probs[..., :p_len], v_prefix.astype(att_dt))
-        start = p_len
-        for vb in v_cache[:blocks]:
-            size = vb.shape[3]
-            attn = attn + _value_sum(probs[..., start : start + size], vb.astype(att_dt))
-            start += size
-        attn = attn / total
+        attn = None
+        if attention_kernel and single_device:  # the CPU kernel where it applies (None elsewhere)
+            attn = kernels.decode_attention(
+                qg, k_prefix, v_prefix, prefix.mask, slot, k_cache[:blocks], v_cache[:blocks], d**-0.5
+            )
+        if attn is None:
+            attn = _attention(qg, k_prefix, v_prefix, k_cache[:blocks], v_cache[:blocks], mask, d)
         attn = jnp.swapaxes(attn, 1, 2).reshape(b, nq * d)  # back to row-major [B, Hq * D]
         out = mm(attn.astype(dt), w["o"])
         if cfg.o_proj_bias:

@@ -264,11 +264,21 @@ class Transformer(nnx.Module):
         *,
         blocks: int | None = None,
         first_block: int = 0,
+        attention_kernel: bool = True,
     ):
         """One token per row (rows prompt-major: row = prompt * n + sample) -> (float32 logits `[B, V]`,
         cache); see `mtgrpo_jax.models.decode.step`."""
         return decode.step(
-            self, weights, prefix, cache, tokens, positions, slot, blocks=blocks, first_block=first_block
+            self,
+            weights,
+            prefix,
+            cache,
+            tokens,
+            positions,
+            slot,
+            blocks=blocks,
+            first_block=first_block,
+            attention_kernel=attention_kernel,
         )
 
     # ------------------------------------------------------------------ internals

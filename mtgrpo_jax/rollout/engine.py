@@ -229,6 +229,10 @@ class RolloutEngine:
         chunks of the largest batch bucket whose cache (rows x (prompt bucket + max_new_tokens)
         positions, see `rollout_chunk_rows`) fits; a prompt's n samples stay in one chunk, and since
         each row's randomness is keyed by its row number the results equal one big call's.
+      attention_kernel: on a single x86-64 CPU device with AVX2 and a float32 cache, the fast path's
+        attention runs as one compiled kernel per layer (`mtgrpo_jax.models.kernels`: the same math,
+        streamed at nearer the memory bandwidth than XLA:CPU's small dots); False keeps XLA's ops.
+        Ignored elsewhere.
     """
 
     def __init__(
@@ -245,6 +249,7 @@ class RolloutEngine:
         attention_block: int | str | None = "auto",
         max_phases: int = 4,
         kv_cache_budget_gib: float | None = None,
+        attention_kernel: bool = True,
     ):
         if buckets is None:
             buckets = Buckets()
@@ -271,6 +276,7 @@ class RolloutEngine:
         self.kv_cache_budget_gib = kv_cache_budget_gib
         self.attention_block = None if attention_block is None else int(attention_block)
         self.max_phases = int(max_phases)
+        self.attention_kernel = bool(attention_kernel)
         self.model = model
         self.tokenizer = tokenizer
         self.buckets = buckets
@@ -603,7 +609,15 @@ class RolloutEngine:
         def forward(cache, tok, t, blocks):
             if self.decode_impl == "fast":
                 return model.decode_step(
-                    weights, prefix, cache, tok, prompt_len + t, t, blocks=blocks[1], first_block=blocks[0]
+                    weights,
+                    prefix,
+                    cache,
+                    tok,
+                    prompt_len + t,
+                    t,
+                    blocks=blocks[1],
+                    first_block=blocks[0],
+                    attention_kernel=self.attention_kernel,
                 )
             kv_mask = jnp.concatenate([row_mask, jnp.ones((rows, m), bool)], axis=1)
             step_logits, cache = model(

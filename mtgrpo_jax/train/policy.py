@@ -83,6 +83,7 @@ def build_engine(model, tokenizer, rollout_cfg: RolloutCfg, mesh=None) -> Rollou
         kv_cache_budget_gib=rollout_cfg.kv_cache_budget_gib,
         attention_block={None: "auto", 0: None}.get(rollout_cfg.attention_block, rollout_cfg.attention_block),
         **({} if rollout_cfg.max_phases is None else {"max_phases": rollout_cfg.max_phases}),
+        attention_kernel=rollout_cfg.attention_kernel,
     )
 
 
