@@ -5,7 +5,9 @@ read back by transformers from the safetensors), the same prompts, the same n, t
 tokens (stopping disabled on both sides so each row produces exactly `max_new_tokens`), multinomial
 sampling at temperature 1 over the full vocabulary (transformers' default top_k=50 switched off).
 Both sides compute in float32 by default: torch on CPU with `torch.set_num_threads(2)`, ours with
-float32 parameters, activations and KV cache. `--dtypes float32,bfloat16` also measures ours with
+float32 parameters, activations and KV cache (on an x86-64 CPU with AVX2, the decode step's attention
+is then the compiled kernel of `mtgrpo_jax.models.kernels`; `setup.cpu_attention_kernel` says whether
+it ran). `--dtypes float32,bfloat16` also measures ours with
 bf16 weights and activations (the library default; same weights rounded) around the same float32
 reference; its KV cache stays float32 (`--cache-dtype`), because XLA:CPU's bf16 batched attention
 dots are slow while its bf16 x bf16 -> f32 matmuls are faster than float32 ones.
@@ -419,13 +421,15 @@ def main(argv: list[str] | None = None, prog: str = "mtgrpo bench rollout") -> i
 
     import jax
 
+    from mtgrpo_jax.models import kernels
+
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
     bandwidth, copy_bandwidth = measure_bandwidth()
     matmul = measure_matmul_flops(dtypes[0])
     log(
         f"device {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; measured read bandwidth "
         f"{bandwidth / 1e9:.1f} GB/s (copy {copy_bandwidth / 1e9:.1f} GB/s), "
-        f"{dtypes[0]} matmul {matmul / 1e9:.0f} GFLOP/s"
+        f"{dtypes[0]} matmul {matmul / 1e9:.0f} GFLOP/s; CPU attention kernel: {kernels.available()}"
     )
     results = {}
     for name in sizes:
@@ -457,6 +461,7 @@ def main(argv: list[str] | None = None, prog: str = "mtgrpo bench rollout") -> i
             "read_bandwidth_gb_s": round(bandwidth / 1e9, 2),
             "copy_bandwidth_gb_s": round(copy_bandwidth / 1e9, 2),
             "matmul_gflop_s": round(matmul / 1e9, 1),
+            "cpu_attention_kernel": kernels.available(),
         },
         "sizes": results,
     }

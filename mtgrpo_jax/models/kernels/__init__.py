@@ -32,6 +32,7 @@ import numpy as np
 
 _SOURCE = Path(__file__).with_name("decode_attention.cc")
 _TARGET = "mtgrpo_decode_attention"
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
 
 
 def _cpu_has_avx2_fma() -> bool:
@@ -49,7 +50,8 @@ def _build(compiler: str) -> Path:
     import jaxlib
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(_SOURCE.read_bytes() + jaxlib.__version__.encode() + version.encode()).hexdigest()[:16]
+    identity = [_SOURCE.read_bytes(), jaxlib.__version__.encode(), version.encode(), " ".join(_FLAGS).encode()]
+    key = hashlib.sha256(b"\0".join(identity)).hexdigest()[:16]
     root = Path(os.environ.get("MTGRPO_CACHE_DIR") or Path.home() / ".cache" / "mtgrpo_jax")
     out = root / "kernels" / f"decode_attention-{key}.so"
     if out.exists():
@@ -57,8 +59,7 @@ def _build(compiler: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [compiler, "-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC"]
-    cmd += [f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+    cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
     try:
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
