@@ -177,12 +177,16 @@ def _value_sum(weights, values):
     return jnp.einsum("bkngs,bknsd->bkngd", weights, values, preferred_element_type=jnp.float32)
 
 
-def _attention(qg, k_prefix, v_prefix, k_blocks, v_blocks, mask, d: int):
-    """softmax(q k^T / sqrt(d)) v over the prefix and the generated blocks, with XLA ops: float32
-    `[Bp, Hkv, n, G, D]` (what `kernels.decode_attention` computes in one pass on CPU)."""
-    bp, nkv, n, group, _ = qg.shape
+def _attention(qg, k_prefix, v_prefix, prefix_mask, slot, k_blocks, v_blocks):
+    """softmax(q k^T / sqrt(d)) v over the prefix (where `prefix_mask`) and the generated slots 0..`slot`,
+    with XLA ops: float32 `[Bp, Hkv, n, G, D]` (what `kernels.decode_attention` computes in one pass on CPU)."""
+    bp, nkv, n, group, d = qg.shape
     att_dt = qg.dtype
     p_len = v_prefix.shape[2]
+    window = sum(v.shape[3] for v in v_blocks)  # generated slots read this step
+    # [Bp, 1, 1, 1, P+W]: a prompt's padding, and the generated slots written so far (the same for every row)
+    written = jnp.broadcast_to(jnp.arange(window)[None, :] <= slot, (bp, window))
+    mask = jnp.concatenate([prefix_mask, written], axis=1)[:, None, None, None, :]
     # The prefix: prompt i's n samples share its k/v, so their queries are one [n * G, D] matrix.
     prefix_scores = jnp.einsum(
         "bkmd,bkdp->bkmp",
@@ -242,13 +246,8 @@ def step(
     cos, sin = (jnp.take(table, positions, axis=0)[:, None, :] for table in weights["rope"])
     x = jnp.take(weights["embed"], tokens, axis=0).astype(dt)  # [B, H]
     blocks = len(cache.k[0]) if blocks is None else blocks
-    window = sum(v.shape[3] for v in cache.v[0][:blocks])  # generated slots read this step
-    bp, p_len = prefix.mask.shape
+    bp = prefix.mask.shape[0]
     n = b // bp
-    # [Bp, 1, 1, 1, P+W]: a prompt's padding, and the generated slots written so far (the same for every row)
-    mask = jnp.concatenate([prefix.mask, jnp.broadcast_to(jnp.arange(window)[None, :] <= slot, (bp, window))], axis=1)[
-        :, None, None, None, :
-    ]
     nkv, d = cfg.num_key_value_heads, cfg.head_dim
     nq = cfg.num_attention_heads
     att_dt = jnp.promote_types(dt, prefix.k[0].dtype)
@@ -298,7 +297,7 @@ def step(
                 qg, k_prefix, v_prefix, prefix.mask, slot, k_cache[:blocks], v_cache[:blocks], d**-0.5
             )
         if attn is None:
-            attn = _attention(qg, k_prefix, v_prefix, k_cache[:blocks], v_cache[:blocks], mask, d)
+            attn = _attention(qg, k_prefix, v_prefix, prefix.mask, slot, k_cache[:blocks], v_cache[:blocks])
         attn = jnp.swapaxes(attn, 1, 2).reshape(b, nq * d)  # back to row-major [B, Hq * D]
         out = mm(attn.astype(dt), w["o"])
         if cfg.o_proj_bias:

@@ -7,7 +7,7 @@ once. `mtgrpo bench rollout` measures the effect.
 
 It is built with the machine's C++ compiler (`$CXX`, default `g++`) against jaxlib's FFI headers the first
 time a decode step is traced on such a CPU, into `$MTGRPO_CACHE_DIR` (default `~/.cache/mtgrpo_jax`), keyed
-by the source, the jaxlib version and the compiler; the build writes a temporary file and renames it, so
+by the source, the jaxlib version, the compiler and its flags; the build writes a temporary file and renames it, so
 a concurrent or interrupted build never leaves a half-written library. Where there is no compiler, no
 AVX2/FMA, or the build fails, `decode_attention()` returns None (with one warning) and the decode step
 uses its XLA ops: the same math. `MTGRPO_CPU_KERNELS=0` turns the kernel off.
